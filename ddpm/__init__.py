@@ -1,0 +1,1 @@
+"""The `ddpm` command: thin entry points that parse options and call the packages."""

@@ -1,0 +1,99 @@
+"""`ddpm` — one command with subcommands; each imports its package only when run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _bounded_int(lo: int, hi: int | None = None):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(
+                f"must be >= {lo}" if hi is None else f"must be in {lo}..{hi}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddpm", description="Train, convert, sample and serve DDPMs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("sample", help="generate images offline into PNG files")
+    s.add_argument("checkpoint", type=Path, help="checkpoint directory")
+    s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddim")
+    s.add_argument("--steps", type=_bounded_int(1), default=50, help="denoising steps (1..T)")
+    s.add_argument("--num-images", type=_bounded_int(1, 100_000), default=16)
+    s.add_argument("--seed", type=_bounded_int(0, 2**63 - 1), default=0)
+    s.add_argument("--batch-size", type=_bounded_int(1, 4096), default=64)
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
+    s.add_argument("--class-label", type=int, default=None, help="class of conditional models")
+    s.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--out", type=Path, required=True, help="output directory")
+    s.add_argument("--grid", action="store_true", help="also write grid.png")
+
+    c = sub.add_parser("convert", help="convert a diffusers DDPM checkpoint to the native format")
+    c.add_argument("src", type=Path, help="diffusers UNet2DModel folder or pipeline root")
+    c.add_argument("dst", type=Path, help="native checkpoint directory to write")
+
+    i = sub.add_parser("info", help="print a checkpoint's configuration and size")
+    i.add_argument("checkpoint", type=Path)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from models import CheckpointError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except CheckpointError as e:
+        print(f"ddpm {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # UsageError and invalid option values
+        print(f"ddpm {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .sample import SampleOptions, run_sample
+
+    if not 0.0 <= args.eta <= 1.0:
+        raise ValueError("--eta must be in [0, 1]")
+    files = run_sample(SampleOptions(
+        checkpoint=args.checkpoint, out=args.out, sampler=args.sampler, steps=args.steps,
+        num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
+        device=args.device, eta=args.eta, class_label=args.class_label,
+        guidance_scale=args.guidance_scale, grid=args.grid,
+    ))
+    print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from models.diffusers_import import convert_diffusers
+
+    cfg = convert_diffusers(args.src, args.dst)
+    print(f"wrote {args.dst} ({cfg.unet.image_size}px, {len(cfg.unet.ch_mult)} levels, "
+          f"{cfg.diffusion.num_timesteps} steps, {cfg.diffusion.variance_type})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from models import count_parameters, load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint)
+    doc = {"path": str(ck.path), "parameters": count_parameters(ck.net), **ck.config.to_dict()}
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+_COMMANDS = {"sample": _sample, "convert": _convert, "info": _info}

@@ -1,0 +1,49 @@
+"""DDPM math in pure PyTorch: UNet, schedules, diffusion, samplers, checkpoints.
+
+Imports nothing else of the project (DESIGN.md §2).
+"""
+
+from .batch import SlotBatch, SlotSpec, StepOutput, sample, sample_progressive
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_config, save_checkpoint
+from .config import PRESETS, ConfigError, DiffusionConfig, ModelConfig, UNetConfig, preset
+from .diffusion import predict_x0, q_sample, training_loss
+from .images import make_grid, to_uint8
+from .samplers import SAMPLER_NAMES, SamplerKind, sampler_kind
+from .schedule import Schedule, cosine_betas, linear_betas, spaced_timesteps
+from .seeding import image_generator, image_seed
+from .unet import UNet, count_parameters
+
+__all__ = [
+    "PRESETS",
+    "SAMPLER_NAMES",
+    "Checkpoint",
+    "CheckpointError",
+    "ConfigError",
+    "DiffusionConfig",
+    "ModelConfig",
+    "SamplerKind",
+    "Schedule",
+    "SlotBatch",
+    "SlotSpec",
+    "StepOutput",
+    "UNet",
+    "UNetConfig",
+    "cosine_betas",
+    "count_parameters",
+    "image_generator",
+    "image_seed",
+    "linear_betas",
+    "make_grid",
+    "load_checkpoint",
+    "predict_x0",
+    "preset",
+    "q_sample",
+    "read_config",
+    "sample",
+    "sample_progressive",
+    "sampler_kind",
+    "save_checkpoint",
+    "spaced_timesteps",
+    "to_uint8",
+    "training_loss",
+]

@@ -1,0 +1,131 @@
+"""Checkpoint format: a directory with `config.json` and `model.safetensors`.
+
+`config.json` is a `ModelConfig` (architecture, schedule, class names, provenance) plus a
+format tag; `model.safetensors` holds the (EMA) weights. Loading never unpickles. Writes
+go to a temporary name and are renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig
+from .schedule import Schedule
+from .unet import UNet
+
+FORMAT = "ddpm-serve/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read, with the offending file named in the message."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model: the network (eval mode), its config, and its noise schedule."""
+
+    net: UNet
+    config: ModelConfig
+    schedule: Schedule
+    path: Path
+
+    @property
+    def conditional(self) -> bool:
+        return self.config.unet.num_classes > 0
+
+
+def save_checkpoint(path: str | os.PathLike[str], net: UNet, config: ModelConfig) -> Path:
+    """Write `net`'s weights and `config` into the directory `path` (created if needed)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    meta = {"format": FORMAT}
+    _atomic_write(path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata=meta))
+    doc = {"format": FORMAT, **config.to_dict()}
+    _atomic_write(path / CONFIG_FILE,
+                  lambda f: Path(f).write_text(json.dumps(doc, indent=2) + "\n"))
+    return path
+
+
+def read_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The `ModelConfig` of the checkpoint directory `path`, without loading weights."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        doc = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found (is {path} a checkpoint directory?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{file}: format is {found!r}, expected {FORMAT!r}")
+    try:
+        return ModelConfig.from_dict({k: v for k, v in doc.items() if k != "format"})
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def load_state_dict(file: Path) -> dict[str, Tensor]:
+    """Tensors of a safetensors file; `CheckpointError` naming the file if it is unreadable."""
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Checkpoint:
+    """Load the checkpoint directory `path` onto `device`, ready for inference."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    config = read_config(path)
+    state = load_state_dict(path / WEIGHTS_FILE)
+    net = UNet(config.unet)
+    _load_into(net, state, path / WEIGHTS_FILE)
+    net.to(device=device, dtype=dtype).eval()
+    return Checkpoint(net=net, config=config, schedule=Schedule.from_config(config.diffusion),
+                      path=path)
+
+
+def _load_into(net: UNet, state: dict[str, Tensor], file: Path) -> None:
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected),
+                           ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
+        raise CheckpointError(f"{file}: weights do not match config.json: {'; '.join(parts)}")
+    net.load_state_dict(state)
+
+
+def _atomic_write(dest: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

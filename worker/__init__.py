@@ -1,0 +1,1 @@
+"""GPU worker: job contract, continuous-batching engine, RQ loop; built in a later issue."""
