@@ -77,16 +77,17 @@ def run_sample(opts: SampleOptions) -> list[Path]:
             specs = [SlotSpec(seed=opts.seed, index=i, steps=opts.steps, kind=kind, eta=opts.eta,
                               label=opts.class_label, guidance=opts.guidance_scale)
                      for i in range(first, min(first + opts.batch_size, opts.num_images))]
-            out = None
-            for out in sample_progressive(
+            final = None
+            for progress in sample_progressive(
                 ck.net, ck.schedule, specs, shape=(ucfg.in_channels, ucfg.image_size,
                                                    ucfg.image_size),
                 device=device, num_classes=ucfg.num_classes,
                 clip_denoised=ck.config.diffusion.clip_denoised,
             ):
                 bar.update(1)
-            assert out is not None
-            pixels = to_uint8(out.x_t)
+                final = progress.x_t
+            assert final is not None
+            pixels = to_uint8(final)
             for spec, img in zip(specs, pixels, strict=True):
                 file = opts.out / f"{spec.index:04d}.png"
                 save_png(img, file)

@@ -12,6 +12,7 @@ wait for the device to decide what to do next.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -199,8 +200,5 @@ def sample(
     **kwargs: object,
 ) -> Tensor:
     """Final images `[N x C x H x W]` in model space for `specs`."""
-    out = None
-    for out in sample_progressive(net, schedule, specs, **kwargs):  # type: ignore[arg-type]
-        pass
-    assert out is not None
-    return out.x_t
+    last = deque(sample_progressive(net, schedule, specs, **kwargs), maxlen=1)  # type: ignore[arg-type]
+    return last[0].x_t

@@ -109,7 +109,9 @@ class UNet(nn.Module):
         chans = [ch * m for m in cfg.ch_mult]
         levels = len(chans)
 
-        self.time_mlp = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch)
+        )
         self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_ch) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 

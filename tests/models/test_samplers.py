@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import DiffusionConfig, Schedule, SlotBatch, SlotSpec, SamplerKind, sample
+from models import DiffusionConfig, SamplerKind, Schedule, SlotBatch, SlotSpec, sample
 from models.samplers import step_coefficients
 
 SCHED = Schedule.from_config(DiffusionConfig())

@@ -73,5 +73,5 @@ def test_spaced_timesteps(n: int) -> None:
 
 @pytest.mark.parametrize("n", [0, 1001, -3])
 def test_spaced_timesteps_rejects_out_of_range(n: int) -> None:
-    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+    with pytest.raises(ValueError, match=r"steps must be in 1\.\.1000"):
         spaced_timesteps(n, 1000)

@@ -1,0 +1,104 @@
+"""The `ddpm` command end to end: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import UNet, preset, save_checkpoint
+
+
+def ddpm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ddpm", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    save_checkpoint(path, UNet(cfg.unet), cfg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(num_classes=3, in_channels=1)
+    path = tmp_path_factory.mktemp("ck") / "cond"
+    save_checkpoint(path, UNet(cfg.unet), cfg)
+    return path
+
+
+def pixels(file: Path) -> np.ndarray:
+    return np.asarray(Image.open(file), dtype=np.int16)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_sample_writes_the_promised_pngs(checkpoint: Path, tmp_path: Path, sampler: str) -> None:
+    out = tmp_path / "out"
+    r = ddpm("sample", str(checkpoint), "--sampler", sampler, "--steps", "4", "--num-images", "3",
+             "--seed", "5", "--batch-size", "2", "--device", "cpu", "--out", str(out), "--grid")
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    img = Image.open(out / "0000.png")
+    assert img.size == (16, 16) and img.mode == "RGB"
+    assert Image.open(out / "grid.png").size == (2 * 18 + 2, 2 * 18 + 2)
+    meta = json.loads((out / "sample.json").read_text())
+    assert meta["sampler"] == sampler and meta["steps"] == 4 and meta["num_images"] == 3
+    assert "sampling" in r.stderr  # the progress bar
+
+
+def test_batch_size_does_not_change_the_images(checkpoint: Path, tmp_path: Path) -> None:
+    common = ["--sampler", "ddpm", "--steps", "3", "--num-images", "3", "--seed", "7"]
+    assert ddpm("sample", str(checkpoint), *common, "--batch-size", "1",
+                "--out", str(tmp_path / "a")).returncode == 0
+    assert ddpm("sample", str(checkpoint), *common, "--batch-size", "3",
+                "--out", str(tmp_path / "b")).returncode == 0
+    for name in ("0000.png", "0001.png", "0002.png"):
+        diff = np.abs(pixels(tmp_path / "a" / name) - pixels(tmp_path / "b" / name))
+        assert diff.max() <= 1
+    assert np.abs(pixels(tmp_path / "a" / "0000.png")
+                  - pixels(tmp_path / "a" / "0001.png")).max() > 10
+
+
+def test_class_label_on_a_conditional_model(conditional_checkpoint: Path, tmp_path: Path) -> None:
+    r = ddpm("sample", str(conditional_checkpoint), "--steps", "3", "--num-images", "2",
+             "--class-label", "2", "--guidance-scale", "2.5", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "0001.png").mode == "L"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--class-label", "1"], "unconditional"),
+    (["--steps", "1001"], "--steps must be in 1..1000"),
+    (["--guidance-scale", "2"], "needs --class-label"),
+    (["--eta", "3"], "--eta must be in [0, 1]"),
+])
+def test_bad_options_give_a_clear_error(checkpoint: Path, tmp_path: Path, args: list[str],
+                                        message: str) -> None:
+    r = ddpm("sample", str(checkpoint), *args, "--out", str(tmp_path))
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
+    r = ddpm("sample", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and str(tmp_path / "nope") in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_info_prints_the_config(checkpoint: Path) -> None:
+    r = ddpm("info", str(checkpoint))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["unet"]["ch"] == 32 and doc["parameters"] < 1_000_000
