@@ -125,6 +125,7 @@ def _atomic_write(dest: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; servers may run as another user
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

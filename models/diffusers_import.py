@@ -42,7 +42,8 @@ _UNET_DEFAULTS: dict[str, Any] = {
 _SCHED_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
     "beta_schedule": "linear", "variance_type": "fixed_small", "clip_sample": True,
-    "prediction_type": "epsilon", "trained_betas": None,
+    "prediction_type": "epsilon", "trained_betas": None, "rescale_betas_zero_snr": False,
+    "thresholding": False, "clip_sample_range": 1.0,
 }
 _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
               "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
@@ -114,6 +115,11 @@ def diffusion_config_from_diffusers(cfg: dict[str, Any]) -> DiffusionConfig:
         raise ConfigError(f"prediction_type={c['prediction_type']!r}; only epsilon is supported")
     if c["trained_betas"] is not None:
         raise ConfigError("trained_betas are not supported")
+    for key in ("rescale_betas_zero_snr", "thresholding"):
+        if c[key]:
+            raise ConfigError(f"{key}=true is not supported")
+    if c["clip_sample"] and float(c["clip_sample_range"]) != 1.0:
+        raise ConfigError(f"clip_sample_range={c['clip_sample_range']} is not supported (1.0)")
     if c["beta_schedule"] not in _SCHEDULES:
         raise ConfigError(f"beta_schedule={c['beta_schedule']!r} is not supported")
     if c["variance_type"] not in _VARIANCES:
@@ -236,7 +242,7 @@ def find_diffusers_files(src: Path) -> tuple[Path, Path, Path | None]:
 
 def convert_diffusers(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> ModelConfig:
     """Convert the diffusers checkpoint at `src` into a native checkpoint at `dst`."""
-    src = Path(src)
+    src = Path(src).resolve()  # so that the parent of "." is the real parent folder
     config_file, weights_file, sched_file = find_diffusers_files(src)
     try:
         unet_cfg = unet_config_from_diffusers(_read_json(config_file))
@@ -256,7 +262,7 @@ def convert_diffusers(src: str | os.PathLike[str], dst: str | os.PathLike[str]) 
     net.load_state_dict(state)
     config = ModelConfig(unet=unet_cfg, diffusion=diff_cfg, provenance={
         "source": "diffusers",
-        "imported_from": str(src.resolve()),
+        "imported_from": str(src),
         "weights_file": weights_file.name,
         "scheduler_config": str(sched_file.relative_to(src)) if sched_file and
         sched_file.is_relative_to(src) else (str(sched_file) if sched_file else None),
