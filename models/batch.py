@@ -61,7 +61,8 @@ class SlotBatch:
         clip_denoised: bool = True,
     ) -> None:
         self.net = net
-        self.schedule = schedule
+        self.schedule = schedule            # host tables: per-slot coefficients
+        self._tables = schedule.to(device)  # device tables: x̂0 from ε
         self.shape = shape                  # (C, H, W)
         self.device = torch.device(device)
         self.num_classes = num_classes
@@ -142,7 +143,7 @@ class SlotBatch:
         eps = guided_eps(self.net, self.x, t_dev, y, self.guidance,
                          self.num_classes if self.num_classes else None)
         noise = self._noise(coefs.needs_noise)
-        x_next, x0 = apply_step(self.schedule, self.x, eps, t_dev, coefs, x0_prev=self.x0_prev,
+        x_next, x0 = apply_step(self._tables, self.x, eps, t_dev, coefs, x0_prev=self.x0_prev,
                                 noise=noise, clip_denoised=self.clip_denoised)
         self.x, self.x0_prev = x_next, x0
         self.pos = self.pos + 1

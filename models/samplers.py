@@ -112,11 +112,12 @@ def step_coefficients(
     exp_neg_h = (si_n / al_n) / (si_t / al_t)
     dpm_a = si_n / si_t
     dpm_b = al_n * (1.0 - exp_neg_h)
+    # Second order needs a previous step and a finite λ_next (σ_next > 0).
     second = (t_prev >= 0) & ~last
     ab_p = schedule.alpha_bar(torch.where(second, t_prev, t)).to(f64)
-    lam = lambda ab: 0.5 * torch.log(ab / (1.0 - ab))  # noqa: E731
-    h = torch.where(second, lam(torch.where(second, ab_n, ab_p)) - lam(ab_t), torch.ones_like(ab_t))
-    r = torch.where(second, (lam(ab_t) - lam(ab_p)) / h, torch.ones_like(ab_t))
+    lam_t, lam_p = _log_snr_half(ab_t), _log_snr_half(ab_p)
+    lam_n = _log_snr_half(torch.where(second, ab_n, ab_p))   # finite stand-in where unused
+    r = torch.where(second, (lam_t - lam_p) / (lam_n - lam_t), torch.ones_like(ab_t))
     half_inv_r = torch.where(second, 0.5 / r, torch.zeros_like(r))
 
     zeros = torch.zeros_like(ab_t)
@@ -130,6 +131,11 @@ def step_coefficients(
                       torch.where(is_[SamplerKind.DDPM_LARGE], var_large, sigma_ddim**2))
     var = torch.where(is_[SamplerKind.DPMPP_2M] | last, zeros, var)
     return StepCoefficients(a=a, b=b, c=c, sigma=var.clamp(min=0).sqrt())
+
+
+def _log_snr_half(alpha_bar: Tensor) -> Tensor:
+    """λ = log(α_s/σ_s) = ½ log(ᾱ / (1 − ᾱ))."""
+    return 0.5 * torch.log(alpha_bar / (1.0 - alpha_bar))
 
 
 def apply_step(
