@@ -12,6 +12,7 @@ wait for the device to decide what to do next.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ class SlotSpec:
     eta: float = 0.0                    # DDIM only
     label: int | None = None            # class for conditional models; None = unconditional
     guidance: float = 1.0               # classifier-free guidance scale (1 = none)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"guidance must be finite, got {self.guidance}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models import DiffusionConfig, SamplerKind, Schedule, SlotBatch, SlotSpec, sample, to_uint8
@@ -97,3 +98,17 @@ def test_step_reports_progress_and_finishes_each_slot_on_its_own_step(net) -> No
     last = batch.step()
     assert last.finished.tolist() == [True] and last.steps_done.tolist() == [4]
     assert last.x0.shape == last.x_t.shape == (1, *SHAPE)
+
+
+def test_bad_slots_are_refused_and_leave_the_batch_unchanged(net, make_net) -> None:
+    batch = SlotBatch(make_net(num_classes=3), SCHED, shape=SHAPE, num_classes=3)
+    batch.add([SlotSpec(seed=0, steps=3, label=1)])
+    for bad in (SlotSpec(seed=1, label=3), SlotSpec(seed=1, label=-1), SlotSpec(seed=1, steps=0),
+                SlotSpec(seed=1, steps=1001)):
+        with pytest.raises(ValueError):
+            batch.add([SlotSpec(seed=2, steps=4), bad])
+        assert len(batch) == 1 and batch.x.shape[0] == 1
+    with pytest.raises(ValueError, match="out of range"):
+        SlotBatch(net, SCHED, shape=SHAPE).add([SlotSpec(seed=0, label=0)])
+    with pytest.raises(ValueError, match="eta"):
+        SlotSpec(seed=0, eta=float("nan"))
