@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -120,7 +120,8 @@ def _load_into(net: UNet, state: dict[str, Tensor], file: Path) -> None:
     net.load_state_dict(state)
 
 
-def _atomic_write(dest: Path, write: Any) -> None:
+def _atomic_write(dest: Path, write: Callable[[str], object]) -> None:
+    """Write via `write(tmp_path)` then rename, so readers never see a partial file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     os.close(fd)
     try:
