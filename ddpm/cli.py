@@ -53,10 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except CheckpointError as e:
-        print(f"ddpm {args.command}: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # UsageError and invalid option values
+    except (CheckpointError, ValueError) as e:  # ValueError: UsageError, bad option values
         print(f"ddpm {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

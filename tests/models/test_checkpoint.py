@@ -197,11 +197,17 @@ def test_json_not_an_object(ckpt: Path) -> None:
     _assert_error_names(exc, file)
 
 
-def test_unknown_unet_field(ckpt: Path) -> None:
+def _edit_unet(ckpt: Path, **changes: object) -> Path:
+    """Change fields of config.json's unet section; returns the config file."""
     file = ckpt / CONFIG_FILE
     doc = json.loads(file.read_text())
-    doc["unet"]["num_heads"] = 4
+    doc["unet"].update(changes)
     file.write_text(json.dumps(doc))
+    return file
+
+
+def test_unknown_unet_field(ckpt: Path) -> None:
+    file = _edit_unet(ckpt, num_heads=4)
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(ckpt)
     msg = _assert_error_names(exc, file)
@@ -209,10 +215,7 @@ def test_unknown_unet_field(ckpt: Path) -> None:
 
 
 def test_invalid_unet_value(ckpt: Path) -> None:
-    file = ckpt / CONFIG_FILE
-    doc = json.loads(file.read_text())
-    doc["unet"]["image_size"] = 15  # not divisible by 2 for two levels
-    file.write_text(json.dumps(doc))
+    file = _edit_unet(ckpt, image_size=15)  # not divisible by 2 for two levels
     with pytest.raises(CheckpointError) as exc:
         read_config(ckpt)
     _assert_error_names(exc, file)
@@ -244,10 +247,7 @@ def test_truncated_weights(ckpt: Path) -> None:
 
 
 def test_weights_do_not_match_config(ckpt: Path) -> None:
-    file = ckpt / CONFIG_FILE
-    doc = json.loads(file.read_text())
-    doc["unet"]["ch"] = 64
-    file.write_text(json.dumps(doc))
+    _edit_unet(ckpt, ch=64)
     assert read_config(ckpt).unet.ch == 64  # the config itself is valid
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(ckpt)
@@ -258,10 +258,7 @@ def test_weights_do_not_match_config(ckpt: Path) -> None:
 
 def test_weights_missing_tensors(ckpt: Path) -> None:
     """A conditional config over unconditional weights: label_emb is missing."""
-    file = ckpt / CONFIG_FILE
-    doc = json.loads(file.read_text())
-    doc["unet"]["num_classes"] = 3
-    file.write_text(json.dumps(doc))
+    _edit_unet(ckpt, num_classes=3)
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(ckpt)
     msg = _assert_error_names(exc, ckpt / WEIGHTS_FILE)
