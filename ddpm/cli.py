@@ -44,6 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print a checkpoint's configuration and size")
     i.add_argument("checkpoint", type=Path)
+
+    w = sub.add_parser("worker", help="run a GPU/CPU worker: batched diffusion jobs from Redis",
+                       description="Flags override DDPM_* environment variables.")
+    w.add_argument("--redis-url", help="e.g. redis://host:6379/0 (DDPM_REDIS_URL)")
+    w.add_argument("--models-dir", type=Path, help="checkpoint directory or directory of them")
+    w.add_argument("--model", dest="models", action="append",
+                   help="serve only this model (repeatable)")
+    w.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    w.add_argument("--max-batch", type=_bounded_int(1, 4096), help="slots (images) per step")
+    w.add_argument("--name", help="RQ worker name")
+    w.add_argument("--metrics-port", type=_bounded_int(0, 65535),
+                   help="Prometheus port (0 = off)")
+    w.add_argument("--no-bf16", dest="autocast_bf16", action="store_false", default=None,
+                   help="CUDA: run the UNet in float32")
+    w.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   default=None)
+    w.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     return p
 
 
@@ -93,4 +110,21 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"sample": _sample, "convert": _convert, "info": _info}
+def _worker(args: argparse.Namespace) -> int:
+    from worker.main import run_worker
+    from worker.settings import WorkerSettings
+
+    flags = ("redis_url", "models_dir", "models", "device", "max_batch", "name", "metrics_port",
+             "autocast_bf16", "channels_last")
+    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    try:
+        settings = WorkerSettings(**overrides)
+    except Exception as e:  # pydantic ValidationError: bad DDPM_* values
+        raise ValueError(f"bad settings: {e}") from None
+    try:
+        return run_worker(settings, burst=args.burst)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+
+
+_COMMANDS = {"sample": _sample, "convert": _convert, "info": _info, "worker": _worker}

@@ -1,0 +1,38 @@
+"""Submitting and cancelling generation jobs: what the API (and tests, and benchmarks) call.
+
+Torch-free, like the contract: it needs only redis and rq.
+"""
+
+from __future__ import annotations
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.job import Job
+
+from .contract import JOB_FUNC, SERIALIZER, GenerationSpec, queue_name
+
+DEFAULT_RETRIES = 3   # re-queues after a worker dies mid-job (abandoned executions)
+
+
+def generation_queue(redis: Redis, spec: GenerationSpec) -> Queue:
+    return Queue(queue_name(spec.model, spec.priority), connection=redis, serializer=SERIALIZER)
+
+
+def enqueue(redis: Redis, spec: GenerationSpec, *, job_id: str | None = None,
+            result_ttl: int = 24 * 3600, retries: int = DEFAULT_RETRIES,
+            timeout: int = 3600) -> Job:
+    """Put `spec` on its model's queue; the job's kwargs are the spec as JSON data."""
+    return generation_queue(redis, spec).enqueue(
+        JOB_FUNC, kwargs=spec.model_dump(mode="json"), job_id=job_id, result_ttl=result_ttl,
+        failure_ttl=result_ttl, job_timeout=timeout,
+        retry=Retry(max=retries) if retries else None,
+        description=f"generate {spec.model} ×{spec.num_images} ({spec.sampler}, {spec.steps})")
+
+
+def fetch_job(redis: Redis, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=redis, serializer=SERIALIZER)
+
+
+def cancel(redis: Redis, job_id: str) -> None:
+    """Cancel a queued or running job; a worker frees its slots at its next step."""
+    fetch_job(redis, job_id).cancel()

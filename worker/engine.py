@@ -1,0 +1,284 @@
+"""Continuous batching of generation jobs: torch only, no Redis.
+
+One slot is one image of one job. Every `step` first fills free slots from the images
+still waiting (the job with the fewest running images first, so a 1-image request that
+arrives while a big one runs starts at the next step), then runs one UNet forward per
+model over all of that model's active slots, each at its own timestep with its own
+sampler, and reports the frames that are due: snapshots every k steps and final images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from models import Checkpoint, SlotBatch, SlotSpec, sampler_kind, to_uint8
+
+from .contract import GenerationSpec, ModelInfo
+
+
+@dataclass
+class LoadedModel:
+    """A resident model: the network on its device and what the worker advertises."""
+
+    name: str
+    checkpoint: Checkpoint
+    info: ModelInfo
+    load_seconds: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, name: str, ckpt: Checkpoint, load_seconds: float) -> LoadedModel:
+        u, d = ckpt.config.unet, ckpt.config.diffusion
+        info = ModelInfo(name=name, image_size=u.image_size, in_channels=u.in_channels,
+                         num_timesteps=d.num_timesteps, num_classes=u.num_classes,
+                         class_names=list(ckpt.config.class_names),
+                         parameters=sum(p.numel() for p in ckpt.net.parameters()))
+        return cls(name=name, checkpoint=ckpt, info=info, load_seconds=load_seconds)
+
+
+@dataclass
+class EngineJob:
+    """Engine-side state of one admitted job."""
+
+    job_id: str
+    spec: GenerationSpec
+    waiting: deque[int]              # image indices not started yet
+    running: int = 0
+    finished: int = 0
+    steps_done: int = 0              # summed over the job's images
+    admitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def total_steps(self) -> int:
+        return self.spec.num_images * self.spec.steps
+
+    @property
+    def done(self) -> bool:
+        return self.finished == self.spec.num_images
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Pixels of one image of one job: a snapshot (`final=False`) or the final image."""
+
+    job_id: str
+    index: int
+    step: int                        # steps this image has completed
+    pixels: Tensor                   # `[H x W x C]` uint8 on the CPU
+    final: bool
+
+
+@dataclass
+class StepReport:
+    frames: list[Frame] = field(default_factory=list)
+    progressed: list[str] = field(default_factory=list)   # jobs whose step count moved
+    completed: list[str] = field(default_factory=list)    # jobs whose every image is final
+    slots: dict[str, int] = field(default_factory=dict)             # model → slots stepped
+    forward_seconds: dict[str, float] = field(default_factory=dict)  # model → step time
+
+
+class Forward:
+    """The network as the batch calls it: bf16 autocast and channels-last on CUDA, and
+    split into chunks of at most `chunk` rows once an out-of-memory error has been seen.
+    """
+
+    def __init__(self, net: torch.nn.Module, device: torch.device, *, bf16: bool,
+                 channels_last: bool) -> None:
+        self.net = net
+        self.device = device
+        self.bf16 = bf16 and device.type == "cuda"
+        self.channels_last = channels_last and device.type == "cuda"
+        self.chunk: int | None = None
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        n = len(x)
+        size = self.chunk or n
+        outs = []
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for lo in range(0, n, size):
+                sl = slice(lo, lo + size)
+                outs.append(self.net(x[sl], t[sl], None if y is None else y[sl]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.float().contiguous()
+
+
+class _ModelBatch:
+    """A model's SlotBatch plus which (job, image) each row belongs to."""
+
+    def __init__(self, model: LoadedModel, device: torch.device, *, bf16: bool,
+                 channels_last: bool) -> None:
+        ckpt = model.checkpoint
+        self.model = model
+        self.forward = Forward(ckpt.net, device, bf16=bf16, channels_last=channels_last)
+        u = ckpt.config.unet
+        self.batch = SlotBatch(self.forward, ckpt.schedule, shape=(u.in_channels, u.image_size,
+                               u.image_size), device=device, num_classes=u.num_classes,
+                               clip_denoised=ckpt.config.diffusion.clip_denoised)
+        self.owner: list[tuple[str, int]] = []              # row → (job id, image index)
+        self.every = torch.empty(0, dtype=torch.long)       # row → snapshot period (0 = none)
+        self.use_xt = torch.empty(0, dtype=torch.bool)      # row → snapshot x_t instead of x̂0
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def add(self, job: EngineJob, indices: list[int]) -> None:
+        s = job.spec
+        kind = sampler_kind(s.sampler, self.model.checkpoint.config.diffusion.variance_type)
+        self.batch.add([SlotSpec(seed=s.seed, index=i, steps=s.steps, kind=kind, eta=s.eta,
+                                 label=s.class_label, guidance=s.guidance_scale)
+                        for i in indices])
+        self.owner += [(job.job_id, i) for i in indices]
+        n = len(indices)
+        self.every = torch.cat([self.every, torch.full((n,), s.snapshot_every)])
+        self.use_xt = torch.cat([self.use_xt, torch.full((n,), s.snapshot_kind == "xt")])
+
+    def keep(self, mask: Tensor) -> None:
+        self.batch.keep(mask)
+        self.owner = [o for o, k in zip(self.owner, mask.tolist(), strict=True) if k]
+        self.every, self.use_xt = self.every[mask], self.use_xt[mask]
+
+
+class Engine:
+    """Slots of every resident model, admitted and retired between any two steps."""
+
+    def __init__(self, models: Mapping[str, LoadedModel], *, device: torch.device | str,
+                 max_batch: int, bf16: bool = True, channels_last: bool = True,
+                 on_oom: Callable[[str, int], None] | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.device = torch.device(device)
+        self.models = dict(models)
+        self.max_batch = max_batch
+        self.jobs: dict[str, EngineJob] = {}
+        self._batches = {name: _ModelBatch(m, self.device, bf16=bf16, channels_last=channels_last)
+                         for name, m in self.models.items()}
+        self._on_oom = on_oom
+
+    # -- occupancy -------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Slots running now."""
+        return sum(len(b) for b in self._batches.values())
+
+    @property
+    def waiting(self) -> int:
+        """Images admitted but not started."""
+        return sum(len(j.waiting) for j in self.jobs.values())
+
+    def has_room(self) -> bool:
+        """Whether another job should be taken: everything admitted fits in a batch."""
+        return self.active + self.waiting < self.max_batch
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def admit(self, job_id: str, spec: GenerationSpec) -> EngineJob:
+        """Queue a job's images for slots; ValueError (naming the field) if it cannot run."""
+        if job_id in self.jobs:
+            raise ValueError(f"job {job_id} is already running")
+        model = self.models.get(spec.model)
+        if model is None:
+            raise ValueError(f"model: {spec.model!r} is not served by this worker")
+        spec.check_model(model.info)
+        job = EngineJob(job_id=job_id, spec=spec, waiting=deque(range(spec.num_images)))
+        self.jobs[job_id] = job
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        """Drop a job and free its slots now; False if it was not here."""
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return False
+        mb = self._batches[job.spec.model]
+        if job.running:
+            mb.keep(torch.tensor([o[0] != job_id for o in mb.owner], dtype=torch.bool))
+        return True
+
+    # -- the step --------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Give free slots to waiting images, fewest-running job first (then oldest)."""
+        free = self.max_batch - self.active
+        starts: dict[str, list[int]] = {}
+        while free > 0:
+            ready = [j for j in self.jobs.values() if j.waiting]
+            if not ready:
+                break
+            job = min(ready, key=lambda j: (j.running, j.admitted_at))
+            starts.setdefault(job.job_id, []).append(job.waiting.popleft())
+            job.running += 1
+            free -= 1
+        for job_id, indices in starts.items():
+            job = self.jobs[job_id]
+            self._batches[job.spec.model].add(job, indices)
+
+    def step(self) -> StepReport:
+        """Admit waiting images into free slots, then advance every model's batch one step."""
+        self._fill()
+        report = StepReport()
+        for mb in self._batches.values():
+            if len(mb):
+                self._step_model(mb, report)
+        return report
+
+    def _step_model(self, mb: _ModelBatch, report: StepReport) -> None:
+        t0 = time.perf_counter()
+        out = self._step_with_oom_retry(mb)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        name = mb.model.name
+        report.forward_seconds[name] = time.perf_counter() - t0
+        report.slots[name] = len(mb)
+
+        steps, finished = out.steps_done, out.finished
+        every = mb.every
+        due = (every > 0) & (steps % every.clamp(min=1) == 0) & ~finished
+        emit = torch.nonzero(due | finished).flatten()
+        if len(emit):
+            rows = emit.to(self.device)
+            use_xt = mb.use_xt[emit].to(self.device).view(-1, 1, 1, 1) | finished[emit].to(
+                self.device).view(-1, 1, 1, 1)
+            pixels = to_uint8(torch.where(use_xt, out.x_t[rows], out.x0[rows]))
+            for k, row in enumerate(emit.tolist()):
+                job_id, index = mb.owner[row]
+                report.frames.append(Frame(job_id, index, int(steps[row]), pixels[k],
+                                           final=bool(finished[row])))
+
+        for job_id, _ in mb.owner:
+            self.jobs[job_id].steps_done += 1
+        report.progressed += list(dict.fromkeys(o[0] for o in mb.owner))
+        for row in torch.nonzero(finished).flatten().tolist():
+            job = self.jobs[mb.owner[row][0]]
+            job.running -= 1
+            job.finished += 1
+            if job.done:
+                report.completed.append(job.job_id)
+        if bool(finished.any()):
+            mb.keep(~finished)
+        for job_id in report.completed:
+            self.jobs.pop(job_id, None)
+
+    def _step_with_oom_retry(self, mb: _ModelBatch):  # type: ignore[no-untyped-def]
+        """Step; on out-of-memory halve the forward chunk and step again (jobs are kept)."""
+        while True:
+            try:
+                return mb.batch.step()
+            except torch.OutOfMemoryError:
+                fwd = mb.forward
+                size = fwd.chunk or 2 * len(mb)   # guided rows double the forward
+                if size <= 1:
+                    raise
+                fwd.chunk = max(1, size // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self._on_oom:
+                    self._on_oom(mb.model.name, fwd.chunk)

@@ -1,0 +1,59 @@
+"""`ddpm worker`: build the settings, load the models, run the batching RQ worker."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .catalog import load_models
+from .engine import Engine
+from .loop import BatchWorker
+from .metrics import WorkerMetrics
+from .settings import WorkerSettings
+
+log = logging.getLogger("ddpm.worker")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+def build_worker(settings: WorkerSettings) -> BatchWorker:
+    """Connect, load the models and assemble the worker (ValueError/FileNotFoundError with a
+    message on bad settings)."""
+    device = resolve_device(settings.device)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        redis.ping()
+    except RedisError as e:
+        raise ValueError(f"cannot reach Redis at {settings.redis_url}: {e}") from None
+    catalog = load_models(settings.models_dir, device, settings.models or None)
+    if not catalog.names:
+        raise ValueError(f"no checkpoints found in {settings.models_dir}")
+    max_batch = settings.max_batch or (128 if device.type == "cuda" else 16)
+    metrics = WorkerMetrics()
+    engine = Engine(catalog.loaded, device=device, max_batch=max_batch,
+                    bf16=settings.autocast_bf16, channels_last=settings.channels_last,
+                    on_oom=lambda model, chunk: (
+                        metrics.oom.labels(model).inc(),
+                        log.warning("out of memory on %s: forward now in chunks of %d",
+                                    model, chunk)))
+    metrics.serve(settings.metrics_port)
+    return BatchWorker(settings, redis, catalog, engine, metrics)
+
+
+def run_worker(settings: WorkerSettings, *, burst: bool = False) -> int:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = build_worker(settings)
+    log.info("worker %s serving %s on %s (max batch %d)", worker.name,
+             ", ".join(worker.catalog.names), worker.engine.device, worker.engine.max_batch)
+    worker.work(burst=burst)
+    return 0

@@ -1,0 +1,40 @@
+"""The worker's one settings object (env prefix `DDPM_`), built once at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    """Everything a worker process is configured by; CLI flags override the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    models_dir: Path = Path("checkpoints")
+    models: list[str] = []          # serve only these names (empty: every model found)
+    device: str = "auto"            # auto, cpu, cuda, cuda:N
+    max_batch: Annotated[int, Field(ge=1, le=4096)] | None = None  # None: 128 on GPU, 16 on CPU
+    name: str | None = None         # RQ worker name (default: random)
+    # Throughput knobs (CUDA only; ignored on CPU).
+    autocast_bf16: bool = True
+    channels_last: bool = True
+    # Liveness: heartbeats every `heartbeat_interval`; an execution unseen for
+    # `execution_ttl` is abandoned and re-queued by a live worker's maintenance pass.
+    heartbeat_interval: Annotated[float, Field(gt=0, le=60)] = 5.0
+    execution_ttl: Annotated[int, Field(ge=3, le=3600)] = 20
+    maintenance_interval: Annotated[int, Field(ge=1, le=3600)] = 15
+    worker_ttl: Annotated[int, Field(ge=20, le=3600)] = 60
+    # Results and events.
+    result_ttl: Annotated[int, Field(ge=1)] = 24 * 3600   # images, streams, RQ results
+    stream_maxlen: Annotated[int, Field(ge=10)] = 2000
+    progress_interval: Annotated[float, Field(ge=0)] = 0.2   # seconds between progress events
+    # Shutdown: on SIGTERM running jobs get this long to finish, then go back to the queue.
+    grace_period: Annotated[float, Field(ge=0)] = 30.0
+    # Prometheus metrics port (0: no metrics server).
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    log_level: str = "INFO"
