@@ -102,3 +102,27 @@ def test_info_prints_the_config(checkpoint: Path) -> None:
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["unet"]["ch"] == 32 and doc["parameters"] < 1_000_000
+
+
+def test_worker_without_redis_says_so(checkpoint: Path) -> None:
+    from ddpm.redis_server import free_port
+
+    r = ddpm("worker", "--redis-url", f"redis://127.0.0.1:{free_port()}/0",
+             "--models-dir", str(checkpoint), "--device", "cpu")
+    assert r.returncode == 2
+    assert "cannot reach Redis" in r.stderr
+
+
+def test_worker_with_bad_settings_names_them(checkpoint: Path, tmp_path: Path) -> None:
+    from ddpm.redis_server import RedisServer
+
+    with RedisServer() as srv:
+        missing = ddpm("worker", "--redis-url", srv.url, "--models-dir", str(tmp_path / "none"))
+        assert missing.returncode == 2 and "does not exist" in missing.stderr
+        empty = ddpm("worker", "--redis-url", srv.url, "--models-dir", str(tmp_path))
+        assert empty.returncode == 2 and "no checkpoints" in empty.stderr
+        wrong = ddpm("worker", "--redis-url", srv.url, "--models-dir", str(checkpoint),
+                     "--model", "nope")
+        assert wrong.returncode == 2 and "nope" in wrong.stderr
+    bad = ddpm("worker", "--max-batch", "0")
+    assert bad.returncode == 2 and "max-batch" in bad.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from prometheus_client import generate_latest
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
@@ -25,11 +26,12 @@ from worker.contract import (
     image_key,
     queue_name,
 )
+from worker.loop import BatchWorker
 from worker.main import build_worker
 from worker.settings import WorkerSettings
 
 
-def run_burst(redis_url: str, models_dir: Path, **settings: object) -> None:
+def run_burst(redis_url: str, models_dir: Path, **settings: object) -> BatchWorker:
     """Run one worker until its queues are empty, restoring the test's signal handlers."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -37,6 +39,7 @@ def run_burst(redis_url: str, models_dir: Path, **settings: object) -> None:
         w = build_worker(WorkerSettings(redis_url=redis_url, models_dir=models_dir,
                                         device="cpu", **opts))
         w.work(burst=True)
+        return w
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
@@ -181,3 +184,22 @@ def test_worker_registers_with_rq_and_unregisters(r, redis_url, models_dir) -> N
 def test_settings_are_bounded(bad) -> None:
     with pytest.raises(ValueError):
         WorkerSettings(**bad)
+
+
+def test_metrics_count_what_the_worker_did(r, redis_url, models_dir) -> None:
+    enqueue(r, GenerationSpec(model="tiny", num_images=3, steps=4))
+    enqueue(r, GenerationSpec(model="tiny", steps=2, class_label=1))
+    w = run_burst(redis_url, models_dir)
+    text = generate_latest(w.metrics.registry).decode()
+
+    def value(line_start: str) -> float:
+        (line,) = [x for x in text.splitlines() if x.startswith(line_start)]
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value('ddpm_worker_images_total{model="tiny"}') == 3
+    assert value('ddpm_worker_slot_steps_total{model="tiny"}') == 12
+    assert value('ddpm_worker_jobs_total{outcome="succeeded"}') == 1
+    assert value('ddpm_worker_jobs_total{outcome="failed"}') == 1
+    assert value('ddpm_worker_unet_forward_seconds_count{model="tiny"}') == 4
+    assert value("ddpm_worker_queue_wait_seconds_count") == 2
+    assert value('ddpm_worker_model_load_seconds{model="tiny"}') > 0
