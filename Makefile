@@ -22,8 +22,10 @@ install: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 
+# PASSIVE: on 2 cores, idle OpenMP threads of the test process and of the worker processes
+# it starts would otherwise spin against each other and slow the suite many times over.
 test: lint
-	$(PY) -m pytest -m "not slow"
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow"
 
 run: install
 	@$(PY) -m ddpm.demo

@@ -10,7 +10,7 @@ from .diffusion import predict_x0, q_sample, training_loss
 from .images import make_grid, to_uint8
 from .samplers import SAMPLER_NAMES, SamplerKind, sampler_kind
 from .schedule import Schedule, cosine_betas, linear_betas, spaced_timesteps
-from .seeding import image_generator, image_seed
+from .seeding import counter_normal, image_noise, image_seed
 from .unet import UNet, count_parameters
 
 __all__ = [
@@ -30,7 +30,8 @@ __all__ = [
     "UNetConfig",
     "cosine_betas",
     "count_parameters",
-    "image_generator",
+    "counter_normal",
+    "image_noise",
     "image_seed",
     "linear_betas",
     "load_checkpoint",

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .samplers import SamplerKind, apply_step, guided_eps, step_coefficients
 from .schedule import Schedule, spaced_timesteps
-from .seeding import image_generator
+from .seeding import counter_normal, image_seed
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,10 @@ class SlotBatch:
         self.eta = torch.empty(0, dtype=torch.float64)
         self.labels = torch.empty(0, dtype=torch.long)
         self.guidance = torch.empty(0, dtype=torch.float64)
-        self.generators: list[torch.Generator] = []
+        self.keys = torch.empty(0, dtype=torch.long, device=self.device)  # per-image noise key
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return len(self.keys)
 
     @property
     def total_steps(self) -> Tensor:
@@ -99,20 +99,19 @@ class SlotBatch:
             return
         T = self.schedule.num_timesteps
         null = self.num_classes
-        gens, xs, plans = [], [], []
+        plans = []
         for s in specs:
             if s.label is not None and not (self.num_classes and 0 <= s.label < self.num_classes):
                 raise ValueError(f"label {s.label} is out of range for this model")
-            g = image_generator(s.seed, s.index, self.device)
-            gens.append(g)
-            xs.append(torch.randn(self.shape, generator=g, device=self.device))
             plans.append(spaced_timesteps(s.steps, T))
+        keys = torch.tensor([image_seed(s.seed, s.index) for s in specs], device=self.device)
+        x_T = counter_normal(keys, torch.zeros_like(keys), self.shape)   # counter 0: x_T
         width = max(self.plans.shape[1], max(len(p) for p in plans) + 1)
         self.plans = torch.cat([
             _pad(self.plans, width),
             torch.stack([_pad(p[None], width)[0] for p in plans]),
         ])
-        self.x = torch.cat([self.x, torch.stack(xs)])
+        self.x = torch.cat([self.x, x_T])
         self.x0_prev = torch.cat([self.x0_prev, torch.zeros_like(self.x[-len(specs):])])
         self.pos = torch.cat([self.pos, torch.zeros(len(specs), dtype=torch.long)])
         self.kind = torch.cat([self.kind, torch.tensor([int(s.kind) for s in specs])])
@@ -121,7 +120,7 @@ class SlotBatch:
         self.labels = torch.cat([self.labels, torch.tensor(labels, dtype=torch.long)])
         guid = [1.0 if s.label is None else s.guidance for s in specs]
         self.guidance = torch.cat([self.guidance, torch.tensor(guid, dtype=torch.float64)])
-        self.generators.extend(gens)
+        self.keys = torch.cat([self.keys, keys])
 
     def keep(self, mask: Tensor) -> None:
         """Retain only the slots where the host bool `[N]` mask is true."""
@@ -130,7 +129,7 @@ class SlotBatch:
         self.x, self.x0_prev = self.x[dev_idx], self.x0_prev[dev_idx]
         self.plans, self.pos, self.kind = self.plans[idx], self.pos[idx], self.kind[idx]
         self.eta, self.labels, self.guidance = self.eta[idx], self.labels[idx], self.guidance[idx]
-        self.generators = [self.generators[i] for i in idx.tolist()]
+        self.keys = self.keys[dev_idx]
         width = int(self.total_steps.max()) + 1 if len(idx) else 1
         self.plans = self.plans[:, :width]
 
@@ -157,14 +156,11 @@ class SlotBatch:
         return StepOutput(x_t=x_next, x0=x0, steps_done=self.pos.clone(), finished=t_next < 0)
 
     def _noise(self, needed: Tensor) -> Tensor | None:
-        """Fresh noise for the rows that need it, each from its own generator; zeros elsewhere."""
+        """Each row's noise for its current step (counter = steps done + 1), in one batched
+        computation; None when no row is stochastic this step."""
         if not bool(needed.any()):
             return None
-        noise = torch.zeros_like(self.x)
-        for i in torch.nonzero(needed).flatten().tolist():
-            g = self.generators[i]
-            noise[i] = torch.randn(self.shape, generator=g, device=self.device)
-        return noise
+        return counter_normal(self.keys, (self.pos + 1).to(self.device), self.shape)
 
 
 def _pad(plans: Tensor, width: int) -> Tensor:

@@ -94,13 +94,14 @@ class Forward:
         self.bf16 = bf16 and device.type == "cuda"
         self.channels_last = channels_last and device.type == "cuda"
         self.chunk: int | None = None
+        self.last_rows = 0                  # rows of the latest call (guided rows count twice)
         if self.channels_last:
             net.to(memory_format=torch.channels_last)
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        n = len(x)
+        n = self.last_rows = len(x)
         size = self.chunk or n
         outs = []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -274,7 +275,7 @@ class Engine:
                 return mb.batch.step()
             except torch.OutOfMemoryError:
                 fwd = mb.forward
-                size = fwd.chunk or 2 * len(mb)   # guided rows double the forward
+                size = fwd.chunk or fwd.last_rows
                 if size <= 1:
                     raise
                 fwd.chunk = max(1, size // 2)

@@ -8,11 +8,13 @@ same computation.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from models import DiffusionConfig, SamplerKind, Schedule, SlotSpec, sample, spaced_timesteps
-from models.seeding import image_generator
+from models.seeding import image_noise
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -34,13 +36,21 @@ def ours(kind: SamplerKind, steps: int, eta: float = 0.0) -> torch.Tensor:
 
 
 def theirs(scheduler, steps: int, **step_kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    g = image_generator(SEED, 0)
-    x = torch.randn(SHAPE, generator=g)[None]        # our x_T, then our noise stream
+    """diffusers' loop on our x_T, with its noise draws replaced by our stream (step k uses
+    counter k + 1), so stochastic samplers are compared on identical noise."""
+    x = image_noise(SEED, 0, 0, SHAPE)[None]
     scheduler.set_timesteps(steps)
     assert torch.equal(scheduler.timesteps.long(), spaced_timesteps(steps, 1000))
-    for t in scheduler.timesteps:
-        eps = net(x, t.view(1).long())
-        x = scheduler.step(eps, t, x, generator=g, **step_kwargs).prev_sample
+    module = sys.modules[type(scheduler).__module__]
+    original = module.randn_tensor
+    try:
+        for k, t in enumerate(scheduler.timesteps):
+            noise = image_noise(SEED, 0, k + 1, SHAPE)[None]
+            module.randn_tensor = lambda *a, _n=noise, **kw: _n.clone()
+            eps = net(x, t.view(1).long())
+            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    finally:
+        module.randn_tensor = original
     return x
 
 
