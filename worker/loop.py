@@ -340,15 +340,18 @@ class BatchWorker(BaseWorker):
         self.metrics.jobs.labels(outcome).inc()
         self.metrics.duration.labels(outcome).observe(time.monotonic() - run.started)
 
-    def _drop(self, run: Running, reason: str) -> None:
-        """A job canceled through RQ: free its slots and its execution; RQ already has it
-        in the canceled registry."""
+    def _release(self, run: Running) -> None:
+        """Free a job's slots and end its RQ execution without recording an outcome."""
         self.engine.cancel(run.job.id)
         with self._lock:
             self.live.pop(run.job.id, None)
             with self.connection.pipeline() as p:
                 self.cleanup_execution(run.job, p, run.execution)
                 p.execute()
+
+    def _drop(self, run: Running, reason: str) -> None:
+        """A job canceled through RQ, which already has it in the canceled registry."""
+        self._release(run)
         self.writer.event(run.job.id, Event(EventType.CANCELED, {"message": reason}))
         self.metrics.jobs.labels("canceled").inc()
         log.info("job %s canceled", run.job.id)
@@ -356,12 +359,7 @@ class BatchWorker(BaseWorker):
     def _requeue_all(self) -> None:
         """Shutdown past the grace period: put every running job back at the queue's front."""
         for run in list(self.live.values()):
-            self.engine.cancel(run.job.id)
-            with self._lock:
-                self.live.pop(run.job.id, None)
-                with self.connection.pipeline() as p:
-                    self.cleanup_execution(run.job, p, run.execution)
-                    p.execute()
+            self._release(run)
             run.job.started_at = None
             run.queue.enqueue_job(run.job, at_front=True)
             self.writer.event(run.job.id, Event(EventType.REQUEUED, {"worker": self.name}))
