@@ -40,3 +40,11 @@ def test_importing_models_does_not_pull_heavy_optional_packages() -> None:
             "assert not heavy, heavy")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_job_contract_and_client_are_torch_free() -> None:
+    """The API imports these two; its image has no torch."""
+    code = ("import sys, worker.contract, worker.client; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
