@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models import SlotSpec, load_checkpoint, make_grid, sample_progressive, sampler_kind, to_uint8
+from models import (
+    SlotSpec,
+    load_checkpoint,
+    make_grid,
+    resolve_device,
+    sample_progressive,
+    sampler_kind,
+    to_uint8,
+)
 
 
 @dataclass(frozen=True)
@@ -33,14 +41,6 @@ class SampleOptions:
 
 class UsageError(ValueError):
     """Options that do not fit the checkpoint; the CLI prints it without a traceback."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but CUDA is not available")
-    return torch.device(name)
 
 
 def save_png(pixels: torch.Tensor, file: Path) -> None:

@@ -4,7 +4,14 @@ Imports nothing else of the project (DESIGN.md §2).
 """
 
 from .batch import SlotBatch, SlotSpec, StepOutput, sample, sample_progressive
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_config, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    read_config,
+    resolve_device,
+    save_checkpoint,
+)
 from .config import PRESETS, ConfigError, DiffusionConfig, ModelConfig, UNetConfig, preset
 from .diffusion import predict_x0, q_sample, training_loss
 from .images import make_grid, to_uint8
@@ -40,6 +47,7 @@ __all__ = [
     "preset",
     "q_sample",
     "read_config",
+    "resolve_device",
     "sample",
     "sample_progressive",
     "sampler_kind",

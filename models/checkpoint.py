@@ -87,6 +87,15 @@ def load_state_dict(file: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" → CUDA when present, else CPU; ValueError for CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available")
+    return torch.device(name)
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",

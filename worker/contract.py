@@ -8,7 +8,6 @@ rq and anything heavy: the API image has none of those at import time.
 from __future__ import annotations
 
 import json
-import math
 import secrets
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -61,9 +60,12 @@ class GenerationSpec(BaseModel):
             raise ValueError(f"eta applies to the ddim sampler only, not {self.sampler!r}")
         if self.guidance_scale != 1.0 and self.class_label is None:
             raise ValueError("guidance_scale needs a class_label (classifier-free guidance)")
-        if not math.isfinite(self.guidance_scale):  # pydantic bounds already exclude inf/nan
-            raise ValueError("guidance_scale must be finite")
         return self
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps over all images: what progress counts toward."""
+        return self.num_images * self.steps
 
     def check_model(self, info: ModelInfo) -> None:
         """Raise ValueError naming the field if this spec does not fit the model."""

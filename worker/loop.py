@@ -155,9 +155,6 @@ class BatchWorker(BaseWorker):
         with self._lock:
             self._stop_exec.add(execution_id)
 
-    def handle_warm_shutdown_request(self) -> None:  # pragma: no cover - RQ hook
-        self.request_stop(None, None)
-
     # -- the loop --------------------------------------------------------------------
 
     def work(self, burst: bool = False, logging_level: str | None = None,  # type: ignore[override]
@@ -278,7 +275,7 @@ class BatchWorker(BaseWorker):
                 continue
             if job_id in completed:
                 run.complete = True
-                self._progress(run, run.spec.num_images * run.spec.steps, run.spec.num_images)
+                self._progress(run, run.spec.total_steps, run.spec.num_images)
             elif t - run.last_progress >= self.settings.progress_interval:
                 run.last_progress = t
                 ej = self.engine.jobs[job_id]
@@ -286,7 +283,7 @@ class BatchWorker(BaseWorker):
 
     def _progress(self, run: Running, steps_done: int, images_done: int) -> None:
         assert run.spec is not None
-        total = run.spec.num_images * run.spec.steps
+        total = run.spec.total_steps
         data = {"steps_done": steps_done, "total_steps": total, "images_done": images_done,
                 "num_images": run.spec.num_images}
         run.writes.append(self.writer.event(run.job.id, Event(EventType.PROGRESS, data)))

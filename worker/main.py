@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from redis import Redis
 from redis.exceptions import RedisError
+
+from models import resolve_device
 
 from .catalog import load_models
 from .engine import Engine
@@ -15,14 +16,6 @@ from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 
 log = logging.getLogger("ddpm.worker")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but CUDA is not available")
-    return torch.device(name)
 
 
 def build_worker(settings: WorkerSettings) -> BatchWorker:
@@ -39,12 +32,14 @@ def build_worker(settings: WorkerSettings) -> BatchWorker:
         raise ValueError(f"no checkpoints found in {settings.models_dir}")
     max_batch = settings.max_batch or (128 if device.type == "cuda" else 16)
     metrics = WorkerMetrics()
+
+    def on_oom(model: str, chunk: int) -> None:
+        metrics.oom.labels(model).inc()
+        log.warning("out of memory on %s: forward now in chunks of %d", model, chunk)
+
     engine = Engine(catalog.loaded, device=device, max_batch=max_batch,
                     bf16=settings.autocast_bf16, channels_last=settings.channels_last,
-                    on_oom=lambda model, chunk: (
-                        metrics.oom.labels(model).inc(),
-                        log.warning("out of memory on %s: forward now in chunks of %d",
-                                    model, chunk)))
+                    on_oom=on_oom)
     metrics.serve(settings.metrics_port)
     return BatchWorker(settings, redis, catalog, engine, metrics)
 

@@ -19,7 +19,7 @@ class WorkerMetrics:
                              ["model"], registry=r)
         self.jobs = Counter("ddpm_worker_jobs", "Jobs ended, by outcome", ["outcome"], registry=r)
         self.forward = Histogram("ddpm_worker_unet_forward_seconds",
-                                 "One batched step: UNet forward plus sampler update",
+                                 "Host time of one batched step (UNet forward + sampler update)",
                                  ["model"], buckets=_SECONDS, registry=r)
         self.occupancy = Histogram("ddpm_worker_batch_occupancy",
                                    "Active slots / max batch, sampled every step",
