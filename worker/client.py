@@ -5,9 +5,12 @@ Torch-free, like the contract: it needs only redis and rq.
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Job
+from rq.webhook import Webhook
 
 from .contract import JOB_FUNC, SERIALIZER, GenerationSpec, queue_name
 
@@ -20,11 +23,18 @@ def generation_queue(redis: Redis, spec: GenerationSpec) -> Queue:
 
 def enqueue(redis: Redis, spec: GenerationSpec, *, job_id: str | None = None,
             result_ttl: int = 24 * 3600, retries: int = DEFAULT_RETRIES,
-            timeout: int = 3600) -> Job:
-    """Put `spec` on its model's queue; the job's kwargs are the spec as JSON data."""
+            timeout: int = 3600, meta: dict[str, Any] | None = None,
+            webhook: str | None = None) -> Job:
+    """Put `spec` on its model's queue; the job's kwargs are the spec as JSON data.
+
+    `webhook` becomes RQ webhooks (POST of the job's id and status) for success and failure;
+    the caller vouches for the URL (the API checks it against its allow-list).
+    """
+    hooks = [Webhook(webhook, status, method="POST") for status in ("finished", "failed")] \
+        if webhook else None
     return generation_queue(redis, spec).enqueue(
         JOB_FUNC, kwargs=spec.model_dump(mode="json"), job_id=job_id, result_ttl=result_ttl,
-        failure_ttl=result_ttl, job_timeout=timeout,
+        failure_ttl=result_ttl, job_timeout=timeout, meta=meta or {}, webhooks=hooks,
         retry=Retry(max=retries) if retries else None,
         description=f"generate {spec.model} ×{spec.num_images} ({spec.sampler}, {spec.steps})")
 

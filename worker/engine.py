@@ -51,6 +51,8 @@ class EngineJob:
     running: int = 0
     finished: int = 0
     steps_done: int = 0              # summed over the job's images
+    ticks: int = 0                   # engine steps this job has been stepped in
+    started_tick: dict[int, int] = field(default_factory=dict)   # image → `ticks` at its start
     admitted_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -60,6 +62,13 @@ class EngineJob:
     @property
     def done(self) -> bool:
         return self.finished == self.spec.num_images
+
+    def image_steps(self) -> list[int]:
+        """Steps each image has completed. Every running image of a model advances once per
+        engine step, so a start tick per image is enough: no per-row bookkeeping per step."""
+        steps = self.spec.steps
+        return [min(steps, self.ticks - self.started_tick[i]) if i in self.started_tick else 0
+                for i in range(self.spec.num_images)]
 
 
 @dataclass(frozen=True)
@@ -220,6 +229,7 @@ class Engine:
             free -= 1
         for job_id, indices in starts.items():
             job = self.jobs[job_id]
+            job.started_tick.update(dict.fromkeys(indices, job.ticks))
             self._batches[job.spec.model].add(job, indices)
 
     def step(self) -> StepReport:
@@ -256,6 +266,7 @@ class Engine:
         stepped = [j for j in self.jobs.values() if j.running and j.spec.model == name]
         for job in stepped:                  # a job's rows in this batch = its running images
             job.steps_done += job.running
+            job.ticks += 1
         report.progressed += [j.job_id for j in stepped]
         for row in torch.nonzero(finished).flatten().tolist():
             job = self.jobs[mb.owner[row][0]]

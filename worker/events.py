@@ -43,9 +43,9 @@ class EventWriter:
     def event(self, job_id: str, event: Event) -> Future[Any]:
         return self._pool.submit(self._xadd, job_id, event)
 
-    def frame(self, frame: Frame, total_steps: int) -> Future[Any]:
+    def frame(self, frame: Frame, total_steps: int, kind: str) -> Future[Any]:
         """A snapshot goes into the stream; a final image is stored, then announced."""
-        return self._pool.submit(self._frame, frame, total_steps)
+        return self._pool.submit(self._frame, frame, total_steps, kind)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -57,12 +57,12 @@ class EventWriter:
             p.expire(key, self.ttl)
             p.execute()
 
-    def _frame(self, frame: Frame, total_steps: int) -> None:
+    def _frame(self, frame: Frame, total_steps: int, kind: str) -> None:
         png = encode_png(frame.pixels.numpy())
         data = {"index": frame.index, "step": frame.step, "total_steps": total_steps}
         if frame.final:
             self.redis.set(image_key(frame.job_id, frame.index), png, ex=self.ttl)
             self._xadd(frame.job_id, Event(EventType.IMAGE, data))
         else:
-            self._xadd(frame.job_id, Event(EventType.SNAPSHOT, data, png=png))
+            self._xadd(frame.job_id, Event(EventType.SNAPSHOT, {**data, "kind": kind}, png=png))
 

@@ -23,7 +23,7 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +115,9 @@ class BatchWorker(BaseWorker):
                          default_result_ttl=settings.result_ttl)
         self.writer = EventWriter(connection, ttl=settings.result_ttl,
                                   maxlen=settings.stream_maxlen)
+        # Completion webhooks (RQ's, stored on the job) go out from their own threads: a slow
+        # or dead endpoint must never hold up the step loop or a job's event stream.
+        self._webhooks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ddpm-webhook")
         self.live: dict[str, Running] = {}
         self._lock = threading.Lock()          # live/executions vs. the heartbeat thread
         self._stop_exec: set[str] = set()       # execution ids `rq` asked to stop
@@ -194,6 +197,7 @@ class BatchWorker(BaseWorker):
             self._beat_stop.set()
             beats.join(timeout=5)
             self.writer.close()
+            self._webhooks.shutdown(wait=True)
             self._unadvertise()
             self.teardown()
         return worked
@@ -264,7 +268,7 @@ class BatchWorker(BaseWorker):
             run = self.live.get(frame.job_id)
             if run is None or run.spec is None:
                 continue
-            run.writes.append(self.writer.frame(frame, run.spec.steps))
+            run.writes.append(self.writer.frame(frame, run.spec.steps, run.spec.snapshot_kind))
             if frame.final:
                 m.images.labels(run.spec.model).inc()
         t = time.monotonic()
@@ -275,20 +279,23 @@ class BatchWorker(BaseWorker):
                 continue
             if job_id in completed:
                 run.complete = True
-                self._progress(run, run.spec.total_steps, run.spec.num_images)
+                spec = run.spec
+                self._progress(run, spec.total_steps, spec.num_images,
+                               [spec.steps] * spec.num_images)
             elif t - run.last_progress >= self.settings.progress_interval:
                 run.last_progress = t
                 ej = self.engine.jobs[job_id]
-                self._progress(run, ej.steps_done, ej.finished)
+                self._progress(run, ej.steps_done, ej.finished, ej.image_steps())
 
-    def _progress(self, run: Running, steps_done: int, images_done: int) -> None:
+    def _progress(self, run: Running, steps_done: int, images_done: int,
+                  image_steps: list[int]) -> None:
         assert run.spec is not None
         total = run.spec.total_steps
         data = {"steps_done": steps_done, "total_steps": total, "images_done": images_done,
-                "num_images": run.spec.num_images}
+                "num_images": run.spec.num_images, "image_steps": image_steps}
         run.writes.append(self.writer.event(run.job.id, Event(EventType.PROGRESS, data)))
-        run.job.meta["progress"] = round(steps_done / total, 4)
-        run.job.meta["images_done"] = images_done
+        run.job.meta.update(progress=round(steps_done / total, 4), steps_done=steps_done,
+                            images_done=images_done, image_steps=image_steps)
         run.writes.append(self.writer.submit(run.job.save_meta))
 
     # -- retire ----------------------------------------------------------------------
@@ -315,6 +322,8 @@ class BatchWorker(BaseWorker):
             self.live.pop(job.id, None)
             self._finalize_success(job, run.queue, run.execution, result.to_dict())
         self.writer.event(job.id, Event(EventType.DONE, result.to_dict()))
+        if job.webhooks:
+            self._webhooks.submit(job.send_webhooks, JobStatus.FINISHED)
         self.metrics.jobs.labels("succeeded").inc()
         self.metrics.duration.labels("succeeded").observe(elapsed)
 
@@ -327,13 +336,19 @@ class BatchWorker(BaseWorker):
         job.ended_at = now()
         if stopped:
             self._stopped_job_id = job.id
+        requeued = not stopped and job.should_retry
+        hooks, job.webhooks = job.webhooks, []     # RQ would send them here, on this thread
         with self._lock:
             self.live.pop(job.id, None)
             self.handle_job_failure(job, run.queue, exc_string=message, execution=run.execution)
-        log.warning("job %s %s: %s", job.id, "stopped" if stopped else "failed", message)
-        kind = EventType.CANCELED if stopped else EventType.ERROR
+        job.webhooks = hooks
+        if hooks and not requeued and not stopped:
+            self._webhooks.submit(job.send_webhooks, JobStatus.FAILED, exc_string=message)
+        outcome = "stopped" if stopped else "requeued" if requeued else "failed"
+        log.warning("job %s %s: %s", job.id, outcome, message)
+        kind = (EventType.CANCELED if stopped else EventType.REQUEUED if requeued
+                else EventType.ERROR)
         self.writer.event(job.id, Event(kind, {"message": message}))
-        outcome = "stopped" if stopped else "failed"
         self.metrics.jobs.labels(outcome).inc()
         self.metrics.duration.labels(outcome).observe(time.monotonic() - run.started)
 
