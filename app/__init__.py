@@ -1,1 +1,3 @@
-"""HTTP API (FastAPI). Never imports torch (DESIGN.md §2); built in a later issue."""
+"""The HTTP API (FastAPI): validates requests against `worker.contract`, enqueues them on
+RQ, and reads jobs, event streams and images back from Redis. Never imports torch
+(DESIGN.md §2): its container image has none."""

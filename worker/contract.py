@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # ---------------------------------------------------------------------------------------
 # Limits: every request field is bounded.
@@ -30,6 +30,15 @@ Sampler = Literal["ddpm", "ddim", "dpm++2m"]
 SnapshotKind = Literal["x0", "xt"]
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")   # dequeue order
+
+
+class SpecError(ValueError):
+    """A spec that does not fit a model; `field` names the request field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 def _random_seed() -> int:
@@ -54,13 +63,22 @@ class GenerationSpec(BaseModel):
     guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE)] = 1.0
     priority: Priority = "normal"
 
-    @model_validator(mode="after")
-    def _consistent(self) -> GenerationSpec:
-        if self.eta != 0.0 and self.sampler != "ddim":
-            raise ValueError(f"eta applies to the ddim sampler only, not {self.sampler!r}")
-        if self.guidance_scale != 1.0 and self.class_label is None:
+    # Field validators (not one model validator) so an error names its field: the API
+    # reports it as such. Each reads fields declared before it.
+    @field_validator("eta")
+    @classmethod
+    def _eta_ddim_only(cls, eta: float, info: ValidationInfo) -> float:
+        sampler = info.data.get("sampler")
+        if eta != 0.0 and sampler is not None and sampler != "ddim":
+            raise ValueError(f"eta applies to the ddim sampler only, not {sampler!r}")
+        return eta
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance_needs_label(cls, scale: float, info: ValidationInfo) -> float:
+        if scale != 1.0 and info.data.get("class_label") is None and "class_label" in info.data:
             raise ValueError("guidance_scale needs a class_label (classifier-free guidance)")
-        return self
+        return scale
 
     @property
     def total_steps(self) -> int:
@@ -68,16 +86,16 @@ class GenerationSpec(BaseModel):
         return self.num_images * self.steps
 
     def check_model(self, info: ModelInfo) -> None:
-        """Raise ValueError naming the field if this spec does not fit the model."""
+        """Raise SpecError (a ValueError naming the field) if this spec does not fit."""
         if self.steps > info.num_timesteps:
-            raise ValueError(f"steps: {self.steps} exceeds the model's {info.num_timesteps} "
-                             "diffusion timesteps")
+            raise SpecError("steps", f"{self.steps} exceeds the model's {info.num_timesteps} "
+                            "diffusion timesteps")
         if self.class_label is not None:
             if not info.num_classes:
-                raise ValueError(f"class_label: model {info.name!r} is unconditional")
+                raise SpecError("class_label", f"model {info.name!r} is unconditional")
             if self.class_label >= info.num_classes:
-                raise ValueError(f"class_label: must be < {info.num_classes} for model "
-                                 f"{info.name!r}")
+                raise SpecError("class_label", f"must be < {info.num_classes} for model "
+                                f"{info.name!r}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""FastAPI dependencies: the per-process objects hung on `app.state` at start-up."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis import Redis
+
+from .auth import KeyAuth, Principal
+from .jobs import JobStore
+from .metrics import ApiMetrics
+from .settings import ApiSettings
+
+_bearer = HTTPBearer(auto_error=False, description="an API key, when the service has keys")
+
+
+def caller(request: Request,
+           _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None
+           ) -> Principal:
+    """The caller (401 when keys are configured and none valid is given). The HTTPBearer
+    dependency only documents the scheme in OpenAPI; the header is checked here."""
+    auth: KeyAuth = request.app.state.auth
+    addr = request.client.host if request.client else "unknown"
+    return auth.identify(request.headers.get("authorization"), addr)
+
+
+def store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def settings(request: Request) -> ApiSettings:
+    return request.app.state.settings
+
+
+def redis(request: Request) -> Redis:
+    return request.app.state.store.redis
+
+
+def metrics(request: Request) -> ApiMetrics:
+    return request.app.state.metrics
+
+
+Caller = Annotated[Principal, Depends(caller)]
+Store = Annotated[JobStore, Depends(store)]
+Settings = Annotated[ApiSettings, Depends(settings)]
+Metrics = Annotated[ApiMetrics, Depends(metrics)]

@@ -1,0 +1,122 @@
+"""One error shape everywhere: `{"error": {"code", "message", "field"?}}`.
+
+Every exception a request can cause ends here with its status, never as a bare 500:
+validation errors name the field, HTTP errors keep their status, Redis outages are 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("ddpm.api")
+
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+          405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+          413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+          429: "too_many_requests", 503: "unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """Raised by routes: becomes an error response with this status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str, *, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.field, self.headers = field, headers
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} not found")
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status,
+                        headers=headers)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """`("body", "steps")` → `steps`; `("header", "idempotency-key")` → `Idempotency-Key`."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        where, parts = parts[0], parts[1:]
+        if where == "header" and parts:
+            return "-".join(w.capitalize() for w in parts[0].replace("_", "-").split("-"))
+    return ".".join(parts) or None
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid value"))
+    return msg.removeprefix("Value error, ")
+
+
+async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    if errors and errors[0].get("type") == "json_invalid":
+        return error_response(422, "invalid_request", "the request body is not valid JSON: "
+                              f"{errors[0].get('ctx', {}).get('error', 'parse error')}")
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _field(first.get("loc", ()))
+    message = "; ".join(
+        f"{f}: {_validation_message(e)}" if (f := _field(e.get("loc", ()))) else
+        _validation_message(e) for e in errors[:10])
+    return error_response(422, "invalid_request", message, field)
+
+
+async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+
+async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+async def _on_redis(_: Request, exc: RedisError) -> JSONResponse:
+    log.error("redis error: %s", exc)
+    return error_response(503, "unavailable", "the job store is unreachable; retry shortly",
+                          headers={"Retry-After": "5"})
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(RedisError, _on_redis)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody, "description": d} for s, d in {
+        401: "missing or unknown API key", 404: "unknown job or model",
+        422: "invalid request; `field` names the culprit",
+        429: "queue full or rate limit reached; see Retry-After",
+        503: "Redis unreachable"}.items()}

@@ -1,0 +1,67 @@
+"""The FastAPI application: `create_app(settings)`; uvicorn runs it as a factory
+(`ddpm api`, `ddpm serve`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from . import errors
+from .auth import KeyAuth
+from .body_limit import BodyLimitMiddleware
+from .jobs import JobStore
+from .metrics import ApiMetrics, MetricsMiddleware
+from .routes import generations, health, models
+from .settings import ApiSettings
+
+log = logging.getLogger("ddpm.api")
+
+DESCRIPTION = """Generate images with trained DDPM checkpoints.
+
+Submit with `POST /v1/generations`, then poll `GET /v1/generations/{id}`, or follow it live
+over Server-Sent Events (`/events`) or a WebSocket (`/ws`); download each image, a grid, or
+an animation of the denoising. Errors are `{"error": {"code", "message", "field"?}}`.
+"""
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+    auth = KeyAuth(settings.api_keys)
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = Redis.from_url(settings.redis_url, health_check_interval=30,
+                               socket_connect_timeout=5)
+        aredis = AsyncRedis.from_url(settings.redis_url, health_check_interval=30,
+                                     socket_connect_timeout=5)
+        store = JobStore(redis, settings)
+        app.state.store, app.state.aredis = store, aredis
+        metrics.watch(store)
+        if auth.open:
+            log.warning("no API keys configured (DDPM_API_KEYS): the API is open to anyone "
+                        "who can reach it")
+        else:
+            log.info("API keys required: %d configured", len(auth.digests))
+        try:
+            yield
+        finally:
+            await aredis.aclose()
+            redis.close()
+
+    app = FastAPI(title="ddpm-serve", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan,
+                  responses={413: {"model": errors.ErrorBody, "description": "body too large"}})
+    app.state.settings, app.state.auth, app.state.metrics = settings, auth, metrics
+    errors.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.include_router(generations.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,124 @@
+"""Prometheus metrics of the API: requests by route and status, latency, and (read from
+Redis at scrape time, so every replica reports the same truth) queue depths, jobs by
+status and live workers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis import Redis
+from redis.exceptions import RedisError
+from rq.registry import (
+    CanceledJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    StartedJobRegistry,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from worker.contract import PREFIX, SERIALIZER
+
+from .jobs import JobStore
+
+log = logging.getLogger("ddpm.api")
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("ddpm_api_requests", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram(
+            "ddpm_api_request_seconds", "Time to the response's first byte, by route",
+            ["method", "route"], registry=r,
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.generations = Counter("ddpm_api_generations_created",
+                                   "Generations accepted, by model", ["model"], registry=r)
+
+    def watch(self, store: JobStore) -> None:
+        self.registry.register(RedisCollector(store))
+
+
+class RedisCollector(Collector):
+    """Queue depth per queue, jobs by status, live workers: read when scraped."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("ddpm_queue_depth", "Jobs waiting, per queue", labels=["queue"])
+        jobs = GaugeMetricFamily("ddpm_jobs", "Generation jobs by status (registries)",
+                                 labels=["status"])
+        workers = GaugeMetricFamily("ddpm_workers_live", "Workers advertising models")
+        try:
+            redis: Redis = self.store.redis
+            names = sorted(n.decode() if isinstance(n, bytes) else n
+                           for n in redis.smembers("rq:queues"))
+            names = [n.removeprefix("rq:queue:") for n in names]
+            names = [n for n in names if n.startswith(f"{PREFIX}.")]
+            totals = dict.fromkeys(("queued", "running", "succeeded", "failed", "canceled"), 0)
+            for name in names:
+                kw = {"name": name, "connection": redis, "serializer": SERIALIZER}
+                with redis.pipeline(transaction=False) as p:
+                    p.llen(f"rq:queue:{name}")
+                    for reg in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry,
+                                CanceledJobRegistry):
+                        p.zcard(reg(**kw).key)
+                    queued, started, finished, failed, canceled = p.execute()
+                depth.add_metric([name], queued)
+                for k, v in zip(totals, (queued, started, finished, failed, canceled),
+                                strict=True):
+                    totals[k] += v
+            for k, v in totals.items():
+                jobs.add_metric([k], v)
+            workers.add_metric([], len(self.store.live_workers()))
+        except RedisError as e:
+            log.warning("metrics: redis unreachable: %s", e)
+            return []
+        return [depth, jobs, workers]
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request under its route template (bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope.get("method", "GET")
+        if method not in _METHODS:
+            method = "other"           # labels stay bounded whatever a client sends
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self.metrics.latency.labels(method, _route_of(scope)).observe(
+                    time.perf_counter() - t0)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(method, _route_of(scope), str(status)).inc()
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _route_of(scope: Scope) -> str:
+    """The matched route's template (`/v1/generations/{job_id}`), never the raw path: the
+    router records the route in the (shared) scope as it dispatches."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

@@ -1,0 +1,1 @@
+"""The API's routers: generations, models, health and metrics."""

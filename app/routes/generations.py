@@ -1,0 +1,212 @@
+"""`/v1/generations`: submit, poll, stream, download, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Header, Request, Response, WebSocket
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from rq.job import Job
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from worker.contract import Event, EventType, SpecError, events_key
+
+from .. import limits, media
+from ..deps import Caller, Metrics, Settings, Store
+from ..errors import ERROR_RESPONSES, ApiError, not_found
+from ..jobs import JobStore
+from ..schemas import Generation, GenerationRequest
+from ..settings import ApiSettings
+from ..streams import check_event_id, follow
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+
+PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+GIF = {200: {"content": {"image/gif": {}}, "description": "animated GIF"}}
+NOT_READY = {409: ERROR_RESPONSES[404] | {"description": "not produced yet"}}
+
+
+def _check_webhook(url: str | None, settings: ApiSettings) -> None:
+    """Only hosts on the allow-list: the service must not be a way into internal networks."""
+    if url is None:
+        return
+    host = (urlsplit(url).hostname or "").lower()
+    allowed = any(host == h or (h.startswith(".") and (host.endswith(h) or host == h[1:]))
+                  for h in settings.webhook_allow_hosts)
+    if not host or not allowed:
+        raise ApiError(422, "invalid_request", f"webhook host {host!r} is not allowed "
+                       "(DDPM_WEBHOOK_ALLOW_HOSTS)", field="webhook")
+
+
+@router.post("", status_code=202, response_model=Generation, responses=ERROR_RESPONSES,
+             summary="Submit a generation")
+def create_generation(
+    req: GenerationRequest, response: Response, who: Caller, store: Store,
+    settings: Settings, metrics: Metrics,
+    idempotency_key: Annotated[str | None, Header(
+        max_length=255, description="same key and body: the same job comes back")] = None,
+) -> Generation:
+    """Validate against the models live workers serve, then enqueue; `202` with the job."""
+    served = store.served_models()
+    model = served.get(req.model)
+    if model is None:
+        names = ", ".join(served) or "none (no live worker)"
+        raise ApiError(404, "not_found", f"model {req.model!r} is not served; available: "
+                       f"{names}", field="model")
+    try:
+        req.spec().check_model(model.info)
+    except SpecError as e:
+        raise ApiError(422, "invalid_request", str(e), field=e.field) from None
+    _check_webhook(req.webhook, settings)
+    job = store.seen(req, who, idempotency_key) if idempotency_key is not None else None
+    replayed = job is not None
+    if job is None:
+        limits.check_rate(store.redis, settings, who)
+        limits.check_depth(store, req.model)
+        job, replayed = store.submit(req, who, idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        metrics.generations.labels(req.model).inc()
+    view = store.view(job)
+    response.headers["Location"] = view.links.self_
+    return view
+
+
+def _job(job_id: str, who: Caller, store: Store) -> Job:
+    return store.get(job_id, who)
+
+
+JobDep = Annotated[Job, Depends(_job)]
+
+
+@router.get("/{job_id}", response_model=Generation, responses=ERROR_RESPONSES,
+            summary="Status, progress, timings and image links")
+def get_generation(job: JobDep, store: Store) -> Generation:
+    return store.view(job)
+
+
+@router.delete("/{job_id}", response_model=Generation,
+               responses=ERROR_RESPONSES | {409: ERROR_RESPONSES[404] | {
+                   "description": "the generation has already ended"}},
+               summary="Cancel a queued or running generation")
+def cancel_generation(job: JobDep, store: Store) -> Generation:
+    store.cancel(job)
+    job.refresh()
+    return store.view(job)
+
+
+@router.get("/{job_id}/images/{index}", response_class=Response,
+            responses=PNG | ERROR_RESPONSES, summary="One final image (PNG)")
+def get_image(job: JobDep, index: int, store: Store) -> Response:
+    spec = store.spec_of(job)
+    if not 0 <= index < spec.num_images:
+        raise not_found(f"image {index}")
+    (png,) = store.fetch_images(job, [index])
+    if png is None:
+        raise not_found(f"image {index} (not produced yet)")
+    return Response(png, media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+
+@router.get("/{job_id}/grid.png", response_class=Response,
+            responses=PNG | NOT_READY | ERROR_RESPONSES, summary="All final images in a grid")
+def get_grid(job: JobDep, store: Store) -> Response:
+    spec = store.spec_of(job)
+    pngs = store.fetch_images(job, range(spec.num_images))
+    if any(p is None for p in pngs):
+        view = store.view(job)
+        if view.status in ("queued", "running"):
+            raise ApiError(409, "not_ready", f"the generation is {view.status}; the grid "
+                           "exists once every image is done", headers={"Retry-After": "1"})
+        raise not_found("grid (the generation has no complete set of images)")
+    return Response(media.grid_png([p for p in pngs if p is not None]), media_type="image/png")
+
+
+@router.get("/{job_id}/animation.gif", response_class=Response,
+            responses=GIF | ERROR_RESPONSES,
+            summary="The denoising as an animated GIF (from the snapshots)")
+def get_animation(job: JobDep, store: Store) -> Response:
+    spec = store.spec_of(job)
+    snapshots = []
+    for _, fields in store.redis.xrange(events_key(job.id)):
+        try:
+            ev = Event.from_fields(fields)
+        except (KeyError, ValueError):
+            continue
+        if ev.type == EventType.SNAPSHOT and ev.png:
+            snapshots.append((int(ev.data.get("step", 0)), int(ev.data.get("index", -1)),
+                              ev.png))
+    finals = store.fetch_images(job, range(spec.num_images))
+    try:
+        gif = media.animation_gif(spec.num_images, snapshots, finals)
+    except ValueError:
+        raise not_found("animation (no frames yet; submit with snapshot_every > 0 to see "
+                        "the denoising)") from None
+    return Response(gif, media_type="image/gif")
+
+
+# -- streams ---------------------------------------------------------------------------
+
+
+def _last_event_id(last_event_id: Annotated[str | None, Header(
+        max_length=64, description="resume after this event id")] = None) -> str:
+    return check_event_id(last_event_id, "Last-Event-ID")
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses=ERROR_RESPONSES, summary="Server-Sent Events of the generation")
+async def stream_events(request: Request, job: JobDep, settings: Settings,
+                        after: Annotated[str, Depends(_last_event_id)]
+                        ) -> AsyncIterator[ServerSentEvent]:
+    """`started`, `progress`, `snapshot` (PNG as base64), `image`, then one of `done`,
+    `error` or `canceled`, which closes the stream. Ids are the job's Redis Stream ids: a
+    reconnect with `Last-Event-ID` resumes exactly after the last one seen."""
+    async for ev in follow(request.app.state.aredis, job.id, after,
+                           poll_ms=settings.stream_poll_ms):
+        yield ServerSentEvent(event=ev.event, data=ev.data, id=ev.id)
+
+
+@router.websocket("/{job_id}/ws")
+async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None = None) -> None:
+    """The same events as JSON messages `{"id", "event", "data"}`; `?last_event_id=` resumes.
+    Closes with 1000 after the terminal event; 4401/4404/4422 for auth, unknown job, bad id.
+    """
+    state = websocket.app.state
+    await websocket.accept()
+    try:
+        addr = websocket.client.host if websocket.client else "unknown"
+        who = state.auth.identify(websocket.headers.get("authorization"), addr)
+        store: JobStore = state.store
+        job = await run_in_threadpool(store.get, job_id, who)
+        after = check_event_id(last_event_id, "last_event_id")
+    except ApiError as e:
+        await websocket.close(code=4000 + e.status, reason=e.message[:120])
+        return
+
+    async def pump() -> None:
+        async for ev in follow(state.aredis, job.id, after,
+                               poll_ms=state.settings.stream_poll_ms):
+            await websocket.send_text(json.dumps(ev.as_message(), separators=(",", ":")))
+
+    async def drain() -> None:      # notices the client leaving; its messages are ignored
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    sender, reader = asyncio.create_task(pump()), asyncio.create_task(drain())
+    done, pending = await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+            await task
+    if sender in done and websocket.application_state == WebSocketState.CONNECTED:
+        failed = sender.exception() is not None
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close(code=1011 if failed else 1000)

@@ -1,0 +1,72 @@
+"""The API's one settings object (env prefix `DDPM_`), built once at start-up."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split(value: object) -> object:
+    """`a,b` or a JSON list: comma lists are what people type into an environment."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [v.strip() for v in text.split(",") if v.strip()]
+    return value
+
+
+class ApiSettings(BaseSettings):
+    """Everything the API process is configured by; CLI flags override the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    # Access: SHA-256 hex digests of the accepted API keys (`ddpm api-key` makes one).
+    # Empty: the service is open and says so at start-up.
+    api_keys: Annotated[list[str], NoDecode] = []
+    # Back-pressure: 429 when a model's queues hold this many jobs, or a key (or, when open,
+    # a client address) submits more than `rate_limit` generations per `rate_window` seconds.
+    max_queue_depth: Annotated[int, Field(ge=1)] = 1000
+    retry_after: Annotated[int, Field(ge=1, le=3600)] = 5
+    rate_limit: Annotated[int, Field(ge=0)] = 120        # 0: no rate limit
+    rate_window: Annotated[int, Field(ge=1, le=86400)] = 60
+    # Completion webhooks only to these hosts (exact names, or `.example.com` for a domain
+    # and its subdomains). Empty: webhooks are refused.
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = []
+    # Jobs.
+    result_ttl: Annotated[int, Field(ge=60)] = 24 * 3600
+    job_timeout: Annotated[int, Field(ge=10)] = 3600
+    job_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    idempotency_ttl: Annotated[int, Field(ge=60)] = 24 * 3600
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
+    # Streams: an XREAD blocks this long before the job's status is looked at again.
+    stream_poll_ms: Annotated[int, Field(ge=50, le=30000)] = 2000
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", "webhook_allow_hosts", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _digests(cls, keys: list[str]) -> list[str]:
+        out = []
+        for k in keys:
+            digest = k.lower().removeprefix("sha256:")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError("api_keys holds SHA-256 hex digests of keys "
+                                 "(`ddpm api-key` prints one), not the keys themselves")
+            out.append(digest)
+        return out
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        return [h.lower() for h in hosts]
