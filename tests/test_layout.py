@@ -28,11 +28,22 @@ def test_models_imports_nothing_of_the_project() -> None:
 
 
 def test_app_never_imports_torch() -> None:
-    bad = {(m, f) for m, f in imported_packages("app") if m == "torch"}
+    bad = {(m, f) for m, f in imported_packages("app") if m in ("torch", "models")}
     assert not bad
-    code = "import sys, app; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = ("import sys, app.main; app.main.create_app().openapi(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_app_reaches_the_worker_only_through_its_contract_and_client() -> None:
+    modules = set()
+    for file in (ROOT / "app").rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                    node.module.startswith("worker"):
+                modules.add(node.module)
+    assert modules <= {"worker.contract", "worker.client"}, modules
 
 
 def test_importing_models_does_not_pull_heavy_optional_packages() -> None:

@@ -510,3 +510,18 @@ def test_out_of_memory_at_one_row_is_raised(tiny: LoadedModel) -> None:
     with pytest.raises(torch.OutOfMemoryError):
         eng.step()
     assert ooms and ooms[-1] == 1
+
+
+def test_image_steps_follow_each_image(tiny: LoadedModel) -> None:
+    """3 images on 2 slots: images 0 and 1 run first, image 2 starts when one finishes."""
+    e = make_engine(tiny, max_batch=2)
+    job = e.admit("a", spec(num_images=3, steps=4))
+    assert job.image_steps() == [0, 0, 0]
+    e.step()
+    assert job.image_steps() == [1, 1, 0]
+    for _ in range(3):
+        e.step()
+    assert job.image_steps() == [4, 4, 0] and job.finished == 2
+    e.step()
+    assert job.image_steps() == [4, 4, 1]
+    assert sum(job.image_steps()) == job.steps_done
