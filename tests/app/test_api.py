@@ -3,6 +3,7 @@ and a real HTTP/WebSocket client."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -163,7 +164,7 @@ def test_sse_frames_arrive_in_step_order(client: httpx.Client,
         assert steps == [3, 6, 9], steps
         snap = next(e for e in events if e["event"] == "snapshot")
         assert snap["data"]["kind"] == "xt"
-        png = __import__("base64").b64decode(snap["data"]["png"])
+        png = base64.b64decode(snap["data"]["png"])
         assert Image.open(io.BytesIO(png)).size == (16, 16)
     images = [e for e in events if e["event"] == "image"]
     assert sorted(e["data"]["index"] for e in images) == [0, 1]
