@@ -164,8 +164,9 @@ def _api(args: argparse.Namespace) -> int:
     settings = _api_settings(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Open event streams would hold a graceful shutdown forever: give them a few seconds.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
     return 0
 
 

@@ -93,7 +93,8 @@ def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
         print(f"ddpm serve: serving {', '.join(names)} at http://{opts.host}:{opts.port}/ "
               f"(API docs: /docs). Ctrl-C stops everything.", flush=True)
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host=opts.host,
-                                               port=opts.port, log_level="info"))
+                                               port=opts.port, log_level="info",
+                                               timeout_graceful_shutdown=5))
         server.run()
         return 0
     finally:
