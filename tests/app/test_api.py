@@ -16,8 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from PIL import Image
 from websockets.sync.client import connect
+
+from worker.client import cancel
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -474,3 +477,20 @@ def test_malformed_and_oversized_bodies(client: httpx.Client) -> None:
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = client.put("/v1/generations")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_stream_ends_on_the_job_status_when_no_event_comes(
+        client: httpx.Client, spawn_worker: Callable[..., Any], redis_url: str) -> None:
+    """A job canceled behind the API's back (RQ directly, no event written) still ends its
+    event stream: the job's status decides, with a terminal event that has no id."""
+    spawn_worker("--max-batch", "1")
+    ready(client)
+    busy = submit(client, steps=1000)
+    poll(client, busy["id"], {"running"})
+    queued = submit(client, steps=3)
+    cancel(redis.Redis.from_url(redis_url), queued["id"])
+    t0 = time.monotonic()
+    events = sse(client, queued["id"], timeout=30)
+    assert events == [{"event": "canceled", "id": None, "data": {"status": "canceled"}}]
+    assert time.monotonic() - t0 < 10
+    client.delete(f"/v1/generations/{busy['id']}")
