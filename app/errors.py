@@ -90,6 +90,9 @@ async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 
 async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        # FastAPI's answer to a body it cannot decode (not UTF-8): bad input, like bad JSON.
+        return error_response(422, "invalid_request", "the request body is not valid JSON")
     code = _CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
@@ -114,9 +117,13 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
+_ERRORS = {401: "missing or unknown API key", 404: "unknown job or model",
+           413: "request body too large", 422: "invalid request; `field` names the culprit",
+           429: "queue full or rate limit reached; see Retry-After", 503: "Redis unreachable"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody, "description": d} for s, d in {
-        401: "missing or unknown API key", 404: "unknown job or model",
-        422: "invalid request; `field` names the culprit",
-        429: "queue full or rate limit reached; see Retry-After",
-        503: "Redis unreachable"}.items()}
+    s: {"model": ErrorBody, "description": d} for s, d in _ERRORS.items()}
+# For routes whose response class is not JSON (SSE): FastAPI would document their errors
+# with that class's media type, so the JSON content is spelled out.
+JSON_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"description": d, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorBody"}}}} for s, d in _ERRORS.items()}

@@ -14,6 +14,7 @@ from redis.asyncio import Redis as AsyncRedis
 from . import errors
 from .auth import KeyAuth
 from .body_limit import BodyLimitMiddleware
+from .disconnects import ClientGoneMiddleware
 from .jobs import JobStore
 from .metrics import ApiMetrics, MetricsMiddleware
 from .routes import generations, health, models
@@ -61,6 +62,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(ClientGoneMiddleware)  # type: ignore[arg-type]
     app.include_router(generations.router)
     app.include_router(models.router)
     app.include_router(health.router)

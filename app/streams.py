@@ -24,6 +24,7 @@ from .jobs import api_status
 from .schemas import TERMINAL_STATUSES
 
 EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
 BATCH = 64               # entries per XREAD
 END_GRACE_MS = 1000      # a worker writes the terminal event just after the status
 
@@ -35,7 +36,7 @@ def check_event_id(value: str | None, field_name: str) -> str:
     """The id to read after; `0` (everything) when none was given."""
     if value is None or value == "":
         return "0-0"
-    if not EVENT_ID.match(value):
+    if not EVENT_ID.match(value) or any(int(p) > MAX_ID_PART for p in value.split("-")):
         raise ApiError(422, "invalid_request", f"{field_name} must be an event id such as "
                        "1700000000000-0", field=field_name)
     return value

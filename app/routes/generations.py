@@ -19,7 +19,7 @@ from worker.contract import Event, EventType, SpecError, events_key
 
 from .. import limits, media
 from ..deps import Caller, Metrics, Settings, Store
-from ..errors import ERROR_RESPONSES, ApiError, not_found
+from ..errors import ERROR_RESPONSES, JSON_ERROR_RESPONSES, ApiError, not_found
 from ..jobs import JobStore
 from ..schemas import Generation, GenerationRequest
 from ..settings import ApiSettings
@@ -161,7 +161,7 @@ def _last_event_id(last_event_id: Annotated[str | None, Header(
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
-            responses=ERROR_RESPONSES, summary="Server-Sent Events of the generation")
+            responses=JSON_ERROR_RESPONSES, summary="Server-Sent Events of the generation")
 async def stream_events(request: Request, job: JobDep, settings: Settings,
                         after: Annotated[str, Depends(_last_event_id)]
                         ) -> AsyncIterator[ServerSentEvent]:
