@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from redis import Redis
 
 from .auth import KeyAuth, Principal
 from .jobs import JobStore
@@ -32,10 +31,6 @@ def store(request: Request) -> JobStore:
 
 def settings(request: Request) -> ApiSettings:
     return request.app.state.settings
-
-
-def redis(request: Request) -> Redis:
-    return request.app.state.store.redis
 
 
 def metrics(request: Request) -> ApiMetrics:

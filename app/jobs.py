@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -183,6 +184,8 @@ class JobStore:
             job = fetch_job(self.redis, job_id)
         except NoSuchJobError:
             raise not_found("generation") from None
+        except RedisError:
+            raise                # 503, not a 404 that says the job is gone
         except Exception:      # a foreign job whose payload is not ours to decode
             raise not_found("generation") from None
         if job.func_name != JOB_FUNC or not who.owns(job.meta.get("owner")):

@@ -63,11 +63,12 @@ class ApiProcess:
 
 @pytest.fixture
 def start_api(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., ApiProcess]]:
-    """`start_api(env={...})`: another API process (settings through DDPM_* variables)."""
+    """`start_api(env={...})`: another API process (settings through DDPM_* variables),
+    on the test Redis unless `redis=` names another."""
     started: list[ApiProcess] = []
 
-    def start(env: dict[str, str] | None = None) -> ApiProcess:
-        api = ApiProcess(redis_url, tmp_path / f"api{len(started)}.log", env)
+    def start(env: dict[str, str] | None = None, redis: str | None = None) -> ApiProcess:
+        api = ApiProcess(redis or redis_url, tmp_path / f"api{len(started)}.log", env)
         started.append(api)
         return api
 

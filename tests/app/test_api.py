@@ -20,6 +20,7 @@ import redis
 from PIL import Image
 from websockets.sync.client import connect
 
+from ddpm.redis_server import free_port
 from worker.client import cancel
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -500,3 +501,16 @@ def test_stream_ends_on_the_job_status_when_no_event_comes(
     assert events == [{"event": "canceled", "id": None, "data": {"status": "canceled"}}]
     assert time.monotonic() - t0 < 10
     client.delete(f"/v1/generations/{busy['id']}")
+
+
+def test_redis_down_is_503_not_500(start_api: Callable[..., Any]) -> None:
+    api = start_api(redis=f"redis://127.0.0.1:{free_port()}/0")     # nothing listens there
+    with httpx.Client(base_url=api.url, timeout=30) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "unreachable" in r.json()["checks"]["redis"]
+        for method, path in (("GET", "/v1/generations/abc"), ("POST", "/v1/generations"),
+                             ("GET", "/v1/models"), ("GET", "/v1/generations/abc/events")):
+            r = c.request(method, path, json={"model": "tiny"} if method == "POST" else None)
+            assert r.status_code == 503, (path, r.text)
+            assert r.json()["error"]["code"] == "unavailable" and r.headers["retry-after"]
