@@ -12,6 +12,8 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
+from starlette.requests import HTTPConnection
+
 from .errors import ApiError
 
 OPEN = "-"    # owner of jobs created while no keys are configured
@@ -45,6 +47,11 @@ class KeyAuth:
     @property
     def open(self) -> bool:
         return not self.digests
+
+    def caller(self, conn: HTTPConnection) -> Principal:
+        """The caller of an HTTP request or a WebSocket (both are HTTPConnections)."""
+        addr = conn.client.host if conn.client else "unknown"
+        return self.identify(conn.headers.get("authorization"), addr)
 
     def identify(self, authorization: str | None, client_addr: str) -> Principal:
         if self.open:

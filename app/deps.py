@@ -21,8 +21,7 @@ def caller(request: Request,
     """The caller (401 when keys are configured and none valid is given). The HTTPBearer
     dependency only documents the scheme in OpenAPI; the header is checked here."""
     auth: KeyAuth = request.app.state.auth
-    addr = request.client.host if request.client else "unknown"
-    return auth.identify(request.headers.get("authorization"), addr)
+    return auth.caller(request)
 
 
 def store(request: Request) -> JobStore:

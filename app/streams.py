@@ -50,10 +50,6 @@ class StreamEvent:
     data: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
 
-    @property
-    def terminal(self) -> bool:
-        return self.event in TERMINAL_EVENTS
-
     def as_message(self) -> dict[str, Any]:
         return {"id": self.id, "event": self.event, "data": self.data}
 

@@ -181,8 +181,7 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
     state = websocket.app.state
     await websocket.accept()
     try:
-        addr = websocket.client.host if websocket.client else "unknown"
-        who = state.auth.identify(websocket.headers.get("authorization"), addr)
+        who = state.auth.caller(websocket)
         store: JobStore = state.store
         job = await run_in_threadpool(store.get, job_id, who)
         after = check_event_id(last_event_id, "last_event_id")
