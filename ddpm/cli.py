@@ -38,6 +38,69 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="output directory")
     s.add_argument("--grid", action="store_true", help="also write grid.png")
 
+    t = sub.add_parser(
+        "train", help="train a DDPM; the output folder is a servable checkpoint",
+        description="Defaults come from the preset (the paper's for cifar10). Multi-GPU: "
+                    "torchrun --nproc-per-node N -m ddpm train ... (the same flags).")
+    t.add_argument("--data", type=Path,
+                   help="image folder or .tar(.gz), .npz/.npy, CIFAR-10 batches, MNIST IDX")
+    t.add_argument("--preset", help="model preset: cifar10, mnist, tiny, celebahq256, lsun256")
+    t.add_argument("--out", type=Path, required=True, help="run / checkpoint directory")
+    t.add_argument("--steps", type=_bounded_int(1), help="total optimizer steps")
+    t.add_argument("--batch-size", type=_bounded_int(1, 65536), help="global batch size")
+    t.add_argument("--lr", type=float, help="Adam learning rate")
+    t.add_argument("--warmup", type=_bounded_int(0), help="linear warm-up steps")
+    t.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
+    t.add_argument("--ema-decay", type=float, help="EMA decay of the served weights")
+    t.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips")
+    t.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
+                   help="class-conditional on the data's labels (default: if the preset is)")
+    t.add_argument("--label-dropout", type=float,
+                   help="share of labels dropped for classifier-free guidance (default 0.1)")
+    t.add_argument("--image-size", type=_bounded_int(4, 4096), help="override the preset's")
+    t.add_argument("--dropout", type=float, help="override the preset's dropout")
+    t.add_argument("--max-images", type=_bounded_int(1), help="use the first N images only")
+    t.add_argument("--seed", type=_bounded_int(0, 2**62))
+    t.add_argument("--save-every", type=_bounded_int(1), help="checkpoint interval in steps")
+    t.add_argument("--sample-every", type=_bounded_int(1), help="sample-grid interval")
+    t.add_argument("--sample-steps", type=_bounded_int(1, 1000), default=50,
+                   help="DDIM steps of the sample grids")
+    t.add_argument("--log-every", type=_bounded_int(1), default=10)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    t.add_argument("--no-bf16", dest="bf16", action="store_false", help="CUDA: train in fp32")
+    t.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    t.add_argument("--no-progress", dest="progress", action="store_false")
+
+    e = sub.add_parser("eval", help="FID and classifier score of a checkpoint's samples",
+                       description="Scores N samples against a reference data set; --real "
+                                   "scores real held-out images the same way (the ceiling).")
+    e.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint directory")
+    e.add_argument("--reference", type=Path, required=True, help="reference data set")
+    e.add_argument("--reference-split", default="train", choices=["train", "test"])
+    e.add_argument("--real", type=Path, help="also score real images of this data set")
+    e.add_argument("--real-split", default="test", choices=["train", "test"])
+    e.add_argument("--num-samples", type=_bounded_int(2, 100_000), default=2000)
+    e.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddim")
+    e.add_argument("--steps", type=_bounded_int(1), default=50)
+    e.add_argument("--eta", type=float, default=0.0)
+    e.add_argument("--guidance-scale", type=float, default=1.0)
+    e.add_argument("--fid-network", type=Path, help="InceptionV3 TorchScript file (FID)")
+    e.add_argument("--classifier", type=Path, help="ddpm train-classifier file (digit score)")
+    e.add_argument("--batch-size", type=_bounded_int(1, 4096), default=250)
+    e.add_argument("--seed", type=_bounded_int(0, 2**63 - 1), default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+
+    k = sub.add_parser("train-classifier", help="train the small CNN that ddpm eval scores with")
+    k.add_argument("--data", type=Path, required=True, help="labelled data set")
+    k.add_argument("--out", type=Path, required=True, help="safetensors file to write")
+    k.add_argument("--image-size", type=_bounded_int(8, 256), default=28)
+    k.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    k.add_argument("--epochs", type=_bounded_int(1, 100), default=2)
+    k.add_argument("--seed", type=_bounded_int(0, 2**62), default=0)
+
     c = sub.add_parser("convert", help="convert a diffusers DDPM checkpoint to the native format")
     c.add_argument("src", type=Path, help="diffusers UNet2DModel folder or pipeline root")
     c.add_argument("dst", type=Path, help="native checkpoint directory to write")
@@ -106,6 +169,55 @@ def _sample(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, grid=args.grid,
     ))
     print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from training.trainer import TrainOptions, train
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    fields = ("data", "out", "preset", "steps", "batch_size", "lr", "warmup", "grad_clip",
+              "ema_decay", "hflip", "conditional", "label_dropout", "image_size", "dropout",
+              "max_images", "seed", "save_every", "sample_every", "sample_steps", "log_every",
+              "device", "bf16", "compile", "resume", "progress")
+    out = train(TrainOptions(**{k: getattr(args, k) for k in fields}))
+    print(f"checkpoint: {out}  (serve it: ddpm serve --models-dir {out})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluate import EvalOptions, evaluate, format_rows
+
+    if not 0.0 <= args.eta <= 1.0:
+        raise ValueError("--eta must be in [0, 1]")
+    fields = ("checkpoint", "reference", "reference_split", "real", "real_split", "num_samples",
+              "sampler", "steps", "eta", "guidance_scale", "fid_network", "classifier",
+              "batch_size", "seed", "device")
+    rows = evaluate(EvalOptions(**{k: getattr(args, k) for k in fields}))
+    print(format_rows(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from training.classifier import predict, save_classifier, train_classifier
+    from training.data import load_images
+
+    data = load_images(args.data, size=args.image_size, channels=args.channels)
+    net = train_classifier(data, epochs=args.epochs, seed=args.seed)
+    save_classifier(net, args.out)
+    try:
+        test = load_images(args.data, size=args.image_size, channels=args.channels,
+                           split="test")
+    except ValueError:
+        test = None
+    if test is not None and test.labels is not None and test.source != data.source:
+        acc = (predict(net, test.images).argmax(1) == test.labels).float().mean()
+        print(f"held-out accuracy: {float(acc):.4f} on {len(test)} images ({test.source})")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -191,5 +303,6 @@ def _api_key(_: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"sample": _sample, "convert": _convert, "info": _info, "worker": _worker,
+_COMMANDS = {"train": _train, "eval": _eval, "train-classifier": _train_classifier,
+             "sample": _sample, "convert": _convert, "info": _info, "worker": _worker,
              "api": _api, "serve": _serve, "api-key": _api_key}

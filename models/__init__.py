@@ -7,6 +7,7 @@ from .batch import SlotBatch, SlotSpec, StepOutput, sample, sample_progressive
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     read_config,
     resolve_device,
@@ -35,6 +36,7 @@ __all__ = [
     "StepOutput",
     "UNet",
     "UNetConfig",
+    "atomic_write",
     "cosine_betas",
     "count_parameters",
     "counter_normal",

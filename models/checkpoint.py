@@ -52,9 +52,9 @@ def save_checkpoint(path: str | os.PathLike[str], net: UNet, config: ModelConfig
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     meta = {"format": FORMAT}
-    _atomic_write(path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata=meta))
+    atomic_write(path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata=meta))
     doc = {"format": FORMAT, **config.to_dict()}
-    _atomic_write(path / CONFIG_FILE,
+    atomic_write(path / CONFIG_FILE,
                   lambda f: Path(f).write_text(json.dumps(doc, indent=2) + "\n"))
     return path
 
@@ -129,7 +129,7 @@ def _load_into(net: UNet, state: dict[str, Tensor], file: Path) -> None:
     net.load_state_dict(state)
 
 
-def _atomic_write(dest: Path, write: Callable[[str], object]) -> None:
+def atomic_write(dest: Path, write: Callable[[str], object]) -> None:
     """Write via `write(tmp_path)` then rename, so readers never see a partial file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     os.close(fd)

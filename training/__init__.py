@@ -1,1 +1,6 @@
-"""Training: data sets, loop, EMA, checkpoints the workers serve; built in a later issue."""
+"""Training: the package that produces the checkpoints the workers serve (DESIGN.md §4).
+
+`ddpm train` reads a data set (`data`), runs the loop (`trainer`) with EMA, warm-up,
+clipping, bf16 and DDP, and writes a servable checkpoint directory plus the state that
+`--resume` continues from exactly. `ddpm eval` scores a checkpoint (`evaluate`).
+"""
