@@ -21,6 +21,8 @@ import logging
 import pickle
 import struct
 import tarfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,9 +129,15 @@ def _read(path: Path, split: str) -> _Raw:
 
 def _read_numpy(path: Path) -> _Raw:
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+        return _read_numpy_arrays(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{path}: not a readable NumPy file ({e})") from None
+
+
+def _read_numpy_arrays(path: Path) -> _Raw:
+    loaded = np.load(path, allow_pickle=False)
     labels = None
     if isinstance(loaded, np.ndarray):
         images = loaded
@@ -160,7 +168,8 @@ def _find_idx(folder: Path, split: str) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     found = sorted(folder.glob("*idx3-ubyte*"))
-    return found[0] if found else None
+    marked = [f for f in found if ("train" in f.name) == (split == "train")]
+    return (marked or found or [None])[0]
 
 
 def _read_idx_file(path: Path, magic: int) -> np.ndarray:
@@ -168,11 +177,13 @@ def _read_idx_file(path: Path, magic: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: unreadable ({e})") from None
     if len(data) < 8 or struct.unpack(">I", data[:4])[0] != magic:
         raise DataError(f"{path}: not an IDX file with magic {magic}")
     ndim = magic & 0xFF
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -187,8 +198,7 @@ def _read_idx(path: Path) -> _Raw:
     labels = _read_idx_file(label_file, 2049) if label_file.is_file() else None
     if labels is None:
         log.warning("%s: no labels file %s; training unconditionally", path, label_name)
-    names = tuple(str(i) for i in range(10)) if labels is not None else ()
-    return _Raw(images, labels, names, f"MNIST IDX {path.name}")
+    return _Raw(images, labels, (), f"MNIST IDX {path.name}")  # names: 0..max label
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -198,6 +208,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str) -> object:
@@ -251,7 +262,8 @@ def _decode(data: bytes | Path) -> Image.Image | None:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             im.load()
             return im.copy()
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+            Image.DecompressionBombError):  # Pillow raises SyntaxError for broken PNG chunks
         return None
 
 
@@ -365,6 +377,9 @@ def _channels(x: Tensor, channels: int) -> Tensor:
 
 
 def _fit_one(im: Image.Image, size: int, channels: int) -> np.ndarray:
+    if im.mode.startswith("I"):  # 16-bit grey: scale to 8 bits (convert() would saturate)
+        wide = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8))
     im = im.convert("L" if channels == 1 else "RGB")
     w, h = im.size
     if w > size or h > size:

@@ -297,7 +297,9 @@ def test_16_bit_png_is_scaled_not_saturated(tmp_path: Path) -> None:
     Image.fromarray(wide).save(tmp_path / "img" / "x.png")
     data = load_images(tmp_path / "img", size=8, channels=1)
     out = data.images[0, 0].int()
-    assert (out - torch.from_numpy(wide.astype(np.int64) // 257)).abs().max() <= 1, out
+    want = torch.from_numpy(wide.astype(np.int64) // 257)
+    worst = int((out - want).abs().max())
+    assert worst <= 1, f"off by up to {worst}; first row {out[0].tolist()}"
 
 
 # -- tar archives -------------------------------------------------------------------------
@@ -570,7 +572,7 @@ def test_idx_images_with_sibling_labels(tmp_path: Path, suffix: str) -> None:
         data = load_images(target, size=6, channels=1)
         assert torch.equal(data.images[:, 0], torch.from_numpy(images))
         assert data.labels is not None and data.labels.tolist() == [7, 0, 3]
-        assert data.class_names == tuple(str(i) for i in range(10))
+        assert data.class_names == tuple(str(i) for i in range(8))  # 0..max label
         assert "MNIST IDX" in data.source
 
 
