@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
@@ -17,7 +18,7 @@ from .body_limit import BodyLimitMiddleware
 from .disconnects import ClientGoneMiddleware
 from .jobs import JobStore
 from .metrics import ApiMetrics, MetricsMiddleware
-from .routes import generations, health, models
+from .routes import generations, health, models, page
 from .settings import ApiSettings
 
 log = logging.getLogger("ddpm.api")
@@ -66,4 +67,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(generations.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     return app
