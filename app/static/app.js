@@ -17,7 +17,9 @@ const state = {
   drawTimer: null,
   lastDraw: 0,
   objectUrls: [],
+  stats: { frames: 0, draws: 0 },  // read by the browser test: frames in, redraw passes
 };
+window.ddpmStats = state.stats;
 
 // -- HTTP -----------------------------------------------------------------------------
 
@@ -317,6 +319,7 @@ function onEvent(event, data) {
 // -- drawing: the latest frame per image, at most every DRAW_INTERVAL_MS -------------
 
 function queueFrame(index, frame) {
+  state.stats.frames++;
   const prev = state.pending.get(index);
   if (prev && prev.final && !frame.final) return;
   state.pending.set(index, frame);
@@ -327,6 +330,7 @@ function queueFrame(index, frame) {
 }
 
 async function drawPending() {
+  state.stats.draws++;
   const batch = [...state.pending.entries()];
   state.pending.clear();
   const canvases = $("frames").children;

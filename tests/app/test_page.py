@@ -130,6 +130,34 @@ def test_generate_watch_and_download(page: Any, spawn_worker: Callable[..., Any]
     assert _pixels(page) == final
 
 
+def test_many_images_and_frames_are_drawn_throttled(page: Any,
+                                                    spawn_worker: Callable[..., Any],
+                                                    start_api: Callable[..., Any]) -> None:
+    """64 images with a frame at every one of 100 steps: thousands of frames arrive, the
+    page redraws at most ten times a second and keeps only the latest frame per image."""
+    spawn_worker("--max-batch", "64")
+    api = start_api()
+    _wait_ready(api.url)
+    page.goto(api.url + "/")
+    page.wait_for_selector("#model option", state="attached")
+    page.select_option("#model", "tiny")
+    _fill(page, steps="100", num_images="64", snapshot_every="1")
+    heap_before = page.evaluate("() => performance.memory.usedJSHeapSize")
+    started = time.monotonic()
+    page.click("#generate")
+    page.wait_for_selector("#status[data-status=succeeded]", timeout=180_000)
+    page.wait_for_function("() => [...document.querySelectorAll('#frames canvas')]"
+                           ".every(c => c.dataset.final === '1')", timeout=30_000)
+    seconds = time.monotonic() - started
+    stats = page.evaluate("() => window.ddpmStats")
+    assert stats["frames"] >= 64 * 50, stats          # most frames reached the page
+    assert stats["draws"] <= seconds * 10 + 5, (stats, seconds)
+    assert page.evaluate("() => document.querySelectorAll('#frames canvas').length") == 64
+    page.evaluate("() => new Promise(r => setTimeout(r, 300))")
+    heap_after = page.evaluate("() => performance.memory.usedJSHeapSize")
+    assert heap_after - heap_before < 30 * 2**20, (heap_before, heap_after)
+
+
 def test_cancel_a_running_job(page: Any, spawn_worker: Callable[..., Any],
                               start_api: Callable[..., Any], models_dir: Path) -> None:
     spawn_worker()
