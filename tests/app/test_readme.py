@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from training.classifier import load_classifier, predict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,12 +30,10 @@ def readme_curl_block() -> str:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_readme_curl_sequence(models_dir: Path, tmp_path: Path,
-                              start_api: Callable[..., Any],
+def test_readme_curl_sequence(tmp_path: Path, start_api: Callable[..., Any],
                               spawn_worker: Callable[..., Any]) -> None:
-    served = tmp_path / "models"
-    shutil.copytree(models_dir / "tiny", served / "mnist")   # the default model's name
-    spawn_worker(models=served)
+    spawn_worker(models=ROOT / "checkpoints")   # the shipped default model, as make run
+
     api = start_api()
     with httpx.Client(base_url=api.url) as c:
         for _ in range(600):
@@ -46,5 +48,9 @@ def test_readme_curl_sequence(models_dir: Path, tmp_path: Path,
     assert "event: started" in out.stdout and "event: done" in out.stdout
     assert out.stdout.count("event: snapshot") == 4 * 4        # 25 steps, every 5, 4 images
     assert Image.open(tmp_path / "image0.png").format == "PNG"
+    # The default model drew the seven the request asked for.
+    digit = torch.from_numpy(np.asarray(Image.open(tmp_path / "image0.png")).copy())
+    classifier = load_classifier(ROOT / "checkpoints" / "mnist" / "digit-classifier.safetensors")
+    assert predict(classifier, digit[None, None]).argmax(1).item() == 7
     assert Image.open(tmp_path / "grid.png").size[0] > 64
     assert Image.open(tmp_path / "denoise.gif").n_frames == 5
