@@ -22,6 +22,7 @@ from torch import Tensor
 from models import (
     SlotSpec,
     load_checkpoint,
+    read_config,
     resolve_device,
     sample,
     sampler_kind,
@@ -144,12 +145,10 @@ def evaluate(opts: EvalOptions) -> list[dict[str, Any]]:
         raise ValueError("--num-samples must be >= 2")
     device = resolve_device(opts.device)
     classifier = load_classifier(opts.classifier) if opts.classifier else None
-    if classifier is not None and opts.checkpoint is not None:
-        from models import read_config
-
-        if read_config(opts.checkpoint).unet.in_channels != classifier.channels:
-            raise ValueError(f"{opts.classifier}: a {classifier.channels}-channel classifier "
-                             "does not fit this model's images")
+    if (classifier is not None and opts.checkpoint is not None
+            and read_config(opts.checkpoint).unet.in_channels != classifier.channels):
+        raise ValueError(f"{opts.classifier}: a {classifier.channels}-channel classifier "
+                         "does not fit this model's images")
     fid_net = load_feature_network(opts.fid_network, device) if opts.fid_network else None
 
     size, channels = _geometry(opts, classifier)
@@ -185,8 +184,6 @@ def evaluate(opts: EvalOptions) -> list[dict[str, Any]]:
 def _geometry(opts: EvalOptions, classifier: Any) -> tuple[int, int]:
     """Image size and channels to read the reference at: the model's, else the classifier's."""
     if opts.checkpoint is not None:
-        from models import read_config
-
         u = read_config(opts.checkpoint).unet
         return u.image_size, u.in_channels
     if classifier is not None:

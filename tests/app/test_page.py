@@ -62,6 +62,13 @@ def _wait_ready(url: str, headers: dict[str, str] | None = None) -> None:
     pytest.fail("no worker became ready")
 
 
+def _open_with_model(page: Any, url: str, model: str) -> None:
+    _wait_ready(url)
+    page.goto(url + "/")
+    page.wait_for_selector("#model option", state="attached")
+    page.select_option("#model", model)
+
+
 def _steps(page: Any) -> list[int]:
     return page.eval_on_selector_all("#frames canvas", "cs => cs.map(c => +c.dataset.step)")
 
@@ -137,10 +144,7 @@ def test_many_images_and_frames_are_drawn_throttled(page: Any,
     page redraws at most ten times a second and keeps only the latest frame per image."""
     spawn_worker("--max-batch", "64")
     api = start_api()
-    _wait_ready(api.url)
-    page.goto(api.url + "/")
-    page.wait_for_selector("#model option", state="attached")
-    page.select_option("#model", "tiny")
+    _open_with_model(page, api.url, "tiny")
     _fill(page, steps="100", num_images="64", snapshot_every="1")
     heap_before = page.evaluate("() => performance.memory.usedJSHeapSize")
     started = time.monotonic()
@@ -162,10 +166,7 @@ def test_cancel_a_running_job(page: Any, spawn_worker: Callable[..., Any],
                               start_api: Callable[..., Any], models_dir: Path) -> None:
     spawn_worker()
     api = start_api()
-    _wait_ready(api.url)
-    page.goto(api.url + "/")
-    page.wait_for_selector("#model option", state="attached")
-    page.select_option("#model", "tiny")
+    _open_with_model(page, api.url, "tiny")
     _fill(page, steps="1000", num_images="8", snapshot_every="10")
     page.click("#generate")
     page.wait_for_selector("#status[data-status=running]", timeout=60_000)
@@ -183,10 +184,7 @@ def test_bad_request_shows_the_field(page: Any, spawn_worker: Callable[..., Any]
                                      start_api: Callable[..., Any]) -> None:
     spawn_worker()
     api = start_api()
-    _wait_ready(api.url)
-    page.goto(api.url + "/")
-    page.wait_for_selector("#model option", state="attached")
-    page.select_option("#model", "tiny")
+    _open_with_model(page, api.url, "tiny")
     # Past the form's own check, so that the API answers.
     page.eval_on_selector("#steps", "e => { e.max = 5000; e.value = 5000; }")
     page.click("#generate")
