@@ -24,6 +24,6 @@ PAGE_HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)

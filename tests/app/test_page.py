@@ -91,6 +91,7 @@ def test_generate_watch_and_download(page: Any, spawn_worker: Callable[..., Any]
     response = page.goto(api.url + "/")
     assert response.status == 200
     assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert httpx.head(api.url + "/").status_code == 200
     page.wait_for_selector("#model option", state="attached")
     names = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
     model = "mnist" if "mnist" in names else "tinycond"
