@@ -15,7 +15,7 @@ from .checkpoint import (
 )
 from .config import PRESETS, ConfigError, DiffusionConfig, ModelConfig, UNetConfig, preset
 from .diffusion import predict_x0, q_sample, training_loss
-from .images import make_grid, to_uint8
+from .images import from_uint8, make_grid, to_uint8
 from .samplers import SAMPLER_NAMES, SamplerKind, sampler_kind
 from .schedule import Schedule, cosine_betas, linear_betas, spaced_timesteps
 from .seeding import counter_normal, image_noise, image_seed
@@ -40,6 +40,7 @@ __all__ = [
     "cosine_betas",
     "count_parameters",
     "counter_normal",
+    "from_uint8",
     "image_noise",
     "image_seed",
     "linear_betas",

@@ -14,6 +14,12 @@ def to_uint8(x: Tensor) -> Tensor:
         .permute(0, 2, 3, 1).cpu()
 
 
+def from_uint8(images: Tensor) -> Tensor:
+    """uint8 pixels (any layout) → float in model space [-1, 1]; the inverse of `to_uint8`'s
+    scaling."""
+    return images.float() / 127.5 - 1.0
+
+
 def make_grid(images: Tensor, ncol: int | None = None, pad: int = 2) -> Tensor:
     """Tile `[N x H x W x C]` uint8 images into one `[H' x W' x C]` image, `ncol` per row."""
     n, h, w, c = images.shape

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from models import atomic_write
+from models import atomic_write, from_uint8
 
 from .data import ImageData
 
@@ -43,10 +43,6 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _float(images: Tensor) -> Tensor:
-    return images.float() / 127.5 - 1.0
-
-
 def train_classifier(data: ImageData, *, epochs: int = 2, batch_size: int = 128,
                      lr: float = 2e-3, seed: int = 0) -> Classifier:
     """Adam with a cosine decay and small random shifts, on all of `data`."""
@@ -63,7 +59,7 @@ def train_classifier(data: ImageData, *, epochs: int = 2, batch_size: int = 128,
         perm = torch.randperm(len(data))
         for i in range(0, len(data), batch_size):
             idx = perm[i:i + batch_size]
-            x = _float(data.images[idx])
+            x = from_uint8(data.images[idx])
             dx, dy = torch.randint(-2, 3, (2,)).tolist()
             x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
             loss = F.cross_entropy(net(x), data.labels[idx])
@@ -77,7 +73,7 @@ def train_classifier(data: ImageData, *, epochs: int = 2, batch_size: int = 128,
 @torch.inference_mode()
 def predict(net: Classifier, images: Tensor, batch_size: int = 500) -> Tensor:
     """Class probabilities `[N x K]` for uint8 images `[N x C x H x W]`."""
-    out = [F.softmax(net(_float(images[i:i + batch_size])), dim=1)
+    out = [F.softmax(net(from_uint8(images[i:i + batch_size])), dim=1)
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from models import (
     SlotSpec,
+    from_uint8,
     load_checkpoint,
     read_config,
     resolve_device,
@@ -65,7 +66,7 @@ def features(net: torch.jit.ScriptModule, images: Tensor, device: torch.device,
     """Pool features `[N x D]` (float64) of uint8 images `[N x C x H x W]`, any size."""
     out = []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float() / 127.5 - 1.0
+        x = from_uint8(images[i:i + batch_size].to(device))
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)

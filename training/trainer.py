@@ -47,6 +47,7 @@ from models import (
     SlotSpec,
     UNet,
     atomic_write,
+    from_uint8,
     make_grid,
     preset,
     sample,
@@ -122,11 +123,6 @@ class Hyper:
     dropout: float
     max_images: int | None
     seed: int
-
-
-# Fields that may differ on --resume: they do not change what step k computes.
-_FREE_ON_RESUME = {"steps", "save_every", "sample_every", "sample_steps", "log_every", "device",
-                   "bf16", "compile", "resume", "progress", "out"}
 
 
 def _resolve(opts: TrainOptions) -> Hyper:
@@ -312,8 +308,7 @@ class Run:
             self.opts = dataclasses.replace(self.opts, preset=self.hyper.preset)
         asked = _resolve(self.opts)
         for f in dataclasses.fields(Hyper):
-            if f.name in given and f.name not in _FREE_ON_RESUME \
-                    and getattr(asked, f.name) != getattr(self.hyper, f.name):
+            if f.name in given and getattr(asked, f.name) != getattr(self.hyper, f.name):
                 raise TrainError(f"--resume keeps the run's {f.name} "
                                  f"({getattr(self.hyper, f.name)!r}); "
                                  f"{getattr(asked, f.name)!r} was given")
@@ -364,7 +359,7 @@ class Run:
         drop = torch.rand(n, generator=g) < h.label_dropout
         local = slice(d.rank * n // d.world, (d.rank + 1) * n // d.world)
         dev = d.device
-        x = self.data.images[idx[local]].to(dev).float() / 127.5 - 1.0
+        x = from_uint8(self.data.images[idx[local]].to(dev))
         if h.hflip:
             x = torch.where(flip[local].to(dev).view(-1, 1, 1, 1), x.flip(3), x)
         y = None
