@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,6 +12,7 @@ from .auth import KeyAuth, Principal
 from .jobs import JobStore
 from .metrics import ApiMetrics
 from .settings import ApiSettings
+from .stream_slots import StreamSlots
 
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the service has keys")
 
@@ -36,7 +38,15 @@ def metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
+def stream_slot(request: Request, who: Annotated[Principal, Depends(caller)]) -> Iterator[None]:
+    """Holds one of the caller's stream slots until the response has been sent."""
+    slots: StreamSlots = request.app.state.streams
+    with slots.hold(who.client):
+        yield
+
+
 Caller = Annotated[Principal, Depends(caller)]
 Store = Annotated[JobStore, Depends(store)]
 Settings = Annotated[ApiSettings, Depends(settings)]
 Metrics = Annotated[ApiMetrics, Depends(metrics)]
+StreamSlot = Annotated[None, Depends(stream_slot)]

@@ -20,6 +20,7 @@ from .jobs import JobStore
 from .metrics import ApiMetrics, MetricsMiddleware
 from .routes import generations, health, models, page
 from .settings import ApiSettings
+from .stream_slots import StreamSlots
 
 log = logging.getLogger("ddpm.api")
 
@@ -40,8 +41,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = Redis.from_url(settings.redis_url, health_check_interval=30,
                                socket_connect_timeout=5)
+        # Every open stream blocks in XREAD on a connection of its own: the pool must hold
+        # them all (redis-py's default of 100 failed the 101st stream with a traceback).
         aredis = AsyncRedis.from_url(settings.redis_url, health_check_interval=30,
-                                     socket_connect_timeout=5)
+                                     socket_connect_timeout=5,
+                                     max_connections=settings.max_streams + 64)
         store = JobStore(redis, settings)
         app.state.store, app.state.aredis = store, aredis
         metrics.watch(store)
@@ -60,6 +64,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                   lifespan=lifespan,
                   responses={413: {"model": errors.ErrorBody, "description": "body too large"}})
     app.state.settings, app.state.auth, app.state.metrics = settings, auth, metrics
+    app.state.streams = StreamSlots(settings.max_streams, settings.max_streams_per_caller,
+                                    settings.retry_after)
+    metrics.streams.set_function(lambda: app.state.streams.open)
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]

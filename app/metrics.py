@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
@@ -39,6 +39,8 @@ class ApiMetrics:
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.generations = Counter("ddpm_api_generations_created",
                                    "Generations accepted, by model", ["model"], registry=r)
+        self.streams = Gauge("ddpm_api_open_streams", "SSE and WebSocket streams open now "
+                             "(this process)", registry=r)
 
     def watch(self, store: JobStore) -> None:
         self.registry.register(RedisCollector(store))

@@ -40,13 +40,19 @@ class ApiSettings(BaseSettings):
     # and its subdomains). Empty: webhooks are refused.
     webhook_allow_hosts: Annotated[list[str], NoDecode] = []
     # Jobs.
-    result_ttl: Annotated[int, Field(ge=60)] = 24 * 3600
+    result_ttl: Annotated[int, Field(ge=1)] = 24 * 3600
     job_timeout: Annotated[int, Field(ge=10)] = 3600
     job_retries: Annotated[int, Field(ge=0, le=10)] = 3
-    idempotency_ttl: Annotated[int, Field(ge=60)] = 24 * 3600
+    idempotency_ttl: Annotated[int, Field(ge=1)] = 24 * 3600
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
     # Streams: an XREAD blocks this long before the job's status is looked at again.
     stream_poll_ms: Annotated[int, Field(ge=50, le=30000)] = 2000
+    # Open SSE + WebSocket streams: past `max_streams` per process a new one is 503, past
+    # `max_streams_per_caller` (per key, or per client address when open) it is 429. Each
+    # open stream may hold a Redis connection: keep max_streams × API processes well under
+    # Redis' maxclients (10000 by default).
+    max_streams: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    max_streams_per_caller: Annotated[int, Field(ge=1, le=100_000)] = 64
     log_level: str = "INFO"
 
     @field_validator("api_keys", "webhook_allow_hosts", mode="before")

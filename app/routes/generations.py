@@ -18,12 +18,13 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from worker.contract import Event, EventType, SpecError, events_key
 
 from .. import limits, media
-from ..deps import Caller, Metrics, Settings, Store
+from ..deps import Caller, Metrics, Settings, Store, StreamSlot
 from ..errors import ERROR_RESPONSES, JSON_ERROR_RESPONSES, ApiError, not_found
 from ..jobs import JobStore
 from ..schemas import Generation, GenerationRequest
 from ..settings import ApiSettings
-from ..streams import check_event_id, follow
+from ..stream_slots import StreamSlots
+from ..streams import StreamEvent, check_event_id, follow
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -163,11 +164,12 @@ def _last_event_id(last_event_id: Annotated[str | None, Header(
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses=JSON_ERROR_RESPONSES, summary="Server-Sent Events of the generation")
 async def stream_events(request: Request, job: JobDep, settings: Settings,
-                        after: Annotated[str, Depends(_last_event_id)]
+                        after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot
                         ) -> AsyncIterator[ServerSentEvent]:
     """`started`, `progress`, `snapshot` (PNG as base64), `image`, then one of `done`,
     `error` or `canceled`, which closes the stream. Ids are the job's Redis Stream ids: a
-    reconnect with `Last-Event-ID` resumes exactly after the last one seen."""
+    reconnect with `Last-Event-ID` resumes exactly after the last one seen. Past the open
+    stream limits: `503` (this server) or `429` (this caller), with `Retry-After`."""
     async for ev in follow(request.app.state.aredis, job.id, after,
                            poll_ms=settings.stream_poll_ms):
         yield ServerSentEvent(event=ev.event, data=ev.data, id=ev.id)
@@ -176,22 +178,34 @@ async def stream_events(request: Request, job: JobDep, settings: Settings,
 @router.websocket("/{job_id}/ws")
 async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None = None) -> None:
     """The same events as JSON messages `{"id", "event", "data"}`; `?last_event_id=` resumes.
-    Closes with 1000 after the terminal event; 4401/4404/4422 for auth, unknown job, bad id.
+    Closes with 1000 after the terminal event; 4401/4404/4422 for auth, unknown job, bad id;
+    4503/4429 past the open stream limits of the server/the caller.
     """
     state = websocket.app.state
+    slots: StreamSlots = state.streams
     await websocket.accept()
     try:
         who = state.auth.caller(websocket)
         store: JobStore = state.store
         job = await run_in_threadpool(store.get, job_id, who)
         after = check_event_id(last_event_id, "last_event_id")
+        slots.acquire(who.client)
     except ApiError as e:
         await websocket.close(code=4000 + e.status, reason=e.message[:120])
         return
+    try:
+        await _pump_ws(websocket, follow(state.aredis, job.id, after,
+                                         poll_ms=state.settings.stream_poll_ms))
+    finally:
+        slots.release(who.client)
+
+
+async def _pump_ws(websocket: WebSocket, events: AsyncIterator[StreamEvent]) -> None:
+    """Send `events` until they end or the client leaves, then close (1000, or 1011 if the
+    stream failed)."""
 
     async def pump() -> None:
-        async for ev in follow(state.aredis, job.id, after,
-                               poll_ms=state.settings.stream_poll_ms):
+        async for ev in events:
             await websocket.send_text(json.dumps(ev.as_message(), separators=(",", ":")))
 
     async def drain() -> None:      # notices the client leaving; its messages are ignored
