@@ -64,7 +64,7 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str | None:
         where, parts = parts[0], parts[1:]
         if where == "header" and parts:
             return "-".join(w.capitalize() for w in parts[0].replace("_", "-").split("-"))
-    return ".".join(parts) or None
+    return ".".join(parts) if parts else None     # `""` names a key that is empty
 
 
 def _validation_message(err: dict[str, Any]) -> str:

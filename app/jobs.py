@@ -252,6 +252,8 @@ class JobStore:
             job.cancel()
         except InvalidJobOperation as e:
             raise ApiError(409, "conflict", str(e)) from None
+        # RQ gives a canceled job's hash no TTL: it would stay forever.
+        self.redis.expire(job.key, self.settings.result_ttl)
         if status == "queued":
             # No worker has it, so none will announce the cancellation: do it here (a
             # worker that took it at this instant announces too; readers stop at the first).

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from . import errors
+from . import errors, redact
 from .auth import KeyAuth
 from .body_limit import BodyLimitMiddleware
 from .disconnects import ClientGoneMiddleware
@@ -68,6 +68,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                     settings.retry_after)
     metrics.streams.set_function(lambda: app.state.streams.open)
     errors.install(app)
+    redact.install()            # no Authorization header in DEBUG logs of /ws
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     app.add_middleware(ClientGoneMiddleware)  # type: ignore[arg-type]

@@ -22,7 +22,9 @@ def _split(value: object) -> object:
 class ApiSettings(BaseSettings):
     """Everything the API process is configured by; CLI flags override the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+    # Errors never echo a value: api_keys or a redis_url with a password would reach the log.
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore",
+                                      hide_input_in_errors=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from models import load_checkpoint
-from models.checkpoint import CONFIG_FILE
+from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 from .contract import MODEL_NAME_PATTERN
 from .engine import LoadedModel
@@ -21,20 +21,37 @@ log = logging.getLogger(__name__)
 
 def discover(models_dir: Path) -> dict[str, Path]:
     """Name → checkpoint directory: `models_dir` itself if it is a checkpoint, else each
-    sub-directory holding a `config.json` (named after the directory).
+    sub-directory holding a `config.json` (named after the directory). Symlinks inside the
+    directory are followed only while they stay inside it.
     """
     if not models_dir.is_dir():
         raise FileNotFoundError(f"models directory {models_dir} does not exist")
     if (models_dir / CONFIG_FILE).is_file():
         return {models_dir.resolve().name: models_dir}
+    root = models_dir.resolve()
     found = {}
     for sub in sorted(models_dir.iterdir()):
         if (sub / CONFIG_FILE).is_file():
-            if not re.match(MODEL_NAME_PATTERN, sub.name):
+            if not re.fullmatch(MODEL_NAME_PATTERN, sub.name):
                 log.warning("skipping %s: %r is not a valid model name", sub, sub.name)
+                continue
+            if _escapes(sub, root):
+                log.warning("skipping %s: a symlink leads out of the models directory %s "
+                            "(or nowhere)", sub, root)
                 continue
             found[sub.name] = sub
     return found
+
+
+def _escapes(checkpoint: Path, root: Path) -> bool:
+    """Whether the checkpoint directory, or a file the loader reads in it, resolves outside
+    `root` (or not at all: a symlink loop): the models directory is the whole of what a
+    worker may load from."""
+    try:
+        return any(not p.resolve().is_relative_to(root)
+                   for p in (checkpoint, checkpoint / CONFIG_FILE, checkpoint / WEIGHTS_FILE))
+    except (OSError, RuntimeError):        # RuntimeError: a symlink loop (Python < 3.13)
+        return True
 
 
 @dataclass

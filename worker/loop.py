@@ -30,12 +30,14 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from redis import Redis
-from redis.exceptions import RedisError
-from rq.exceptions import DequeueTimeout
+from redis.exceptions import RedisError, WatchError
+from rq import worker_registration
+from rq.exceptions import DequeueTimeout, DeserializationError
 from rq.executions import Execution
-from rq.job import Job, JobStatus
+from rq.job import Job, JobStatus, validate_job_id
 from rq.queue import Queue
-from rq.utils import now
+from rq.registry import clean_registries
+from rq.utils import now, utcformat
 from rq.worker.base import BaseWorker, WorkerStatus
 
 from .catalog import Catalog
@@ -84,8 +86,10 @@ def parse_spec(job: Job) -> GenerationSpec:
     """The job's request spec, or JobError saying what is wrong with the payload."""
     try:
         func, args, kwargs = job.func_name, job.args, job.kwargs
-    except Exception as e:   # undecodable payload
-        raise JobError(f"job payload cannot be decoded: {e}") from None
+    except Exception as e:   # undecodable payload (RQ's DeserializationError says nothing)
+        cause = e.__cause__ or e
+        raise JobError(f"job payload cannot be decoded: {type(cause).__name__}: {cause}") \
+            from None
     if func != JOB_FUNC or args:
         raise JobError(f"not a generation job: expected {JOB_FUNC}(**spec), got {func}")
     try:
@@ -124,6 +128,7 @@ class BatchWorker(BaseWorker):
         self._beat_stop = threading.Event()
         self._drain_deadline: float | None = None
         self._last_control = 0.0
+        self._unstarted: list[tuple[Job, Queue]] = []   # dequeued as Redis went away
         for name, m in catalog.loaded.items():
             self.metrics.model_load.labels(name).set(m.load_seconds)
 
@@ -171,28 +176,33 @@ class BatchWorker(BaseWorker):
         worked = False
         try:
             while True:
-                if self.should_run_maintenance_tasks:
-                    self.run_maintenance_tasks()
-                self._control()
-                if not self._stop_requested:
-                    busy = bool(self.engine.jobs) or bool(self.live)
-                    if self._admit(block=not busy and not burst):
-                        worked = True
-                if self.engine.jobs:
-                    self._emit(self.engine.step())
-                self._retire()
-                if not self.live:
-                    if self._stop_requested:
+                try:
+                    self._put_back_unstarted()
+                    if self.should_run_maintenance_tasks:
+                        self.run_maintenance_tasks()
+                    self._control()
+                    if not self._stop_requested:
+                        busy = bool(self.engine.jobs) or bool(self.live)
+                        if self._admit(block=not busy and not burst):
+                            worked = True
+                    if self.engine.jobs:
+                        self._emit(self.engine.step())
+                    self._retire()
+                    if not self.live:
+                        if self._stop_requested:
+                            break
+                        if burst and not self._queues_have_jobs():
+                            break
+                        self.set_state(WorkerStatus.IDLE)
+                    elif self._stop_requested and self._drain_deadline is not None \
+                            and time.monotonic() >= self._drain_deadline:
+                        self._requeue_all()
                         break
-                    if burst and not self._queues_have_jobs():
+                    elif not self.engine.jobs:
+                        time.sleep(0.005)    # only writes outstanding: let the writer thread run
+                except RedisError as e:
+                    if not self._wait_for_redis(e):
                         break
-                    self.set_state(WorkerStatus.IDLE)
-                elif self._stop_requested and self._drain_deadline is not None \
-                        and time.monotonic() >= self._drain_deadline:
-                    self._requeue_all()
-                    break
-                elif not self.engine.jobs:
-                    time.sleep(0.005)    # only writes outstanding: let the writer thread run
         finally:
             self._beat_stop.set()
             beats.join(timeout=5)
@@ -204,6 +214,86 @@ class BatchWorker(BaseWorker):
 
     def _queues_have_jobs(self) -> bool:
         return any(q.count for q in self.queues)
+
+    def clean_registries(self) -> None:
+        """RQ's pass, under a per-queue lock that expires after one maintenance interval (at
+        least 10 s) instead of RQ's 899 s: a worker SIGKILLed mid-pass leaves its lock behind,
+        and while the lock lives no worker re-queues that queue's abandoned jobs."""
+        ttl = max(10, self.settings.maintenance_interval)
+        for queue in self.queues:
+            if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=ttl):
+                log.debug("cleaning registries for queue %s", queue.name)
+                clean_registries(queue, self._exc_handlers)
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        self._clean_canceled()
+
+    def _clean_canceled(self) -> None:
+        """RQ never cleans its canceled registries, and a job canceled without us (`rq`,
+        `worker.client.cancel`) keeps its hash forever. Like finished jobs: each newly
+        canceled job's hash gets the result TTL and its member is re-scored to expire with
+        it; members whose job is gone are removed. Touches only members due (score ≤ now)."""
+        t = time.time()
+        for queue in self.queues:
+            key = queue.canceled_job_registry.key
+            due = self.connection.zrangebyscore(key, 0, t)
+            if not due:
+                continue
+            with self.connection.pipeline(transaction=False) as p:
+                for job_id in due:
+                    p.ttl(Job.key_for(job_id.decode()))
+                ttls = p.execute()
+            with self.connection.pipeline(transaction=False) as p:
+                for job_id, ttl in zip(due, ttls, strict=True):
+                    if ttl == -2:                      # expired or deleted
+                        p.zrem(key, job_id)
+                        continue
+                    if ttl == -1:
+                        ttl = self.settings.result_ttl
+                        p.expire(Job.key_for(job_id.decode()), ttl)
+                    p.zadd(key, {job_id: t + ttl}, xx=True)
+                p.execute()
+
+    # -- Redis outages ---------------------------------------------------------------
+
+    def _wait_for_redis(self, error: RedisError) -> bool:
+        """Redis went away mid-pass: pause (nothing could be stored anyway) until it answers,
+        instead of dying with every running job. Maintenance then waits one more interval,
+        so every worker renews its executions (unrenewed while Redis was down) before any of
+        them can be judged abandoned and run twice. False: asked to stop and the grace
+        period is over; the running jobs come back through their expiring executions.
+        """
+        log.error("Redis unavailable (%s): pausing until it is back", error)
+        while True:
+            if self._stop_requested and self._drain_deadline is not None \
+                    and time.monotonic() >= self._drain_deadline:
+                return False
+            time.sleep(1)
+            try:
+                self.connection.ping()
+            except RedisError:
+                continue
+            log.warning("Redis is back: resuming %d running jobs", len(self.live))
+            self.last_cleaned_at = now()
+            return True
+
+    def _put_back_unstarted(self) -> None:
+        """Jobs dequeued just as Redis went away, before they were marked started, are in no
+        queue and no registry: only this worker knows them, so it puts them back in front."""
+        while self._unstarted:
+            job, queue = self._unstarted[0]
+            with self.connection.pipeline() as p:
+                for execution in [e for e in self.executions.values() if e.job_id == job.id]:
+                    self.cleanup_execution(job, p, execution)    # half-made, if any
+                queue.enqueue_job(job, pipeline=p, at_front=True)
+                p.execute()
+            self._unstarted.pop(0)
+            log.warning("job %s put back on %s after a Redis error", job.id, queue.name)
 
     # -- admit -----------------------------------------------------------------------
 
@@ -222,6 +312,14 @@ class BatchWorker(BaseWorker):
                 log.error("dequeue failed: %s; retrying", e)
                 time.sleep(1)
                 return took
+            except Exception as e:
+                # A popped job whose hash RQ cannot load (RQ names it on the error): that
+                # job fails; the worker and its running jobs go on.
+                job_id = getattr(e, "job_id", None)
+                if job_id is None:
+                    raise
+                self._fail_unreadable(str(job_id), getattr(e, "queue", None), e)
+                continue
             if result is None:
                 return took
             job, queue = result
@@ -229,9 +327,64 @@ class BatchWorker(BaseWorker):
             took = True
         return took
 
+    def _prune_dead_executions(self, job: Job) -> None:
+        """Drop expired executions (a killed worker's) from the job's execution registry.
+        RQ keeps their entries ~60 s past the execution itself, and meanwhile `job.cancel()`
+        of the re-run job raises ValueError: "Execution ... not found in Redis"."""
+        key = job.execution_registry.key
+        ids = [i.decode() for i in self.connection.zrange(key, 0, -1)]
+        if not ids:
+            return
+        with self.connection.pipeline(transaction=False) as p:
+            for i in ids:
+                p.exists(Execution(i, job.id, self.connection).key)
+            alive = p.execute()
+        dead = [i for i, a in zip(ids, alive, strict=True) if not a]
+        if dead:
+            self.connection.zrem(key, *dead)
+
+    def prepare_job_execution(self, job: Job,
+                              remove_from_intermediate_queue: bool = False) -> None:
+        """RQ's bookkeeping before a job runs, but never over a cancellation: RQ writes
+        `started` unconditionally, so a cancel between the dequeue and here was lost (the job
+        ran to success after its DELETE said canceled). Under WATCH, a job found canceled is
+        left so."""
+        with self.connection.pipeline() as p:
+            while True:
+                try:
+                    p.watch(job.key)
+                    if p.hget(job.key, "status") == JobStatus.CANCELED.value.encode():
+                        return
+                    p.multi()
+                    ttl = self.get_heartbeat_ttl(job)
+                    self.heartbeat(ttl, pipeline=p)
+                    job.heartbeat(now(), ttl, pipeline=p)
+                    job.prepare_for_execution(self.name, pipeline=p)
+                    p.persist(job.key)
+                    if remove_from_intermediate_queue:
+                        p.lrem(Queue(job.origin, connection=self.connection)
+                               .intermediate_queue_key, 1, job.id)
+                    p.execute()
+                    return
+                except WatchError:
+                    continue          # the job changed (canceled?) meanwhile: look again
+
     def _start(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        try:
+            self._prune_dead_executions(job)
+            execution = self.prepare_execution(job)
+            # Only RQ's process title reads the payload there; parse_spec fails an unreadable
+            # one.
+            with contextlib.suppress(DeserializationError):
+                self.prepare_job_execution(
+                    job, remove_from_intermediate_queue=len(self.queues) == 1)
+            canceled = job.get_status(refresh=True) == JobStatus.CANCELED  # since its dequeue
+        except RedisError:
+            self._unstarted.append((job, queue))   # in no queue and no registry: put back
+            raise
+        if canceled:
+            self._drop(Running(job=job, queue=queue, execution=execution), "canceled")
+            return
         job.started_at = now()
         run = Running(job=job, queue=queue, execution=execution)
         if job.enqueued_at:
@@ -319,8 +472,9 @@ class BatchWorker(BaseWorker):
                            image_keys=[image_key(job.id, i) for i in range(spec.num_images)],
                            queue_wait_s=round(run.queue_wait, 4), run_s=round(elapsed, 4))
         with self._lock:
-            self.live.pop(job.id, None)
+            # Raises RedisError with the job still live: the next _retire tries again.
             self._finalize_success(job, run.queue, run.execution, result.to_dict())
+            self.live.pop(job.id, None)
         self.writer.event(job.id, Event(EventType.DONE, result.to_dict()))
         if job.webhooks:
             self._webhooks.submit(job.send_webhooks, JobStatus.FINISHED)
@@ -351,6 +505,26 @@ class BatchWorker(BaseWorker):
         self.writer.event(job.id, Event(kind, {"message": message}))
         self.metrics.jobs.labels(outcome).inc()
         self.metrics.duration.labels(outcome).observe(time.monotonic() - run.started)
+
+    def _fail_unreadable(self, job_id: str, queue: Queue | None, error: Exception) -> None:
+        """Fail, by hand, a dequeued job whose hash RQ cannot load (its status, the failed
+        registry, an error event): none of RQ's job methods work on it."""
+        message = f"job cannot be read: {type(error).__name__}: {error}"
+        log.warning("job %s failed: %s", job_id, message)
+        try:
+            validate_job_id(job_id)
+        except (TypeError, ValueError):
+            return                      # not even a job id: nothing to mark
+        ttl = self.settings.result_ttl
+        with self.connection.pipeline() as p:
+            p.hset(Job.key_for(job_id), mapping={"status": JobStatus.FAILED.value,
+                                                 "ended_at": utcformat(now())})
+            p.expire(Job.key_for(job_id), ttl)
+            if queue is not None:
+                p.zadd(queue.failed_job_registry.key, {job_id: time.time() + ttl})
+            p.execute()
+        self.writer.event(job_id, Event(EventType.ERROR, {"message": message}))
+        self.metrics.jobs.labels("failed").inc()
 
     def _release(self, run: Running) -> None:
         """Free a job's slots and end its RQ execution without recording an outcome."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -18,6 +19,15 @@ from .settings import WorkerSettings
 log = logging.getLogger("ddpm.worker")
 
 
+def redacted(url: str) -> str:
+    """`url` with its password masked: messages with it end up in logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def build_worker(settings: WorkerSettings) -> BatchWorker:
     """Connect, load the models and assemble the worker (ValueError/FileNotFoundError with a
     message on bad settings)."""
@@ -26,7 +36,7 @@ def build_worker(settings: WorkerSettings) -> BatchWorker:
     try:
         redis.ping()
     except RedisError as e:
-        raise ValueError(f"cannot reach Redis at {settings.redis_url}: {e}") from None
+        raise ValueError(f"cannot reach Redis at {redacted(settings.redis_url)}: {e}") from None
     catalog = load_models(settings.models_dir, device, settings.models or None)
     if not catalog.names:
         raise ValueError(f"no checkpoints found in {settings.models_dir}")

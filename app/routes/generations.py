@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Header, Request, Response, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from redis.exceptions import RedisError
 from rq.job import Job
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -27,6 +29,7 @@ from ..stream_slots import StreamSlots
 from ..streams import StreamEvent, check_event_id, follow
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
+log = logging.getLogger("ddpm.api")
 
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 GIF = {200: {"content": {"image/gif": {}}, "description": "animated GIF"}}
@@ -170,16 +173,23 @@ async def stream_events(request: Request, job: JobDep, settings: Settings,
     `error` or `canceled`, which closes the stream. Ids are the job's Redis Stream ids: a
     reconnect with `Last-Event-ID` resumes exactly after the last one seen. Past the open
     stream limits: `503` (this server) or `429` (this caller), with `Retry-After`."""
-    async for ev in follow(request.app.state.aredis, job.id, after,
-                           poll_ms=settings.stream_poll_ms):
-        yield ServerSentEvent(event=ev.event, data=ev.data, id=ev.id)
+    try:
+        async for ev in follow(request.app.state.aredis, job.id, after,
+                               poll_ms=settings.stream_poll_ms):
+            yield ServerSentEvent(event=ev.event, data=ev.data, id=ev.id)
+    except RedisError as e:
+        # The headers are sent: no 503 now. End the stream without a terminal event, as a
+        # dropped connection does; the client resumes with Last-Event-ID (503 until Redis
+        # is back), rather than the server failing the response mid-stream.
+        log.warning("event stream of %s ended: Redis unavailable (%s)", job.id, e)
 
 
 @router.websocket("/{job_id}/ws")
 async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None = None) -> None:
     """The same events as JSON messages `{"id", "event", "data"}`; `?last_event_id=` resumes.
     Closes with 1000 after the terminal event; 4401/4404/4422 for auth, unknown job, bad id;
-    4503/4429 past the open stream limits of the server/the caller.
+    4503/4429 past the open stream limits of the server/the caller, 4503 also while Redis is
+    unreachable (1013 if it goes away mid-stream).
     """
     state = websocket.app.state
     slots: StreamSlots = state.streams
@@ -193,6 +203,10 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
     except ApiError as e:
         await websocket.close(code=4000 + e.status, reason=e.message[:120])
         return
+    except RedisError as e:     # the 503 an HTTP request would get
+        log.warning("websocket for %s refused: Redis unavailable (%s)", job_id, e)
+        await websocket.close(code=4503, reason="the job store is unreachable; retry shortly")
+        return
     try:
         await _pump_ws(websocket, follow(state.aredis, job.id, after,
                                          poll_ms=state.settings.stream_poll_ms))
@@ -201,8 +215,8 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
 
 
 async def _pump_ws(websocket: WebSocket, events: AsyncIterator[StreamEvent]) -> None:
-    """Send `events` until they end or the client leaves, then close (1000, or 1011 if the
-    stream failed)."""
+    """Send `events` until they end or the client leaves, then close (1000; 1013, try again
+    later, if Redis went away; 1011 if the stream failed otherwise)."""
 
     async def pump() -> None:
         async for ev in events:
@@ -220,6 +234,7 @@ async def _pump_ws(websocket: WebSocket, events: AsyncIterator[StreamEvent]) -> 
         with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
             await task
     if sender in done and websocket.application_state == WebSocketState.CONNECTED:
-        failed = sender.exception() is not None
+        error = sender.exception()
+        code = 1000 if error is None else 1013 if isinstance(error, RedisError) else 1011
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await websocket.close(code=1011 if failed else 1000)
+            await websocket.close(code=code)
