@@ -20,6 +20,7 @@ import uvicorn
 from app.main import create_app
 from app.settings import ApiSettings
 from worker.contract import WORKERS_PATTERN
+from worker.settings import redacted
 
 from .processes import child_kwargs, stop
 from .redis_server import RedisServer
@@ -85,7 +86,7 @@ def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
     try:
         redis_url = embedded.start().url if embedded else settings.redis_url
         settings = settings.model_copy(update={"redis_url": redis_url})
-        print(f"ddpm serve: redis at {redis_url}"
+        print(f"ddpm serve: redis at {redacted(redis_url)}"
               f"{' (embedded)' if embedded else ''}; starting a worker on {opts.device}",
               flush=True)
         worker = _start_worker(opts, redis_url)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -14,18 +13,9 @@ from .catalog import load_models
 from .engine import Engine
 from .loop import BatchWorker
 from .metrics import WorkerMetrics
-from .settings import WorkerSettings
+from .settings import WorkerSettings, redacted
 
 log = logging.getLogger("ddpm.worker")
-
-
-def redacted(url: str) -> str:
-    """`url` with its password masked: messages with it end up in logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def build_worker(settings: WorkerSettings) -> BatchWorker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,3 +39,12 @@ class WorkerSettings(BaseSettings):
     # Prometheus metrics port (0: no metrics server).
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     log_level: str = "INFO"
+
+
+def redacted(url: str) -> str:
+    """`url` with its password masked: messages with it end up in logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
