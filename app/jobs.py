@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ from worker.contract import (
     PREFIX,
     PRIORITIES,
     SERIALIZER,
-    WORKERS_PATTERN,
     Event,
     EventType,
     GenerationSpec,
     ModelInfo,
     events_key,
     image_key,
+    live_worker_keys,
     queue_name,
 )
 
@@ -74,7 +75,7 @@ class JobStore:
 
     def live_workers(self) -> list[dict[str, Any]]:
         """The advertisements of live workers (each expires unless its worker renews it)."""
-        keys = list(self.redis.scan_iter(match=WORKERS_PATTERN, count=500))
+        keys = live_worker_keys(self.redis, time.time())
         docs = []
         for raw in self.redis.mget(keys) if keys else []:
             if raw is None:

@@ -19,7 +19,7 @@ import uvicorn
 
 from app.main import create_app
 from app.settings import ApiSettings
-from worker.contract import WORKERS_PATTERN
+from worker.contract import live_worker_keys
 from worker.settings import redacted
 
 from .processes import child_kwargs, stop
@@ -67,7 +67,7 @@ def _wait_for_worker(client: redis.Redis, proc: subprocess.Popen[bytes]) -> list
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ValueError(f"the worker exited with code {proc.returncode} (see above)")
-        for key in client.scan_iter(match=WORKERS_PATTERN):
+        for key in live_worker_keys(client, time.time()):
             raw = client.get(key)
             if raw:
                 return [m["name"] for m in json.loads(raw).get("models", [])]

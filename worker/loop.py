@@ -49,9 +49,10 @@ from .contract import (
     EventType,
     GenerationSpec,
     JobResult,
+    advertise_worker,
     image_key,
     queue_name,
-    worker_key,
+    withdraw_worker,
 )
 from .engine import Engine, StepReport
 from .events import EventWriter
@@ -604,8 +605,8 @@ class BatchWorker(BaseWorker):
                "models": [vars(m.info) for m in self.catalog.loaded.values()],
                "broken": self.catalog.broken, "draining": self._stop_requested}
         ttl = max(15, int(3 * self.settings.heartbeat_interval))
-        self.connection.set(worker_key(self.name), json.dumps(doc), ex=ttl)
+        advertise_worker(self.connection, self.name, json.dumps(doc), ttl, time.time())
 
     def _unadvertise(self) -> None:
         with contextlib.suppress(RedisError):
-            self.connection.delete(worker_key(self.name))
+            withdraw_worker(self.connection, self.name)

@@ -54,7 +54,7 @@ from app.routes.page import PAGE_HEADERS
 from app.settings import ApiSettings
 from ddpm.redis_server import free_port
 from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from worker.contract import JOB_FUNC, SERIALIZER, queue_name, worker_key
+from worker.contract import JOB_FUNC, SERIALIZER, advertise_worker, queue_name
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_ROUTES = ("", "/events", "/images/0", "/grid.png", "/animation.gif")
@@ -298,7 +298,7 @@ def test_job_ids_are_128_bit_random(start_api: Callable[..., Any], r: redis.Redi
     api = start_api(env={"DDPM_RATE_LIMIT": "0"})
     ad = {"name": "ids", "models": [{"name": "tiny", "image_size": 16, "in_channels": 3,
                                      "num_timesteps": 1000}], "draining": False}
-    r.set(worker_key("ids"), json.dumps(ad), ex=600)
+    advertise_worker(r, "ids", json.dumps(ad), 600, time.time())
     n = 64
     with httpx.Client(base_url=api.url, timeout=30) as c:
         ids = []
