@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,29 +17,33 @@ from .stream_slots import StreamSlots
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the service has keys")
 
 
-def caller(request: Request,
+async def caller(request: Request,
            _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None
            ) -> Principal:
     """The caller (401 when keys are configured and none valid is given). The HTTPBearer
-    dependency only documents the scheme in OpenAPI; the header is checked here."""
+    dependency only documents the scheme in OpenAPI; the header is checked here. These
+    dependencies are `async` because they do no I/O: a sync one costs a thread-pool hop per
+    request (0.35 vs 0.19 ms CPU for four of them, measured with bench/api_overhead.py)."""
     auth: KeyAuth = request.app.state.auth
     return auth.caller(request)
 
 
-def store(request: Request) -> JobStore:
+async def store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def settings(request: Request) -> ApiSettings:
+async def settings(request: Request) -> ApiSettings:
     return request.app.state.settings
 
 
-def metrics(request: Request) -> ApiMetrics:
+async def metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
-def stream_slot(request: Request, who: Annotated[Principal, Depends(caller)]) -> Iterator[None]:
-    """Holds one of the caller's stream slots until the response has been sent."""
+async def stream_slot(request: Request, who: Annotated[Principal, Depends(caller)]
+                      ) -> AsyncIterator[None]:
+    """Holds one of the caller's stream slots until the response has been sent (on the
+    event loop, like every other use of the slots)."""
     slots: StreamSlots = request.app.state.streams
     with slots.hold(who.client):
         yield

@@ -159,7 +159,7 @@ def get_animation(job: JobDep, store: Store) -> Response:
 # -- streams ---------------------------------------------------------------------------
 
 
-def _last_event_id(last_event_id: Annotated[str | None, Header(
+async def _last_event_id(last_event_id: Annotated[str | None, Header(
         max_length=64, description="resume after this event id")] = None) -> str:
     return check_event_id(last_event_id, "Last-Event-ID")
 
