@@ -1,0 +1,494 @@
+"""Service efficiency: the whole stack (HTTP → Redis → worker → result) under N concurrent
+clients each asking for one image, against the raw engine making the same images in-process.
+
+The stack is real and in separate processes: an embedded Redis, `ddpm worker` and
+`ddpm api` (uvicorn). N client tasks (asyncio + httpx, in this process) each POST a 1-image
+request, follow its Server-Sent Events until `done`, download the PNG, and submit again at
+once (a closed loop) until K images are made. The peer is `worker.engine.Engine` driven in
+this process the way the worker drives it, with the same model, device, max batch and specs,
+N requests outstanding at a time (refilled as each finishes), waiting for a free slot just as
+a queued job would. Everything is measured again with `--max-batch 1`, to show what
+continuous batching buys. Latencies count from the submit: to the first frame (the first
+`snapshot` event — the first progress report when --snapshot-every is 0) and to completion
+(`done` received and the PNG downloaded; for the engine, the step that finished the image).
+
+Ratios are within one run. The goal is stack/raw ≥ 0.9 at saturation (clients ≥ max batch),
+where the GPU, not the per-request overhead, should set the pace; with exactly max-batch
+clients each slot still idles for a request's turnaround (PNG download, next POST, dequeue),
+so twice that keeps the batch full (see the occupancy column). On a small CPU machine the
+servers, Redis, the clients and the UNet share the same cores, so the CPU time per image of
+each process is printed too, with the worker's own step statistics (from its metrics port).
+
+    python -m bench.service                                          # tiny preset, CPU, quick
+    python -m bench.service --clients 1,4,16,32 --images 128 --repeats 3 --json service.json
+    python -m bench.service --preset cifar10 --device cuda --max-batch 128 \\
+        --clients 1,32,128,256 --images 1024 --steps 50 --json service-gpu.json
+    python -m bench.service --checkpoint checkpoints/mnist --device cuda
+    python -m bench.service --clients 16 --skip-batch1 --prefill-keys 100000   # a full Redis
+
+Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+import torch
+
+from bench.api_overhead import (
+    Child,
+    cpu_seconds,
+    percentile,
+    prefill,
+    run_async,
+    start_api,
+    stop_on_sigterm,
+    versions,
+)
+from ddpm.redis_server import RedisServer, free_port
+from models import UNet, preset, resolve_device, save_checkpoint
+from worker.catalog import load_models
+from worker.contract import GenerationSpec, worker_key
+from worker.engine import Engine, LoadedModel
+from worker.settings import WorkerSettings
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+WORKER_START_TIMEOUT = 300.0
+
+
+class BenchError(RuntimeError):
+    """A request that did not end in an image: the numbers would mean nothing."""
+
+
+@dataclass
+class Sample:
+    """One request, seconds from its submit."""
+
+    first_frame: float
+    done: float
+    submit: float = 0.0          # the POST's own latency (stack only)
+    events: int = 0              # SSE events received (stack only)
+
+
+@dataclass
+class EngineStats:
+    """What the engine's loop did during a run: steps, how full they were, and how much of
+    the wall time went into the batched forward (host time; on CUDA it tracks the GPU's)."""
+
+    steps: int
+    occupancy: float             # mean active slots / max batch over the steps
+    forward_s: float             # summed over the steps
+
+    def share(self, wall: float) -> float:
+        return self.forward_s / wall
+
+    def other_ms_per_step(self, wall: float) -> float:
+        """Loop time outside the forward per step: admission, events, Redis, idling."""
+        return (wall - self.forward_s) * 1e3 / max(self.steps, 1)
+
+
+@dataclass
+class Run:
+    """K images at one concurrency on one side (stack or raw)."""
+
+    side: str
+    max_batch: int
+    clients: int
+    images: int
+    seconds: float
+    samples: list[Sample] = field(repr=False, default_factory=list)
+    cpu_ms: dict[str, float] = field(default_factory=dict)    # process → CPU ms per image
+    redis_keys: int = 0                  # keys in Redis when the run started
+    redis_commands: float = 0.0          # Redis commands per image (all clients of Redis)
+    redis_by_command: dict[str, float] = field(default_factory=dict)   # the same, by command
+    engine: EngineStats | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    def pct(self, what: str, q: float) -> float:
+        return percentile([getattr(s, what) for s in self.samples], q) * 1e3
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "samples"}
+        out["images_per_s"] = self.images_per_s
+        if self.engine:
+            out["engine"] |= {"forward_share": self.engine.share(self.seconds),
+                              "other_ms_per_step": self.engine.other_ms_per_step(self.seconds)}
+        for what in ("first_frame", "done", "submit"):
+            for q in (50, 99):
+                out[f"{what}_p{q}_ms"] = self.pct(what, q)
+        out["events_per_request"] = sum(s.events for s in self.samples) / len(self.samples)
+        return out
+
+
+# -- the stack -----------------------------------------------------------------------------
+
+
+def request_body(spec: GenerationSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", include={"model", "num_images", "sampler", "steps",
+                                                 "seed", "snapshot_every"})
+
+
+async def one_request(client: httpx.AsyncClient, body: dict[str, Any], first_event: str
+                      ) -> Sample:
+    """Submit, follow the event stream to `done`, download the image."""
+    t0 = time.perf_counter()
+    r = await client.post("/v1/generations", json=body)
+    if r.status_code != 202:
+        raise BenchError(f"POST /v1/generations: {r.status_code} {r.text[:300]}")
+    submit = time.perf_counter() - t0
+    job_id = r.json()["id"]
+    first = done = None
+    events = 0
+    async with client.stream("GET", f"/v1/generations/{job_id}/events") as resp:
+        if resp.status_code != 200:
+            raise BenchError(f"events of {job_id}: {resp.status_code}")
+        event, data = "", ""
+        # Read to the end (the server closes the stream after `done`): the connection is
+        # then reused by this client's next request.
+        async for line in resp.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = line
+            elif not line and event:
+                events += 1
+                if event == first_event and first is None:
+                    first = time.perf_counter() - t0
+                elif event == "done":
+                    done = time.perf_counter() - t0
+                elif event in ("error", "canceled", "requeued"):
+                    raise BenchError(f"job {job_id}: {event} {data[:300]}")
+                event = ""
+    if done is None:
+        raise BenchError(f"job {job_id}: the event stream ended without `done`")
+    img = await client.get(f"/v1/generations/{job_id}/images/0")
+    if img.status_code != 200 or not img.content.startswith(PNG_SIGNATURE):
+        raise BenchError(f"image of {job_id}: {img.status_code} {img.content[:100]!r}")
+    total = time.perf_counter() - t0
+    return Sample(first_frame=first if first is not None else total, done=total,
+                  submit=submit, events=events)
+
+
+async def stack_load(url: str, clients: int, specs: list[GenerationSpec], first_event: str
+                     ) -> tuple[float, list[Sample]]:
+    """Closed loop: `clients` tasks, each starting its next request when one ends."""
+    todo = deque(request_body(s) for s in specs)
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    timeout = httpx.Timeout(600.0, connect=30.0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+
+        async def loop() -> None:
+            while todo:
+                samples.append(await one_request(client, todo.popleft(), first_event))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        return time.perf_counter() - t0, samples
+
+
+def scrape(metrics_url: str) -> dict[str, float]:
+    """The worker's Prometheus counters this benchmark reads (summed over labels)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(ddpm_worker_(?:unet_forward_seconds|batch_occupancy)_(?:sum|count))"
+                     r"(?:\{[^}]*\})? (\S+)$", line)
+        if m:
+            out[m[1]] = out.get(m[1], 0.0) + float(m[2])
+    return out
+
+
+def redis_calls(r: redis.Redis) -> dict[str, int]:
+    """Commands Redis has run so far, by command (INFO commandstats)."""
+    stats: dict[str, dict[str, int]] = r.info("commandstats")  # type: ignore[assignment]
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+
+
+def run_stack(url: str, clients: int, specs: list[GenerationSpec], max_batch: int,
+              first_event: str, procs: Mapping[str, int], r: redis.Redis,
+              metrics_url: str) -> Run:
+    keys = int(r.dbsize())  # type: ignore[arg-type]
+    calls0 = redis_calls(r)
+    m0 = scrape(metrics_url)
+    before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+    client0 = time.process_time()
+    seconds, samples = run_async(stack_load(url, clients, specs, first_event))
+    client = time.process_time() - client0
+    after = {k: cpu_seconds(pid) for k, pid in procs.items()}
+    n = len(specs)
+    cpu = {k: (after[k] - b) * 1e3 / n for k, b in before.items()  # type: ignore[operator]
+           if b is not None and after[k] is not None}
+    cpu["client"] = client * 1e3 / n
+    m1 = scrape(metrics_url)
+    d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in m1}
+    steps = int(d.get("ddpm_worker_batch_occupancy_count", 0))
+    stats = EngineStats(steps=steps,
+                        occupancy=d.get("ddpm_worker_batch_occupancy_sum", 0) / max(steps, 1),
+                        forward_s=d.get("ddpm_worker_unet_forward_seconds_sum", 0))
+    calls1 = redis_calls(r)
+    by_command = {k: (v - calls0.get(k, 0)) / n for k, v in calls1.items()
+                  if k != "info" and v > calls0.get(k, 0)}
+    by_command = dict(sorted(by_command.items(), key=lambda kv: -kv[1]))
+    return Run("stack", max_batch, clients, n, seconds, samples, cpu, keys,
+               sum(by_command.values()), by_command, stats)
+
+
+# -- the raw engine ------------------------------------------------------------------------
+
+
+def run_raw(models: Mapping[str, LoadedModel], device: torch.device, max_batch: int,
+            clients: int, specs: list[GenerationSpec], first_event: str) -> Run:
+    """The engine as the worker's loop drives it (admit while it has room, step, collect
+    frames), with `clients` requests outstanding; no Redis, no PNGs, no HTTP."""
+    ws = WorkerSettings()     # the same DDPM_* speed knobs the worker process reads
+    engine = Engine(models, device=device, max_batch=max_batch, bf16=ws.autocast_bf16,
+                    channels_last=ws.channels_last)
+    todo = deque((str(i), s) for i, s in enumerate(specs))
+    queued: deque[tuple[str, GenerationSpec]] = deque()
+    submitted: dict[str, float] = {}
+    first: dict[str, float] = {}
+    samples: list[Sample] = []
+    steps, slots, forward = 0, 0, 0.0
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    while todo or queued or engine.jobs:
+        now = time.perf_counter()
+        while todo and len(submitted) < clients:
+            job_id, spec = todo.popleft()
+            submitted[job_id] = now
+            queued.append((job_id, spec))
+        while queued and engine.has_room():
+            engine.admit(*queued.popleft())
+        report = engine.step()
+        now = time.perf_counter()
+        steps += 1
+        slots += sum(report.slots.values())
+        forward += sum(report.forward_seconds.values())
+        if first_event == "snapshot":
+            hit = [f.job_id for f in report.frames if not f.final]
+        else:
+            hit = report.progressed
+        for job_id in hit:
+            first.setdefault(job_id, now - submitted[job_id])
+        for job_id in report.completed:
+            t = now - submitted.pop(job_id)
+            samples.append(Sample(first_frame=first.pop(job_id, t), done=t))
+    seconds = time.perf_counter() - t0
+    cpu = {"engine": (time.process_time() - cpu0) * 1e3 / len(specs)}
+    stats = EngineStats(steps=steps, occupancy=slots / max(steps, 1) / max_batch,
+                        forward_s=forward)
+    return Run("raw", max_batch, clients, len(specs), seconds, samples, cpu, engine=stats)
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def start_worker(redis_url: str, models_dir: Path, device: str, max_batch: int,
+                 log_dir: Path, log_level: str, threads: int) -> tuple[Child, str]:
+    """`ddpm worker` at this max batch, once it advertises its models; (process, URL of
+    its Prometheus metrics)."""
+    port = free_port()
+    name = f"bench-{max_batch}-{time.monotonic_ns() % 10**9}"
+    env = {"DDPM_LOG_LEVEL": log_level, "DDPM_GRACE_PERIOD": "2"}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    worker = Child(f"worker-mb{max_batch}", [
+        sys.executable, "-m", "ddpm", "worker", "--redis-url", redis_url,
+        "--models-dir", str(models_dir), "--device", device, "--max-batch", str(max_batch),
+        "--name", name, "--metrics-port", str(port)], log_dir, env)
+    r = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    while not r.exists(worker_key(name)):
+        worker.check()
+        if time.monotonic() > deadline:
+            worker.stop()
+            raise SystemExit(f"the worker did not start:\n{worker.tail()}")
+        time.sleep(0.1)
+    return worker, f"http://127.0.0.1:{port}/metrics"
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def print_tables(runs: dict[tuple[str, int, int], Run], clients: list[int],
+                 batches: list[int]) -> None:
+    """A table per concurrency: stack and raw at each max batch."""
+    cpu_cols = ("worker", "api", "redis", "client", "engine")
+    m = batches[0]
+    for n in clients:
+        sat = "saturated: clients ≥ max batch" if n >= m else "below saturation"
+        print(f"\n{n} clients ({sat})")
+        print(f"{'':20} {'img/s':>7} {'vs raw':>6} {'first frame ms':>15} {'done ms':>15} "
+              f"{'occup.':>6} {'fwd':>4} {'other':>6} {'redis':>6}   CPU ms/image")
+        print(f"{'':20} {'':7} {'':6} {'p50':>7} {'p99':>7} {'p50':>7} {'p99':>7} "
+              f"{'':6} {'%':>4} {'ms/st':>6} {'cmd/im':>6}   "
+              + " ".join(f"{c:>6}" for c in cpu_cols))
+        for mb in batches:
+            raw = runs[("raw", mb, n)]
+            for side in ("stack", "raw"):
+                run = runs[(side, mb, n)]
+                ratio = f"{run.images_per_s / raw.images_per_s:5.2f}x" if side == "stack" \
+                    else f"{'':6}"
+                e = run.engine
+                eng = (f"{e.occupancy:6.2f} {100 * e.share(run.seconds):4.0f} "
+                       f"{e.other_ms_per_step(run.seconds):6.1f}") if e else f"{'':18}"
+                eng += f" {run.redis_commands:6.0f}" if side == "stack" else f" {'-':>6}"
+                cpu = " ".join(f"{run.cpu_ms[c]:6.1f}" if c in run.cpu_ms else f"{'-':>6}"
+                               for c in cpu_cols)
+                lat = " ".join(f"{run.pct(w, q):7.0f}" for w in ("first_frame", "done")
+                               for q in (50, 99))
+                print(f"{side + ', max batch ' + str(mb):20} {run.images_per_s:7.2f} {ratio} "
+                      f"{lat} {eng}   {cpu}")
+        if len(batches) > 1:
+            gain = {side: runs[(side, m, n)].images_per_s / runs[(side, 1, n)].images_per_s
+                    for side in ("stack", "raw")}
+            print(f"continuous batching (max batch {m} vs 1): stack {gain['stack']:.2f}x, "
+                  f"raw engine {gain['raw']:.2f}x")
+    print("\noccup. = mean active slots / max batch per step; fwd % = share of the wall time "
+          "in the batched forward (host time);\nother = loop time per step outside the "
+          "forward (admission, events, Redis round-trips, waiting for work);\n"
+          "redis cmd/im = commands Redis ran per image (API, worker and RQ together)")
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--preset", default="tiny", help="random-weight model of this preset")
+    p.add_argument("--checkpoint", type=Path, help="use this checkpoint instead")
+    p.add_argument("--clients", default="1,16,32", help="concurrencies, comma-separated")
+    p.add_argument("--images", type=int, default=48, help="images (requests) per run")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpm++2m")
+    p.add_argument("--snapshot-every", type=int, default=5,
+                   help="frames every k steps (0: none; first frame = first progress event)")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--skip-batch1", action="store_true", help="do not repeat at --max-batch 1")
+    p.add_argument("--repeats", type=int, default=1, help="best (images/s) of this many runs")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads of the engine and the worker (0: torch's default)")
+    p.add_argument("--prefill-keys", type=int, default=0,
+                   help="first fill Redis with this many unrelated keys (a finished job leaves "
+                        "about 4 for DDPM_RESULT_TTL, a day by default)")
+    p.add_argument("--log-level", default="WARNING", help="of the worker and the API")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    stop_on_sigterm()
+    clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+    if not clients or min(clients) < 1 or args.images < 1:
+        p.error("--clients and --images must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    batches = [args.max_batch] + ([] if args.skip_batch1 or args.max_batch == 1 else [1])
+    first_event = "snapshot" if args.snapshot_every else "progress"
+    runs: dict[tuple[str, int, int], Run] = {}
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-service-")))
+        if args.checkpoint:
+            models_dir, model = args.checkpoint, args.checkpoint.resolve().name
+            label = f"checkpoint {args.checkpoint}"
+        else:
+            models_dir, model = tmp / "models", "bench"
+            cfg = preset(args.preset)
+            torch.manual_seed(0)
+            save_checkpoint(models_dir / model, UNet(cfg.unet).eval(), cfg)
+            label = f"preset {args.preset}, random weights"
+        try:
+            loaded = load_models(models_dir, device, [model]).loaded
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"cannot load {models_dir}: {e}") from None
+        if model not in loaded:
+            raise SystemExit(f"model {model} did not load from {models_dir}")
+        params = loaded[model].info.parameters
+
+        def specs(n: int, base: int) -> list[GenerationSpec]:
+            return [GenerationSpec(model=model, num_images=1, steps=args.steps,
+                                   sampler=args.sampler, seed=base + i,
+                                   snapshot_every=args.snapshot_every) for i in range(n)]
+
+        srv = stack.enter_context(RedisServer())
+        r = redis.Redis.from_url(srv.url)
+        prefill(r, args.prefill_keys)
+        api, url = start_api(srv.url, tmp, args.log_level)
+        stack.callback(api.stop)
+        for mb in batches:
+            worker, metrics_url = start_worker(srv.url, models_dir, args.device, mb, tmp,
+                                               args.log_level, args.threads)
+            try:
+                assert srv.proc is not None
+                procs = {"worker": worker.pid, "api": api.pid, "redis": srv.proc.pid}
+                for n in clients:
+                    # Warm-up at this concurrency: the batch shapes it makes (CPU kernels
+                    # and CUDA caches are set up per shape), the connections, the caches.
+                    warm = specs(max(min(n, mb) * 2, 8), 10**6)
+                    run_stack(url, n, warm, mb, first_event, procs, r, metrics_url)
+                    run_raw(loaded, device, mb, n, warm, first_event)
+                    for rep in range(args.repeats):
+                        batch = specs(args.images, rep * args.images)
+                        for run in (run_stack(url, n, batch, mb, first_event, procs, r,
+                                              metrics_url),
+                                    run_raw(loaded, device, mb, n, batch, first_event)):
+                            key = (run.side, mb, n)
+                            if key not in runs or run.images_per_s > runs[key].images_per_s:
+                                runs[key] = run
+                    s, w = runs[("stack", mb, n)], runs[("raw", mb, n)]
+                    print(f"  max batch {mb}, {n} clients: stack {s.images_per_s:.2f} img/s, "
+                          f"raw {w.images_per_s:.2f} img/s", file=sys.stderr, flush=True)
+                worker.check()
+                api.check()
+            except BenchError as e:
+                raise SystemExit(f"{e}\n--- worker log ---\n{worker.tail()}\n"
+                                 f"--- api log ---\n{api.tail()}") from None
+            finally:
+                worker.stop(timeout=20)
+
+    v = versions()
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, torch threads {torch.get_num_threads()}"
+    print(f"Service efficiency: {', '.join(f'{k} {x}' for k, x in v.items())}")
+    print(f"device {device} ({dev}); model {model} ({label}, {params / 1e6:.2f}M parameters)")
+    print(f"{args.images} 1-image requests per run, {args.steps} steps {args.sampler}, "
+          f"snapshot every {args.snapshot_every}, max batch {args.max_batch}, best of "
+          f"{args.repeats}, {args.prefill_keys} keys prefilled;\nfirst frame = first "
+          f"`{first_event}` event; done = `done` + PNG downloaded")
+    print("stack = HTTP client → ddpm api → Redis → ddpm worker, all on this machine "
+          "(CPU per image of each process below); raw = Engine in-process")
+    print_tables(runs, clients, batches)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "benchmark": "service", "versions": v, "device": str(device), "device_name": dev,
+            "model": model, "parameters": params,
+            "settings": {k: (str(x) if isinstance(x, Path) else x) for k, x in vars(args).items()},
+            "runs": [run.summary() for run in runs.values()],
+        }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
