@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from redis import Redis
 from redis.exceptions import RedisError, WatchError
 from rq import worker_registration
-from rq.exceptions import DequeueTimeout, DeserializationError
+from rq.exceptions import DeserializationError
 from rq.executions import Execution
 from rq.job import Job, JobStatus, validate_job_id
 from rq.queue import Queue
@@ -101,6 +101,17 @@ def parse_spec(job: Job) -> GenerationSpec:
         raise JobError(f"invalid generation spec: {errs}") from None
 
 
+# Move the first job of the first non-empty queue (KEYS: queue, its intermediate list, ...)
+# to the end of that queue's intermediate list, in one atomic step.
+_TAKE = """
+for i = 1, #KEYS, 2 do
+  local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+  if id then return {KEYS[i], id} end
+end
+return false
+"""
+
+
 class BatchWorker(BaseWorker):
     """An RQ worker whose jobs are slots of one continuously batched diffusion loop."""
 
@@ -130,6 +141,7 @@ class BatchWorker(BaseWorker):
         self._drain_deadline: float | None = None
         self._last_control = 0.0
         self._unstarted: list[tuple[Job, Queue]] = []   # dequeued as Redis went away
+        self._take_script = connection.register_script(_TAKE)
         for name, m in catalog.loaded.items():
             self.metrics.model_load.labels(name).set(m.load_seconds)
 
@@ -292,6 +304,7 @@ class BatchWorker(BaseWorker):
                 for execution in [e for e in self.executions.values() if e.job_id == job.id]:
                     self.cleanup_execution(job, p, execution)    # half-made, if any
                 queue.enqueue_job(job, pipeline=p, at_front=True)
+                p.lrem(queue.intermediate_queue_key, 1, job.id)
                 p.execute()
             self._unstarted.pop(0)
             log.warning("job %s put back on %s after a Redis error", job.id, queue.name)
@@ -303,12 +316,7 @@ class BatchWorker(BaseWorker):
         took = False
         while self.engine.has_room() and not self._stop_requested:
             try:
-                result = self.queue_class.dequeue_any(
-                    self._ordered_queues, 1 if block and not took else None,
-                    connection=self.connection, job_class=self.job_class,
-                    serializer=self.serializer)
-            except DequeueTimeout:
-                return took
+                result = self._take(wait=1.0 if block and not took else 0.0)
             except RedisError as e:
                 log.error("dequeue failed: %s; retrying", e)
                 time.sleep(1)
@@ -327,6 +335,35 @@ class BatchWorker(BaseWorker):
             self._start(job, queue)
             took = True
         return took
+
+    def _take(self, wait: float) -> tuple[Job, Queue] | None:
+        """The next job in priority order, moved atomically from its queue into the queue's
+        intermediate list, where it stays until RQ's bookkeeping marks it started.
+
+        RQ pops with plain LPOP/BLPOP when a worker listens on several queues (ours listens
+        on one per model and priority): a worker killed between that pop and marking the job
+        started lost the job for good (3 of 48 in test_worker_chaos.py's admission test).
+        From the intermediate list RQ's maintenance re-queues it instead. No blocking
+        variant exists for several lists, so an idle worker polls every 20 ms for `wait` s.
+        """
+        deadline = time.monotonic() + wait
+        keys = [k for q in self._ordered_queues for k in (q.key, q.intermediate_queue_key)]
+        while True:
+            hit = self._take_script(keys=keys)
+            if hit:
+                queue_key, job_id = (v.decode() if isinstance(v, bytes) else v for v in hit)
+                result = Queue._fetch_dequeued_job(
+                    self.connection, queue_key, job_id, job_class=self.job_class,
+                    serializer=self.serializer)
+                if result is not None:
+                    return result
+                # The job's hash is gone (expired, deleted): forget it and look again.
+                self.connection.lrem(Queue.from_queue_key(
+                    queue_key, connection=self.connection).intermediate_queue_key, 1, job_id)
+                continue
+            if self._stop_requested or time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     def _prune_dead_executions(self, job: Job) -> None:
         """Drop expired executions (a killed worker's) from the job's execution registry.
@@ -350,11 +387,13 @@ class BatchWorker(BaseWorker):
         `started` unconditionally, so a cancel between the dequeue and here was lost (the job
         ran to success after its DELETE said canceled). Under WATCH, a job found canceled is
         left so."""
+        intermediate = Queue(job.origin, connection=self.connection).intermediate_queue_key
         with self.connection.pipeline() as p:
             while True:
                 try:
                     p.watch(job.key)
                     if p.hget(job.key, "status") == JobStatus.CANCELED.value.encode():
+                        p.lrem(intermediate, 1, job.id)      # still in watch (immediate) mode
                         return
                     p.multi()
                     ttl = self.get_heartbeat_ttl(job)
@@ -363,8 +402,7 @@ class BatchWorker(BaseWorker):
                     job.prepare_for_execution(self.name, pipeline=p)
                     p.persist(job.key)
                     if remove_from_intermediate_queue:
-                        p.lrem(Queue(job.origin, connection=self.connection)
-                               .intermediate_queue_key, 1, job.id)
+                        p.lrem(intermediate, 1, job.id)
                     p.execute()
                     return
                 except WatchError:
@@ -376,9 +414,10 @@ class BatchWorker(BaseWorker):
             execution = self.prepare_execution(job)
             # Only RQ's process title reads the payload there; parse_spec fails an unreadable
             # one.
-            with contextlib.suppress(DeserializationError):
-                self.prepare_job_execution(
-                    job, remove_from_intermediate_queue=len(self.queues) == 1)
+            try:
+                self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+            except DeserializationError:
+                self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
             canceled = job.get_status(refresh=True) == JobStatus.CANCELED  # since its dequeue
         except RedisError:
             self._unstarted.append((job, queue))   # in no queue and no registry: put back
@@ -512,6 +551,8 @@ class BatchWorker(BaseWorker):
         registry, an error event): none of RQ's job methods work on it."""
         message = f"job cannot be read: {type(error).__name__}: {error}"
         log.warning("job %s failed: %s", job_id, message)
+        if queue is not None:
+            self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
         try:
             validate_job_id(job_id)
         except (TypeError, ValueError):
