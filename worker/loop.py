@@ -511,10 +511,14 @@ class BatchWorker(BaseWorker):
                            sampler=spec.sampler, steps=spec.steps,
                            image_keys=[image_key(job.id, i) for i in range(spec.num_images)],
                            queue_wait_s=round(run.queue_wait, 4), run_s=round(elapsed, 4))
-        with self._lock:
-            # Raises RedisError with the job still live: the next _retire tries again.
-            self._finalize_success(job, run.queue, run.execution, result.to_dict())
-            self.live.pop(job.id, None)
+        hooks, job.webhooks = job.webhooks, []     # RQ would send them here, on this thread
+        try:
+            with self._lock:
+                # Raises RedisError with the job still live: the next _retire tries again.
+                self._finalize_success(job, run.queue, run.execution, result.to_dict())
+                self.live.pop(job.id, None)
+        finally:
+            job.webhooks = hooks
         self.writer.event(job.id, Event(EventType.DONE, result.to_dict()))
         if job.webhooks:
             self._webhooks.submit(job.send_webhooks, JobStatus.FINISHED)

@@ -424,6 +424,8 @@ def test_webhook_is_called_for_allowed_hosts_only(start_api: Callable[..., Any],
                 time.sleep(0.05)
             assert calls and calls[0]["job_id"] == job["id"]
             assert calls[0]["status"] == "finished"
+            time.sleep(1.0)                     # a second call would have arrived by now
+            assert len(calls) == 1, calls
             denied = c.post("/v1/generations", json={
                 "model": "tiny", "webhook": "http://169.254.169.254/latest/meta-data"})
             assert denied.status_code == 422 and denied.json()["error"]["field"] == "webhook"
