@@ -4,9 +4,10 @@ Every scenario runs the real worker (RQ, Redis, PNG encoding, events) in this pr
 against an embedded Redis, on the same model, in the same run, and the output is ratios
 between them. Not a test: nothing here asserts a speed.
 
-    python bench/worker_throughput.py                      # tiny preset, CPU
-    python bench/worker_throughput.py --preset cifar10 --device cuda --images 256 --steps 50
-    python bench/worker_throughput.py --checkpoint checkpoints/mnist
+    python -m bench.worker_throughput                      # tiny preset, CPU
+    python -m bench.worker_throughput --preset cifar10 --device cuda --images 256 --steps 50
+    python -m bench.worker_throughput --checkpoint checkpoints/mnist
+    python bench/worker_throughput.py                      # as a script, the same
 """
 
 from __future__ import annotations

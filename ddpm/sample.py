@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from models import (
     SlotSpec,
+    inference_memory_format,
     load_checkpoint,
     make_grid,
     resolve_device,
@@ -52,7 +53,8 @@ def save_png(pixels: torch.Tensor, file: Path) -> None:
 def run_sample(opts: SampleOptions) -> list[Path]:
     """Generate `opts.num_images` images into `opts.out`; returns the files written."""
     device = resolve_device(opts.device)
-    ck = load_checkpoint(opts.checkpoint, device=device)
+    ck = load_checkpoint(opts.checkpoint, device=device,
+                         memory_format=inference_memory_format(device))
     ucfg = ck.config.unet
     T = ck.config.diffusion.num_timesteps
     if not 1 <= opts.steps <= T:

@@ -19,7 +19,7 @@ from .images import from_uint8, make_grid, to_uint8
 from .samplers import SAMPLER_NAMES, SamplerKind, sampler_kind
 from .schedule import Schedule, cosine_betas, linear_betas, spaced_timesteps
 from .seeding import counter_normal, image_noise, image_seed
-from .unet import UNet, count_parameters
+from .unet import UNet, count_parameters, inference_memory_format
 
 __all__ = [
     "PRESETS",
@@ -43,6 +43,7 @@ __all__ = [
     "from_uint8",
     "image_noise",
     "image_seed",
+    "inference_memory_format",
     "linear_betas",
     "load_checkpoint",
     "make_grid",

@@ -124,6 +124,8 @@ class SlotBatch:
 
     def keep(self, mask: Tensor) -> None:
         """Retain only the slots where the host bool `[N]` mask is true."""
+        if len(mask) == len(self) and bool(mask.all()):
+            return      # the common step: nobody finished, nothing to copy
         idx = torch.nonzero(mask).flatten()
         dev_idx = idx.to(self.device)
         self.x, self.x0_prev = self.x[dev_idx], self.x0_prev[dev_idx]
@@ -179,22 +181,29 @@ def sample_progressive(
 ) -> Iterator[StepOutput]:
     """Run `specs` to the end together, yielding after every step (as improved-diffusion's
     `p_sample_loop_progressive`); finished slots are kept, their rows hold the final image.
+
+    Each yield holds new tensors (never modified afterwards, by this loop or the batch):
+    while no slot has finished they are the step's own outputs, without a copy.
     """
     batch = SlotBatch(net, schedule, shape=shape, device=device, num_classes=num_classes,
                       clip_denoised=clip_denoised)
     batch.add(specs)
-    done = torch.zeros(len(specs), dtype=torch.bool)
-    steps = torch.zeros(len(specs), dtype=torch.long)
-    x_t, x0 = batch.x.clone(), torch.zeros_like(batch.x)
+    n = len(specs)
+    done = torch.zeros(n, dtype=torch.bool)
+    steps = torch.zeros(n, dtype=torch.long)
+    x_t, x0 = batch.x, torch.zeros_like(batch.x)
     while not bool(done.all()):
         active = torch.nonzero(~done).flatten()
         out = batch.step()
-        rows = active.to(x_t.device)
-        x_t[rows], x0[rows] = out.x_t, out.x0
-        steps[active], done[active] = out.steps_done, out.finished
+        if len(active) == n:     # rows are still the specs
+            x_t, x0, steps, done = out.x_t, out.x0, out.steps_done, out.finished
+        else:                    # out-of-place, so that earlier yields stay as they were
+            rows = active.to(x_t.device)
+            x_t, x0 = x_t.index_copy(0, rows, out.x_t), x0.index_copy(0, rows, out.x0)
+            steps = steps.index_copy(0, active, out.steps_done)
+            done = done.index_copy(0, active, out.finished)
         batch.keep(~out.finished)
-        yield StepOutput(x_t=x_t.clone(), x0=x0.clone(), steps_done=steps.clone(),
-                         finished=done.clone())
+        yield StepOutput(x_t=x_t, x0=x0, steps_done=steps, finished=done)
 
 
 def sample(

@@ -100,8 +100,13 @@ def load_checkpoint(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Checkpoint:
-    """Load the checkpoint directory `path` onto `device`, ready for inference."""
+    """Load the checkpoint directory `path` onto `device`, ready for inference.
+
+    `memory_format` is the layout of the convolution weights: `inference_memory_format(
+    device)` is the fastest there (ε is the same up to float rounding, not bit for bit, so
+    the default keeps the layout the weights were saved in)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -109,7 +114,7 @@ def load_checkpoint(
     state = load_state_dict(path / WEIGHTS_FILE)
     net = UNet(config.unet)
     _load_into(net, state, path / WEIGHTS_FILE)
-    net.to(device=device, dtype=dtype).eval()
+    net.to(device=device, dtype=dtype, memory_format=memory_format).eval()
     return Checkpoint(net=net, config=config, schedule=Schedule.from_config(config.diffusion),
                       path=path)
 

@@ -183,7 +183,19 @@ class UNet(nn.Module):
                 h = att(res(torch.cat([h, hs.pop()], dim=1), temb))
             h = level.resample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # whatever the layout
+
+
+def inference_memory_format(device: torch.device | str) -> torch.memory_format:
+    """The layout of the weights in which the UNet infers fastest on `device`.
+
+    CPU: channels-last. oneDNN convolutions work in NHWC, so NCHW weights cost a reorder of
+    every convolution's input and output (~10% of a cifar10 forward at batch 16 and more),
+    and channels-last activations make the attention's [N x HW x C] views copy-free.
+    Elsewhere the default: the worker chooses channels-last for CUDA itself (with bf16).
+    For `load_checkpoint(..., memory_format=...)` or `net.to(memory_format=...)`.
+    """
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -22,6 +22,7 @@ from torch import Tensor
 from models import (
     SlotSpec,
     from_uint8,
+    inference_memory_format,
     load_checkpoint,
     read_config,
     resolve_device,
@@ -102,7 +103,8 @@ def classifier_scores(probs: Tensor, labels: Tensor | None) -> dict[str, float]:
 def generate(opts: EvalOptions, device: torch.device) -> tuple[Tensor, Tensor | None, float]:
     """`num_samples` uint8 images (balanced over classes if conditional), labels, seconds."""
     assert opts.checkpoint is not None
-    ck = load_checkpoint(opts.checkpoint, device=device)
+    ck = load_checkpoint(opts.checkpoint, device=device,
+                         memory_format=inference_memory_format(device))
     u = ck.config.unet
     T = ck.config.diffusion.num_timesteps
     if not 1 <= opts.steps <= T:
