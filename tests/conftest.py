@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import hypothesis
 import pytest
 import redis
 import torch
@@ -43,6 +44,16 @@ def net() -> UNet:
 def make_net():  # type: ignore[no-untyped-def]
     """Factory: `make_net(seed, **unet_changes)` builds another tiny network."""
     return tiny_net
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hypothesis_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Hypothesis caches (its Unicode tables) go to a temporary folder, not the repo
+    (hypothesis runs in tests/app/test_fuzz.py and tests/reliability/test_hostile_input.py)."""
+    before = getattr(hypothesis.configuration, "__hypothesis_home_directory", None)
+    hypothesis.configuration.set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+    yield
+    hypothesis.configuration.set_hypothesis_home_dir(before)
 
 
 # -- services ----------------------------------------------------------------------------

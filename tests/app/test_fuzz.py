@@ -87,15 +87,6 @@ def _settings(max_examples: int) -> hypothesis.settings:
         print_blob=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _hypothesis_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Hypothesis caches (its Unicode tables) go to a temporary folder, not the repo."""
-    before = getattr(hypothesis.configuration, "__hypothesis_home_directory", None)
-    hypothesis.configuration.set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
-    yield
-    hypothesis.configuration.set_hypothesis_home_dir(before)
-
-
 class _Key:
     """schemathesis auth provider: valid cases carry the API key (it leaves the header
     off where a negative case removes it on purpose)."""

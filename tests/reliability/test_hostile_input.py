@@ -70,15 +70,6 @@ def _settings(examples: int, *, shrink: bool = True) -> hypothesis.settings:
                                suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _hypothesis_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Hypothesis caches (its Unicode tables) go to a temporary folder, not the repo."""
-    before = getattr(hypothesis.configuration, "__hypothesis_home_directory", None)
-    hypothesis.configuration.set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
-    yield
-    hypothesis.configuration.set_hypothesis_home_dir(before)
-
-
 # -- strategies ---------------------------------------------------------------------------
 
 SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
