@@ -32,7 +32,6 @@ from pydantic import ValidationError
 from redis import Redis
 from redis.exceptions import RedisError, WatchError
 from rq import worker_registration
-from rq.exceptions import DeserializationError
 from rq.executions import Execution
 from rq.job import Job, JobStatus, validate_job_id
 from rq.queue import Queue
@@ -381,30 +380,29 @@ class BatchWorker(BaseWorker):
         if dead:
             self.connection.zrem(key, *dead)
 
-    def prepare_job_execution(self, job: Job,
-                              remove_from_intermediate_queue: bool = False) -> None:
-        """RQ's bookkeeping before a job runs, but never over a cancellation: RQ writes
-        `started` unconditionally, so a cancel between the dequeue and here was lost (the job
-        ran to success after its DELETE said canceled). Under WATCH, a job found canceled is
-        left so."""
-        intermediate = Queue(job.origin, connection=self.connection).intermediate_queue_key
+    def _mark_started(self, job: Job, queue: Queue) -> bool:
+        """RQ's bookkeeping before a job runs (`prepare_job_execution`), but never over a
+        cancellation: RQ writes `started` unconditionally, so a cancel between the dequeue
+        and here was lost (the job ran to success after its DELETE said canceled). Under
+        WATCH; False, with the job left canceled, if it was canceled since its dequeue.
+        Either way the job leaves its queue's intermediate list."""
+        intermediate = queue.intermediate_queue_key
         with self.connection.pipeline() as p:
             while True:
                 try:
                     p.watch(job.key)
                     if p.hget(job.key, "status") == JobStatus.CANCELED.value.encode():
                         p.lrem(intermediate, 1, job.id)      # still in watch (immediate) mode
-                        return
+                        return False
                     p.multi()
                     ttl = self.get_heartbeat_ttl(job)
                     self.heartbeat(ttl, pipeline=p)
                     job.heartbeat(now(), ttl, pipeline=p)
                     job.prepare_for_execution(self.name, pipeline=p)
                     p.persist(job.key)
-                    if remove_from_intermediate_queue:
-                        p.lrem(intermediate, 1, job.id)
+                    p.lrem(intermediate, 1, job.id)
                     p.execute()
-                    return
+                    return True
                 except WatchError:
                     continue          # the job changed (canceled?) meanwhile: look again
 
@@ -412,13 +410,7 @@ class BatchWorker(BaseWorker):
         try:
             self._prune_dead_executions(job)
             execution = self.prepare_execution(job)
-            # Only RQ's process title reads the payload there; parse_spec fails an unreadable
-            # one.
-            try:
-                self.prepare_job_execution(job, remove_from_intermediate_queue=True)
-            except DeserializationError:
-                self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
-            canceled = job.get_status(refresh=True) == JobStatus.CANCELED  # since its dequeue
+            canceled = not self._mark_started(job, queue)   # reads no payload: parse_spec
         except RedisError:
             self._unstarted.append((job, queue))   # in no queue and no registry: put back
             raise
