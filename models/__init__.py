@@ -8,20 +8,23 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     atomic_write,
+    init_checkpoint,
     load_checkpoint,
     read_config,
     resolve_device,
     save_checkpoint,
 )
-from .config import PRESETS, ConfigError, DiffusionConfig, ModelConfig, UNetConfig, preset
+from .config import ARCHS, PRESETS, ConfigError, DiffusionConfig, ModelConfig, UNetConfig, preset
 from .diffusion import predict_x0, q_sample, training_loss
 from .images import from_uint8, make_grid, to_uint8
+from .nullnet import NullNet
 from .samplers import SAMPLER_NAMES, SamplerKind, sampler_kind
 from .schedule import Schedule, cosine_betas, linear_betas, spaced_timesteps
 from .seeding import counter_normal, image_noise, image_seed
-from .unet import UNet, count_parameters, inference_memory_format
+from .unet import UNet, build_network, count_parameters, inference_memory_format
 
 __all__ = [
+    "ARCHS",
     "PRESETS",
     "SAMPLER_NAMES",
     "Checkpoint",
@@ -29,6 +32,7 @@ __all__ = [
     "ConfigError",
     "DiffusionConfig",
     "ModelConfig",
+    "NullNet",
     "SamplerKind",
     "Schedule",
     "SlotBatch",
@@ -37,6 +41,7 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "atomic_write",
+    "build_network",
     "cosine_betas",
     "count_parameters",
     "counter_normal",
@@ -44,6 +49,7 @@ __all__ = [
     "image_noise",
     "image_seed",
     "inference_memory_format",
+    "init_checkpoint",
     "linear_betas",
     "load_checkpoint",
     "make_grid",

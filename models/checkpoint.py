@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import ConfigError, ModelConfig
 from .schedule import Schedule
-from .unet import UNet
+from .unet import build_network
 
 FORMAT = "ddpm-serve/1"
 CONFIG_FILE = "config.json"
@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """A loaded model: the network (eval mode), its config, and its noise schedule."""
 
-    net: UNet
+    net: nn.Module             # `UNet`, or `NullNet` for a config of arch "null"
     config: ModelConfig
     schedule: Schedule
     path: Path
@@ -46,7 +46,7 @@ class Checkpoint:
         return self.config.unet.num_classes > 0
 
 
-def save_checkpoint(path: str | os.PathLike[str], net: UNet, config: ModelConfig) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], net: nn.Module, config: ModelConfig) -> Path:
     """Write `net`'s weights and `config` into the directory `path` (created if needed)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -57,6 +57,15 @@ def save_checkpoint(path: str | os.PathLike[str], net: UNet, config: ModelConfig
     atomic_write(path / CONFIG_FILE,
                   lambda f: Path(f).write_text(json.dumps(doc, indent=2) + "\n"))
     return path
+
+
+def init_checkpoint(path: str | os.PathLike[str], config: ModelConfig, seed: int = 0) -> Path:
+    """A checkpoint of `config` with freshly initialised weights (PyTorch's default init,
+    seeded): a servable model for benchmarks, tests and trying the service out."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_network(config.unet).eval()
+    return save_checkpoint(path, net, config)
 
 
 def read_config(path: str | os.PathLike[str]) -> ModelConfig:
@@ -112,14 +121,14 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config = read_config(path)
     state = load_state_dict(path / WEIGHTS_FILE)
-    net = UNet(config.unet)
+    net = build_network(config.unet)
     _load_into(net, state, path / WEIGHTS_FILE)
     net.to(device=device, dtype=dtype, memory_format=memory_format).eval()
     return Checkpoint(net=net, config=config, schedule=Schedule.from_config(config.diffusion),
                       path=path)
 
 
-def _load_into(net: UNet, state: dict[str, Tensor], file: Path) -> None:
+def _load_into(net: nn.Module, state: dict[str, Tensor], file: Path) -> None:
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 BetaSchedule = Literal["linear", "cosine"]
 VarianceType = Literal["fixed_small", "fixed_large"]
+Arch = Literal["ddpm", "null"]
+ARCHS: tuple[Arch, ...] = get_args(Arch)
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,7 @@ class UNetConfig:
     norm_groups: int = 32                        # GroupNorm groups
     norm_eps: float = 1e-6                       # GroupNorm epsilon (TF default of the paper)
     downsample_padding: int = 0                  # 0: TF "SAME" (pad right/bottom), 1: symmetric
+    arch: Arch = "ddpm"                          # "null": ε̂ = w·x, no layers (benchmarks)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -54,6 +57,8 @@ class UNetConfig:
             raise ConfigError("num_classes must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout must be in [0, 1)")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if d["unet"]["arch"] == "ddpm":    # the default: configs of real models stay as they were
+            del d["unet"]["arch"]
         return {
             "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in d["unet"].items()},
             "diffusion": d["diffusion"],
@@ -132,7 +139,7 @@ def _build(cls: type, d: Any) -> Any:
     return cls(**d)
 
 
-# Presets: the paper's configurations and two small ones. ---------------------------------
+# Presets: the paper's configurations, two small ones and a null one. ---------------------
 
 PRESETS: dict[str, ModelConfig] = {
     # Ho et al. 2020, CIFAR-10: 35.7M parameters, σ² = β.
@@ -165,6 +172,14 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         unet=UNetConfig(image_size=16, in_channels=3, ch=32, ch_mult=(1, 2),
                         num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, norm_groups=8),
+        diffusion=DiffusionConfig(variance_type="fixed_large"),
+    ),
+    # For benchmarks: a forward of ~zero cost (ε̂ = w·x, one parameter, no layers), so a
+    # benchmark shows the ceiling the serving stack itself sets, on any machine. 8×8 grey.
+    # The UNet fields other than image_size, in_channels and num_classes are unused.
+    "null": ModelConfig(
+        unet=UNetConfig(image_size=8, in_channels=1, ch=8, ch_mult=(1,), num_res_blocks=1,
+                        attn_resolutions=(), dropout=0.0, norm_groups=8, arch="null"),
         diffusion=DiffusionConfig(variance_type="fixed_large"),
     ),
 }

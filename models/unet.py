@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import UNetConfig
+from .nullnet import NullNet
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -184,6 +185,12 @@ class UNet(nn.Module):
             h = level.resample(h)
 
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # whatever the layout
+
+
+def build_network(cfg: UNetConfig) -> nn.Module:
+    """The ε network that `cfg` describes: the DDPM UNet, or `NullNet` for `arch="null"`.
+    Build networks with this (not `UNet(...)`) wherever the config may be any preset."""
+    return NullNet(cfg) if cfg.arch == "null" else UNet(cfg)
 
 
 def inference_memory_format(device: torch.device | str) -> torch.memory_format:

@@ -45,8 +45,8 @@ from models import (
     SamplerKind,
     Schedule,
     SlotSpec,
-    UNet,
     atomic_write,
+    build_network,
     from_uint8,
     make_grid,
     preset,
@@ -268,7 +268,7 @@ class Run:
         self.config = self._model_config(self.data)
         self.schedule = Schedule.from_config(self.config.diffusion)
         torch.manual_seed(self.hyper.seed)  # the same initial weights in every process
-        self.net = UNet(self.config.unet).to(d.device)
+        self.net = build_network(self.config.unet).to(d.device)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.hyper.lr)
         self.step = 0
