@@ -1,10 +1,16 @@
-"""Worker throughput: many concurrent 1-image jobs vs. one big job vs. `--max-batch 1`.
+"""Worker throughput: many concurrent 1-image jobs vs. one big job vs. `--max-batch 1`,
+and all of them against the raw sampler.
 
 Every scenario runs the real worker (RQ, Redis, PNG encoding, events) in this process
 against an embedded Redis, on the same model, in the same run, and the output is ratios
-between them. Not a test: nothing here asserts a speed.
+between them. The last row is the ceiling: `models.sample` in this process on the same
+images in batches of --max-batch, no worker at all. With `--preset null` (a forward of ~zero
+cost) the ratios are the worker's own host cost per job and per image. Not a test: nothing
+here asserts a speed.
 
     python -m bench.worker_throughput                      # tiny preset, CPU
+    python -m bench.worker_throughput --preset null --max-batch 64 --images 256 \\
+        --steps 20 --sampler ddim                          # the worker's own ceiling
     python -m bench.worker_throughput --preset cifar10 --device cuda --images 256 --steps 50
     python -m bench.worker_throughput --checkpoint checkpoints/mnist
     python bench/worker_throughput.py                      # as a script, the same
@@ -22,9 +28,11 @@ import redis
 import torch
 
 from ddpm.redis_server import RedisServer
-from models import UNet, preset, save_checkpoint
+from models import PRESETS, SlotSpec, init_checkpoint, preset, sample, sampler_kind, to_uint8
+from worker.catalog import load_models
 from worker.client import enqueue, fetch_job
 from worker.contract import GenerationSpec
+from worker.engine import LoadedModel
 from worker.main import build_worker
 from worker.settings import WorkerSettings
 
@@ -46,9 +54,35 @@ def scenario(url: str, models: Path, name: str, specs: list[GenerationSpec],
     return seconds
 
 
+def sample_in_process(model: LoadedModel, device: torch.device, max_batch: int,
+                      specs: list[GenerationSpec]) -> tuple[float, float, int]:
+    """The ceiling of any server: `models.sample` in this process over the images of
+    `specs` in batches of `max_batch`, to uint8 pixels on the host; no engine bookkeeping,
+    no Redis, no PNGs. (wall seconds, CPU seconds of this process, images)."""
+    ckpt = model.checkpoint
+    u, d = ckpt.config.unet, ckpt.config.diffusion
+    slots = [SlotSpec(seed=s.seed, index=i, steps=s.steps, kind=sampler_kind(s.sampler,
+                      d.variance_type), eta=s.eta) for s in specs for i in range(s.num_images)]
+    bf16 = WorkerSettings().autocast_bf16 and device.type == "cuda"   # as the worker runs it
+
+    def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return ckpt.net(x, t, y).float()
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(slots), max_batch):
+            x = sample(net, ckpt.schedule, slots[lo:lo + max_batch],
+                       shape=(u.in_channels, u.image_size, u.image_size), device=device,
+                       num_classes=u.num_classes, clip_denoised=d.clip_denoised)
+            to_uint8(x).cpu()
+    return time.perf_counter() - t0, time.process_time() - cpu0, len(slots)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="random-weight model of this preset")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="random-weight model of this preset (null: a forward of ~zero cost)")
     p.add_argument("--checkpoint", type=Path, help="use this checkpoint instead")
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=32, help="total images per scenario")
@@ -68,8 +102,7 @@ def main() -> None:
         else:
             models, model = Path(tmp), "bench"
             cfg = preset(args.preset)
-            torch.manual_seed(0)
-            save_checkpoint(models / model, UNet(cfg.unet).eval(), cfg)
+            init_checkpoint(models / model, cfg)
 
         def spec(n: int, seed: int) -> GenerationSpec:
             return GenerationSpec(model=model, num_images=n, steps=args.steps,
@@ -89,15 +122,22 @@ def main() -> None:
                                 for _ in range(args.repeats))
             for s, h in saved.items():
                 signal.signal(s, h)
+        loaded = load_models(models, torch.device(args.device), [model]).loaded[model]
+        one = [spec(1, s) for s in range(n)]
+        sample_in_process(loaded, torch.device(args.device), args.max_batch, one[:8])  # warm
+        seconds["raw sampler in-process (no worker)"] = min(
+            sample_in_process(loaded, torch.device(args.device), args.max_batch, one)[0]
+            for _ in range(args.repeats))
 
-    base = seconds["many 1-image jobs"]
+    base, raw = seconds["many 1-image jobs"], seconds["raw sampler in-process (no worker)"]
     print(f"model {model} ({args.preset if not args.checkpoint else 'checkpoint'}), "
           f"device {args.device}, {n} images x {args.steps} steps {args.sampler}, "
           f"max batch {args.max_batch}, torch threads {torch.get_num_threads()}, "
           f"best of {args.repeats}")
-    print(f"{'scenario':38} {'seconds':>8} {'images/s':>9} {'vs many 1-image jobs':>21}")
+    print(f"{'scenario':38} {'seconds':>8} {'images/s':>9} {'vs many 1-image jobs':>21} "
+          f"{'vs raw sampler':>15}")
     for name, s in seconds.items():
-        print(f"{name:38} {s:8.2f} {n / s:9.2f} {base / s:20.2f}x")
+        print(f"{name:38} {s:8.2f} {n / s:9.2f} {base / s:20.2f}x {raw / s:14.2f}x")
 
 
 if __name__ == "__main__":
