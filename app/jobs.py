@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
@@ -19,12 +20,11 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from worker.client import enqueue, fetch_job
+from worker.client import enqueue_commands, fetch_job
 from worker.contract import (
     JOB_FUNC,
     PREFIX,
     PRIORITIES,
-    SERIALIZER,
     Event,
     EventType,
     GenerationSpec,
@@ -35,6 +35,7 @@ from worker.contract import (
     queue_name,
 )
 
+from . import limits
 from .auth import Principal
 from .errors import ApiError, not_found
 from .schemas import Generation, GenerationRequest, Links, Progress
@@ -66,10 +67,63 @@ class Served:
     workers: int
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """A submission's outcome: the job, whether it is an earlier one replayed for the same
+    Idempotency-Key and body, and (for a new job) the jobs ahead of it as it was queued."""
+
+    job: Job
+    spec: GenerationSpec
+    replayed: bool
+    ahead: int | None = None
+
+
+# Admission and enqueue in one round-trip, atomically: the idempotency record, the caller's
+# rate counter and the model's queue depth are checked, then RQ's own enqueue commands (the
+# job hash, SADD rq:queues, RPUSH onto the queue: `enqueue_commands`) run, then the
+# idempotency record is written; an error in them leaves no record. RQ's keys come in ARGV
+# with the commands (a standalone Redis; RQ does not run on Redis Cluster either).
+#   KEYS: 1 idempotency record or '', 2 rate counter or '', 3.. the model's queues in
+#         dequeue order
+#   ARGV: 1 the record, 2 its TTL, 3 the rate limit, 4 the counter's TTL, 5 the depth cap,
+#         6 the job's queue (1-based, among KEYS[3..]), 7.. each command: argc, args...
+#   Returns {'replay', record}, {'rate', count}, {'depth', depth} or {'ok', jobs ahead}.
+_ADMIT = """
+if KEYS[1] ~= '' then
+  local record = redis.call('GET', KEYS[1])
+  if record then return {'replay', record} end
+end
+if KEYS[2] ~= '' then
+  local count = redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  if count > tonumber(ARGV[3]) then return {'rate', count} end
+end
+local depth, ahead, own = 0, 0, tonumber(ARGV[6])
+for k = 3, #KEYS do
+  local n = redis.call('LLEN', KEYS[k])
+  depth = depth + n
+  if k - 2 <= own then ahead = ahead + n end
+end
+if depth >= tonumber(ARGV[5]) then return {'depth', depth} end
+local i = 7
+while i <= #ARGV do
+  local argc = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + argc))
+  i = i + argc + 1
+end
+if KEYS[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return {'ok', ahead}
+"""
+
+
 class JobStore:
     def __init__(self, redis: Redis, settings: ApiSettings) -> None:
         self.redis = redis
         self.settings = settings
+        self._admit = redis.register_script(_ADMIT)
+        # The served models, read at most every `models_cache_s` (and at once for a model
+        # not in them): a POST does not read every worker's advertisement.
+        self._served: tuple[float, dict[str, Served]] = (-math.inf, {})
 
     # -- workers and models ------------------------------------------------------------
 
@@ -98,54 +152,65 @@ class JobStore:
                     continue
                 prev = seen.get(info.name)
                 seen[info.name] = Served(info, (prev.workers if prev else 0) + 1)
-        return dict(sorted(seen.items()))
+        served = dict(sorted(seen.items()))
+        self._served = (time.monotonic(), served)
+        return served
 
-    def queue(self, model: str, priority: str) -> Queue:
-        return Queue(queue_name(model, priority), connection=self.redis,  # type: ignore[arg-type]
-                     serializer=SERIALIZER)
+    def recent_models(self, want: str) -> dict[str, Served]:
+        """`served_models`, as read up to `models_cache_s` ago unless `want` is missing."""
+        at, served = self._served
+        if want in served and time.monotonic() - at < self.settings.models_cache_s:
+            return served
+        return self.served_models()
+
+    def queue_keys(self, model: str) -> list[str]:
+        """The model's RQ queue lists, in dequeue order."""
+        return [Queue.redis_queue_namespace_prefix + queue_name(model, p) for p in PRIORITIES]
 
     def queued(self, model: str) -> int:
         with self.redis.pipeline(transaction=False) as p:
-            for prio in PRIORITIES:
-                p.llen(self.queue(model, prio).key)
+            for key in self.queue_keys(model):
+                p.llen(key)
             return sum(p.execute())
 
     # -- submit ----------------------------------------------------------------------
 
     def submit(self, req: GenerationRequest, who: Principal,
-               idempotency_key: str | None) -> tuple[Job, bool]:
-        """Enqueue `req` (already checked against the served models and the limits).
-
-        Returns the job and whether it is an earlier job replayed for the same
-        Idempotency-Key and body.
-        """
-        spec = req.spec()
-        job_id = uuid.uuid4().hex
-        idem = None
+               idempotency_key: str | None) -> Submitted:
+        """Enqueue `req` (already checked against the served models) unless the caller's
+        rate limit or the model's queue depth refuses it (429), or replay the job an
+        earlier request with the same Idempotency-Key made (422 if that one had another
+        body, 409 if it is still being enqueued). One Redis round-trip for a new job."""
+        s = self.settings
+        idem = record = ""
         if idempotency_key is not None:
             idem = self._idem_key(who, idempotency_key)
-            body = self._body_hash(req)
+        spec = req.spec()
+        job_id = uuid.uuid4().hex
+        body = self._body_hash(req) if idem else ""
+        if idem:
             record = json.dumps({"job": job_id, "body": body})
-            if not self.redis.set(idem, record, nx=True, ex=self.settings.idempotency_ttl):
-                return self._replay(idem, body, who), True
-        try:
-            job = enqueue(self.redis, spec, job_id=job_id, result_ttl=self.settings.result_ttl,
-                          retries=self.settings.job_retries,
-                          timeout=self.settings.job_timeout,
-                          meta={"owner": who.owner}, webhook=req.webhook)
-        except Exception:
-            if idem:
-                self.redis.delete(idem)
-            raise
-        return job, False
-
-    def seen(self, req: GenerationRequest, who: Principal, key: str) -> Job | None:
-        """The job an earlier request with this Idempotency-Key created, if any (422 if
-        that request had another body)."""
-        idem = self._idem_key(who, key)
-        if not self.redis.exists(idem):
-            return None
-        return self._replay(idem, self._body_hash(req), who)
+        window = limits.RateWindow.at(s, who, time.time()) if s.rate_limit else None
+        job, commands = enqueue_commands(
+            self.redis, spec, job_id=job_id, result_ttl=s.result_ttl,
+            retries=s.job_retries, timeout=s.job_timeout, meta={"owner": who.owner},
+            webhook=req.webhook)
+        argv: list[Any] = [record, s.idempotency_ttl, s.rate_limit, window.ttl if window else 0,
+                           s.max_queue_depth, PRIORITIES.index(spec.priority) + 1]
+        for command in commands:
+            argv.append(len(command))
+            argv.extend(command)
+        verdict, value = self._admit(
+            keys=[idem, window.key if window else "", *self.queue_keys(spec.model)], args=argv)
+        if verdict == b"ok":
+            return Submitted(job, spec, replayed=False, ahead=int(value))
+        if verdict == b"rate":
+            assert window is not None
+            raise limits.rate_limited(s, window)
+        if verdict == b"depth":
+            raise limits.queue_full(s, spec.model, int(value))
+        replayed = self._replay(value, body, who)
+        return Submitted(replayed, self.spec_of(replayed), replayed=True)
 
     def _idem_key(self, who: Principal, key: str) -> str:
         if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
@@ -162,16 +227,18 @@ class JobStore:
         body = json.dumps(req.model_dump(mode="json", exclude_unset=True), sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
 
-    def _replay(self, idem: str, body: str, who: Principal) -> Job:
-        raw = self.redis.get(idem)
-        record = json.loads(raw) if raw else {}
-        if record.get("body") != body:
+    def _replay(self, raw: bytes, body: str, who: Principal) -> Job:
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = {}
+        if not isinstance(record, dict) or record.get("body") != body:
             raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used "
                            "with a different request body", field="Idempotency-Key")
         try:
-            return self.get(record["job"], who)
+            return self.get(str(record.get("job")), who)
         except ApiError:
-            # The first request holding this key is still enqueueing.
+            # The job is gone (expired, or the record outlived it).
             raise ApiError(409, "conflict", "a request with this Idempotency-Key is in "
                            "progress", headers={"Retry-After": "1"}) from None
 
@@ -197,8 +264,11 @@ class JobStore:
     def spec_of(job: Job) -> GenerationSpec:
         return GenerationSpec.model_validate(job.kwargs)
 
-    def view(self, job: Job, base: str = "") -> Generation:
-        spec = self.spec_of(job)
+    def view(self, job: Job, base: str = "", *, spec: GenerationSpec | None = None,
+             ahead: int | None = None) -> Generation:
+        """The job as the API reports it; `spec` and `ahead` (its queue position) when the
+        caller knows them already (a fresh submission): then no Redis read is needed."""
+        spec = spec or self.spec_of(job)
         status = api_status(job.get_status(refresh=False))
         meta = job.meta or {}
         n, steps = spec.num_images, spec.steps
@@ -215,11 +285,15 @@ class JobStore:
             result = job.latest_result()
             error = (result.exc_string if result and result.exc_string else None) or \
                 "the job failed"
+        if status != "queued":
+            ahead = None
+        elif ahead is None:
+            ahead = self.position(job, spec)
         return Generation(
             id=job.id, status=status, model=spec.model,  # type: ignore[arg-type]
             created_at=job.created_at, started_at=job.started_at,
             finished_at=job.ended_at if status in ("succeeded", "failed", "canceled") else None,
-            queue_position=self.position(job, spec) if status == "queued" else None,
+            queue_position=ahead,
             progress=Progress(steps_done=done, total_steps=spec.total_steps,
                               fraction=round(done / spec.total_steps, 4),
                               images_done=images_done, num_images=n, steps_per_image=steps,
@@ -232,15 +306,15 @@ class JobStore:
 
     def position(self, job: Job, spec: GenerationSpec) -> int | None:
         """Jobs ahead: everything in the model's higher-priority queues, plus this queue's
-        entries before the job."""
-        ahead = 0
-        for prio in PRIORITIES:
-            q = self.queue(spec.model, prio)
-            if prio == spec.priority:
-                pos = q.get_job_position(job.id)
-                return None if pos is None else ahead + pos
-            ahead += q.count
-        return None
+        entries before the job (one round-trip)."""
+        keys = self.queue_keys(spec.model)
+        own = PRIORITIES.index(spec.priority)
+        with self.redis.pipeline(transaction=False) as p:
+            for key in keys[:own]:
+                p.llen(key)
+            p.lpos(keys[own], job.id)
+            *higher, pos = p.execute()
+        return None if pos is None else sum(higher) + pos
 
     # -- cancel ------------------------------------------------------------------------
 

@@ -41,6 +41,10 @@ class ApiSettings(BaseSettings):
     # Completion webhooks only to these hosts (exact names, or `.example.com` for a domain
     # and its subdomains). Empty: webhooks are refused.
     webhook_allow_hosts: Annotated[list[str], NoDecode] = []
+    # A POST checks the model against what live workers advertise, as read at most this
+    # many seconds ago (a model missing from that read is looked up again at once). 0: read
+    # on every POST.
+    models_cache_s: Annotated[float, Field(ge=0, le=60)] = 1.0
     # Jobs.
     result_ttl: Annotated[int, Field(ge=1)] = 24 * 3600
     job_timeout: Annotated[int, Field(ge=10)] = 3600

@@ -9,15 +9,15 @@ decides and a terminal event without an id closes the stream.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from worker.contract import TERMINAL_EVENTS, Event, EventType, events_key, image_key
+from worker.contract import TERMINAL_EVENTS, EventType, events_key, image_key
 
 from .errors import ApiError
 from .jobs import api_status
@@ -44,39 +44,74 @@ def check_event_id(value: str | None, field_name: str) -> str:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One event as clients receive it; `id` is None only for a synthesized ending."""
+    """One event as clients receive it: `data` is its JSON text, relayed as the worker wrote
+    it plus what the API adds; `id` is None only for a synthesized ending."""
 
     event: str
-    data: dict[str, Any] = field(default_factory=dict)
+    data: str = "{}"
     id: str | None = None
 
-    def as_message(self) -> dict[str, Any]:
-        return {"id": self.id, "event": self.event, "data": self.data}
+    def as_message(self) -> str:
+        """The WebSocket message `{"id", "event", "data"}`, built around `data` as is."""
+        return f'{{"id":{json.dumps(self.id)},"event":"{self.event}","data":{self.data}}}'
+
+
+def _with(data: str, **extra: str | None) -> str:
+    """The JSON object `data` plus `extra` fields, spliced in without parsing `data` (a
+    snapshot's base64 PNG is the bulk of its event: it is encoded once and copied once)."""
+    if any(f'"{k}"' in data for k in extra):          # not what workers write: the slow way
+        return json.dumps({**json.loads(data), **extra}, separators=(",", ":"))
+    fields = ",".join(f'"{k}":' + ("null" if v is None else f'"{v}"')
+                      for k, v in extra.items())
+    return f"{data[:-1]},{fields}}}" if data.strip() != "{}" else f"{{{fields}}}"
 
 
 def _b64(png: bytes | None) -> str | None:
-    return base64.b64encode(png).decode() if png else None
+    return base64.b64encode(png).decode("ascii") if png else None
 
 
-async def _client_data(redis: AsyncRedis, job_id: str, ev: Event) -> dict[str, Any]:
-    """What a client gets for an entry: frames as base64 PNG, image URLs."""
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _client_data(redis: AsyncRedis, job_id: str, kind: EventType, data: str,
+                       png: bytes | None, inline_images: bool) -> str:
+    """What a client gets for an entry: frames as base64 PNG, image URLs (and the final PNG
+    as base64 when asked for)."""
     root = f"/v1/generations/{job_id}"
-    data = dict(ev.data)
-    if ev.type == EventType.SNAPSHOT:
-        data["png"] = _b64(ev.png)
-    elif ev.type == EventType.IMAGE:
-        data["url"] = f"{root}/images/{data.get('index', 0)}"
-        data["png"] = _b64(await redis.get(image_key(job_id, int(data.get("index", 0)))))
-    elif ev.type == EventType.DONE:
-        n = int(data.get("num_images", 0))
-        data = {k: v for k, v in data.items() if k != "image_keys"}
-        data["images"] = [f"{root}/images/{i}" for i in range(n)]
+    if kind == EventType.SNAPSHOT:
+        return _with(data, png=_b64(png))
+    if kind == EventType.IMAGE:
+        index = int(json.loads(data).get("index", 0))
+        url = f"{root}/images/{index}"
+        if not inline_images:
+            return _with(data, url=url)
+        return _with(data, url=url, png=_b64(await redis.get(image_key(job_id, index))))
+    if kind == EventType.DONE:
+        doc = json.loads(data)
+        n = int(doc.get("num_images", 0))
+        doc = {k: v for k, v in doc.items() if k != "image_keys"}
+        doc["images"] = [f"{root}/images/{i}" for i in range(n)]
+        return json.dumps(doc, separators=(",", ":"))
     return data
 
 
-async def follow(redis: AsyncRedis, job_id: str, after: str, *,
-                 poll_ms: int) -> AsyncIterator[StreamEvent]:
-    """Events of `job_id` after id `after`, live, until the job's terminal event."""
+def _entry(fields: dict[bytes | str, bytes | str]) -> tuple[EventType, str, bytes | None]:
+    """An entry's type, data (JSON object text, not parsed) and PNG; ValueError or KeyError
+    if it is not an event (`worker.contract.Event.to_fields` is the format)."""
+    f = {_text(k): v for k, v in fields.items()}
+    kind = EventType(_text(f["type"]))
+    data = _text(f.get("data", "{}"))
+    if not (data.startswith("{") and data.endswith("}")):
+        raise ValueError("event data is not a JSON object")
+    png = f.get("png")
+    return kind, data, png.encode() if isinstance(png, str) else png
+
+
+async def follow(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
+                 inline_images: bool = False) -> AsyncIterator[StreamEvent]:
+    """Events of `job_id` after id `after`, live, until the job's terminal event; with
+    `inline_images`, `image` events carry the final PNG (base64) as well as its URL."""
     key = events_key(job_id)
     cursor = after
     ending = False            # the job's status is terminal; waiting for its last events
@@ -87,21 +122,22 @@ async def follow(redis: AsyncRedis, job_id: str, after: str, *,
         for entry_id, fields in entries:
             cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             try:
-                ev = Event.from_fields(fields)
-            except (KeyError, ValueError):
+                kind, data, png = _entry(fields)
+                data = await _client_data(redis, job_id, kind, data, png, inline_images)
+            except (KeyError, ValueError, TypeError, AttributeError):
                 continue                       # not ours: skip rather than end the stream
-            yield StreamEvent(str(ev.type), await _client_data(redis, job_id, ev), cursor)
-            if ev.type in TERMINAL_EVENTS:
+            yield StreamEvent(str(kind), data, cursor)
+            if kind in TERMINAL_EVENTS:
                 return
         if entries:
             continue
         raw = await redis.hget(Job.key_for(job_id), "status")
         status = api_status(raw.decode()) if raw else None
         if status is None:
-            yield StreamEvent(str(EventType.CANCELED), {"message": "the job no longer exists"})
+            yield StreamEvent(str(EventType.CANCELED), '{"message":"the job no longer exists"}')
             return
         if status in TERMINAL_STATUSES:
             if ending:
-                yield StreamEvent(str(_ENDING[status]), {"status": status})
+                yield StreamEvent(str(_ENDING[status]), f'{{"status":"{status}"}}')
                 return
             ending = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.job import Job
 from rq.webhook import Webhook
@@ -24,19 +25,34 @@ def generation_queue(redis: Redis, spec: GenerationSpec) -> Queue:
 def enqueue(redis: Redis, spec: GenerationSpec, *, job_id: str | None = None,
             result_ttl: int = 24 * 3600, retries: int = DEFAULT_RETRIES,
             timeout: int = 3600, meta: dict[str, Any] | None = None,
-            webhook: str | None = None) -> Job:
+            webhook: str | None = None, pipeline: Pipeline | None = None) -> Job:
     """Put `spec` on its model's queue; the job's kwargs are the spec as JSON data.
 
     `webhook` becomes RQ webhooks (POST of the job's id and status) for success and failure;
     the caller vouches for the URL (the API checks it against its allow-list).
+
+    With `pipeline`, RQ queues the job's writes (SADD rq:queues, the job hash, RPUSH onto
+    the queue) on it and nothing is sent: the caller executes them (`enqueue_commands`).
     """
     hooks = [Webhook(webhook, status, method="POST") for status in ("finished", "failed")] \
         if webhook else None
     return generation_queue(redis, spec).enqueue(
         JOB_FUNC, kwargs=spec.model_dump(mode="json"), job_id=job_id, result_ttl=result_ttl,
         failure_ttl=result_ttl, job_timeout=timeout, meta=meta or {}, webhooks=hooks,
-        retry=Retry(max=retries) if retries else None,
+        retry=Retry(max=retries) if retries else None, pipeline=pipeline,
         description=f"generate {spec.model} ×{spec.num_images} ({spec.sampler}, {spec.steps})")
+
+
+def enqueue_commands(redis: Redis, spec: GenerationSpec, **kwargs: Any
+                     ) -> tuple[Job, list[list[bytes]]]:
+    """The job `enqueue` would make and the Redis commands that would enqueue it, encoded
+    and not sent: exactly RQ's own writes, for a caller that runs them itself (the API
+    runs them in the Lua script that also checks its limits: one round-trip per submit)."""
+    encode = redis.get_encoder().encode
+    with redis.pipeline(transaction=False) as p:
+        job = enqueue(redis, spec, pipeline=p, **kwargs)
+        commands = [[encode(a) for a in args] for args, _ in p.command_stack]
+    return job, commands
 
 
 def fetch_job(redis: Redis, job_id: str) -> Job:

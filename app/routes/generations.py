@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, Header, Request, Response, WebSocket
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from redis.exceptions import RedisError
@@ -19,7 +18,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from worker.contract import Event, EventType, SpecError, events_key
 
-from .. import limits, media
+from .. import media
 from ..deps import Caller, Metrics, Settings, Store, StreamSlot
 from ..errors import ERROR_RESPONSES, JSON_ERROR_RESPONSES, ApiError, not_found
 from ..jobs import JobStore
@@ -51,36 +50,42 @@ def _check_webhook(url: str | None, settings: ApiSettings) -> None:
 @router.post("", status_code=202, response_model=Generation, responses=ERROR_RESPONSES,
              summary="Submit a generation")
 def create_generation(
-    req: GenerationRequest, response: Response, who: Caller, store: Store,
-    settings: Settings, metrics: Metrics,
+    req: GenerationRequest, who: Caller, store: Store, settings: Settings, metrics: Metrics,
     idempotency_key: Annotated[str | None, Header(
         max_length=255, description="same key and body: the same job comes back")] = None,
-) -> Generation:
-    """Validate against the models live workers serve, then enqueue; `202` with the job."""
-    served = store.served_models()
+) -> Response:
+    """Validate against the models live workers serve, then enqueue; `202` with the job.
+
+    One Redis round-trip in the common case: the idempotency record, the rate limit, the
+    queue depth and RQ's enqueue are one Lua script; the served models are read at most
+    every `DDPM_MODELS_CACHE_S` seconds."""
+    served = store.recent_models(req.model)
     model = served.get(req.model)
     if model is None:
         names = ", ".join(served) or "none (no live worker)"
         raise ApiError(404, "not_found", f"model {req.model!r} is not served; available: "
                        f"{names}", field="model")
     try:
-        req.spec().check_model(model.info)
+        req.check_model(model.info)
     except SpecError as e:
         raise ApiError(422, "invalid_request", str(e), field=e.field) from None
     _check_webhook(req.webhook, settings)
-    job = store.seen(req, who, idempotency_key) if idempotency_key is not None else None
-    replayed = job is not None
-    if job is None:
-        limits.check_rate(store.redis, settings, who)
-        limits.check_depth(store, req.model)
-        job, replayed = store.submit(req, who, idempotency_key)
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
+    sub = store.submit(req, who, idempotency_key)
+    view = store.view(sub.job, spec=sub.spec, ahead=sub.ahead)
+    headers = {"Location": view.links.self_}
+    if sub.replayed:
+        headers["Idempotent-Replayed"] = "true"
     else:
         metrics.generations.labels(req.model).inc()
-    view = store.view(job)
-    response.headers["Location"] = view.links.self_
-    return view
+    return _generation(view, 202, headers)
+
+
+def _generation(view: Generation, status: int = 200,
+                headers: dict[str, str] | None = None) -> Response:
+    """`view` as the JSON its response model documents, serialized once: FastAPI would
+    dump the model, validate the dump against the model again, then serialize it."""
+    return Response(view.model_dump_json(by_alias=True), status, headers,
+                    media_type="application/json")
 
 
 def _job(job_id: str, who: Caller, store: Store) -> Job:
@@ -92,8 +97,8 @@ JobDep = Annotated[Job, Depends(_job)]
 
 @router.get("/{job_id}", response_model=Generation, responses=ERROR_RESPONSES,
             summary="Status, progress, timings and image links")
-def get_generation(job: JobDep, store: Store) -> Generation:
-    return store.view(job)
+def get_generation(job: JobDep, store: Store) -> Response:
+    return _generation(store.view(job))
 
 
 @router.delete("/{job_id}", response_model=Generation,
@@ -164,19 +169,27 @@ async def _last_event_id(last_event_id: Annotated[str | None, Header(
     return check_event_id(last_event_id, "Last-Event-ID")
 
 
+ImageMode = Literal["url", "inline"]
+_IMAGES_QUERY = Query(description="`image` events carry the final image's `url`; `inline` "
+                      "adds the PNG itself as base64 (`png`), which the image URL also serves")
+
+
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses=JSON_ERROR_RESPONSES, summary="Server-Sent Events of the generation")
 async def stream_events(request: Request, job: JobDep, settings: Settings,
-                        after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot
+                        after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot,
+                        images: Annotated[ImageMode, _IMAGES_QUERY] = "url",
                         ) -> AsyncIterator[ServerSentEvent]:
-    """`started`, `progress`, `snapshot` (PNG as base64), `image`, then one of `done`,
-    `error` or `canceled`, which closes the stream. Ids are the job's Redis Stream ids: a
-    reconnect with `Last-Event-ID` resumes exactly after the last one seen. Past the open
-    stream limits: `503` (this server) or `429` (this caller), with `Retry-After`."""
+    """`started`, `progress`, `snapshot` (PNG as base64), `image` (its URL; the PNG as
+    base64 too with `?images=inline`), then one of `done`, `error` or `canceled`, which
+    closes the stream. Ids are the job's Redis Stream ids: a reconnect with `Last-Event-ID`
+    resumes exactly after the last one seen. Past the open stream limits: `503` (this
+    server) or `429` (this caller), with `Retry-After`."""
     try:
         async for ev in follow(request.app.state.aredis, job.id, after,
-                               poll_ms=settings.stream_poll_ms):
-            yield ServerSentEvent(event=ev.event, data=ev.data, id=ev.id)
+                               poll_ms=settings.stream_poll_ms,
+                               inline_images=images == "inline"):
+            yield ServerSentEvent(event=ev.event, raw_data=ev.data, id=ev.id)
     except RedisError as e:
         # The headers are sent: no 503 now. End the stream without a terminal event, as a
         # dropped connection does; the client resumes with Last-Event-ID (503 until Redis
@@ -185,11 +198,13 @@ async def stream_events(request: Request, job: JobDep, settings: Settings,
 
 
 @router.websocket("/{job_id}/ws")
-async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None = None) -> None:
-    """The same events as JSON messages `{"id", "event", "data"}`; `?last_event_id=` resumes.
-    Closes with 1000 after the terminal event; 4401/4404/4422 for auth, unknown job, bad id;
-    4503/4429 past the open stream limits of the server/the caller, 4503 also while Redis is
-    unreachable (1013 if it goes away mid-stream).
+async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None = None,
+                    images: str | None = None) -> None:
+    """The same events as JSON messages `{"id", "event", "data"}`; `?last_event_id=` resumes,
+    `?images=inline` puts the final PNGs in `image` events as for SSE.
+    Closes with 1000 after the terminal event; 4401/4404/4422 for auth, unknown job, bad id
+    or `images`; 4503/4429 past the open stream limits of the server/the caller, 4503 also
+    while Redis is unreachable (1013 if it goes away mid-stream).
     """
     state = websocket.app.state
     slots: StreamSlots = state.streams
@@ -199,6 +214,9 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
         store: JobStore = state.store
         job = await run_in_threadpool(store.get, job_id, who)
         after = check_event_id(last_event_id, "last_event_id")
+        if images not in (None, "url", "inline"):
+            raise ApiError(422, "invalid_request", "images must be url or inline",
+                           field="images")
         slots.acquire(who.client)
     except ApiError as e:
         await websocket.close(code=4000 + e.status, reason=e.message[:120])
@@ -209,7 +227,8 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
         return
     try:
         await _pump_ws(websocket, follow(state.aredis, job.id, after,
-                                         poll_ms=state.settings.stream_poll_ms))
+                                         poll_ms=state.settings.stream_poll_ms,
+                                         inline_images=images == "inline"))
     finally:
         slots.release(who.client)
 
@@ -220,7 +239,7 @@ async def _pump_ws(websocket: WebSocket, events: AsyncIterator[StreamEvent]) -> 
 
     async def pump() -> None:
         async for ev in events:
-            await websocket.send_text(json.dumps(ev.as_message(), separators=(",", ":")))
+            await websocket.send_text(ev.as_message())
 
     async def drain() -> None:      # notices the client leaving; its messages are ignored
         while (await websocket.receive())["type"] != "websocket.disconnect":

@@ -232,7 +232,8 @@ async function readEvents(id, signal) {
     try {
       const headers = authHeaders({ Accept: "text/event-stream" });
       if (lastId) headers["Last-Event-ID"] = lastId;
-      const res = await fetch(`/v1/generations/${id}/events`, { headers, signal });
+      // images=inline: the final PNGs arrive in the `image` events, drawn like frames
+      const res = await fetch(`/v1/generations/${id}/events?images=inline`, { headers, signal });
       if (!res.ok) {
         const e = await res.json().catch(() => ({}));
         throw new ApiError(res.status, e.error?.message || `HTTP ${res.status}`);

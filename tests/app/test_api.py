@@ -57,14 +57,15 @@ def poll(client: httpx.Client, job_id: str, statuses: set[str], timeout: float =
 
 
 def sse(client: httpx.Client, job_id: str, *, last_id: str | None = None,
-        limit: int | None = None, timeout: float = 60) -> list[dict[str, Any]]:
+        limit: int | None = None, timeout: float = 60,
+        params: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Events of the stream as dicts {event, id, data}; stops after `limit` events or when
     the server closes the stream."""
     headers = {"Last-Event-ID": last_id} if last_id else {}
     events: list[dict[str, Any]] = []
     cur: dict[str, Any] = {}
     with client.stream("GET", f"/v1/generations/{job_id}/events", headers=headers,
-                       timeout=timeout) as r:
+                       params=params, timeout=timeout) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -157,7 +158,7 @@ def test_sse_frames_arrive_in_step_order(client: httpx.Client,
     spawn_worker()
     ready(client)
     job = submit(client, num_images=2, steps=12, snapshot_every=3, snapshot_kind="xt")
-    events = sse(client, job["id"])
+    events = sse(client, job["id"], params={"images": "inline"})
     kinds = [e["event"] for e in events]
     assert kinds[0] == "started" and kinds[-1] == "done", kinds
     ids = [stream_id(e["id"]) for e in events]
