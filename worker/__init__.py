@@ -1,1 +1,1 @@
-"""GPU worker: job contract, continuous-batching engine, RQ loop; built in a later issue."""
+"""GPU worker: job contract, continuous-batching engine, RQ loop and its Redis writes."""

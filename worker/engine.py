@@ -9,6 +9,7 @@ sampler, and reports the frames that are due: snapshots every k steps and final 
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -82,13 +83,33 @@ class Frame:
     final: bool
 
 
+@dataclass(frozen=True)
+class JobProgress:
+    """Where one job stands after a step: what the loop reports, without reading the
+    engine's own state."""
+
+    job_id: str
+    steps_done: int                  # summed over the job's images
+    images_done: int
+    image_steps: list[int]           # steps each image has completed
+    done: bool                       # every image is final (the job has left the engine)
+
+
 @dataclass
 class StepReport:
     frames: list[Frame] = field(default_factory=list)
-    progressed: list[str] = field(default_factory=list)   # jobs whose step count moved
-    completed: list[str] = field(default_factory=list)    # jobs whose every image is final
+    progress: list[JobProgress] = field(default_factory=list)   # jobs whose step count moved
     slots: dict[str, int] = field(default_factory=dict)             # model → slots stepped
     forward_seconds: dict[str, float] = field(default_factory=dict)  # model → step time
+
+    @property
+    def progressed(self) -> list[str]:
+        return [p.job_id for p in self.progress]
+
+    @property
+    def completed(self) -> list[str]:
+        """Jobs whose every image is final."""
+        return [p.job_id for p in self.progress if p.done]
 
 
 class Forward:
@@ -140,16 +161,22 @@ class _ModelBatch:
     def __len__(self) -> int:
         return len(self.owner)
 
-    def add(self, job: EngineJob, indices: list[int]) -> None:
-        s = job.spec
-        kind = sampler_kind(s.sampler, self.model.checkpoint.config.diffusion.variance_type)
-        self.batch.add([SlotSpec(seed=s.seed, index=i, steps=s.steps, kind=kind, eta=s.eta,
-                                 label=s.class_label, guidance=s.guidance_scale)
-                        for i in indices])
-        self.owner += [(job.job_id, i) for i in indices]
-        n = len(indices)
-        self.every = torch.cat([self.every, torch.full((n,), s.snapshot_every)])
-        self.use_xt = torch.cat([self.use_xt, torch.full((n,), s.snapshot_kind == "xt")])
+    def add(self, starts: list[tuple[EngineJob, list[int]]]) -> None:
+        """Start these images of these jobs: one append to the batch for all of them."""
+        specs, every, use_xt = [], [], []
+        vtype = self.model.checkpoint.config.diffusion.variance_type
+        for job, indices in starts:
+            s = job.spec
+            kind = sampler_kind(s.sampler, vtype)
+            specs += [SlotSpec(seed=s.seed, index=i, steps=s.steps, kind=kind, eta=s.eta,
+                               label=s.class_label, guidance=s.guidance_scale)
+                      for i in indices]
+            self.owner += [(job.job_id, i) for i in indices]
+            every += [s.snapshot_every] * len(indices)
+            use_xt += [s.snapshot_kind == "xt"] * len(indices)
+        self.batch.add(specs)
+        self.every = torch.cat([self.every, torch.tensor(every, dtype=torch.long)])
+        self.use_xt = torch.cat([self.use_xt, torch.tensor(use_xt, dtype=torch.bool)])
 
     def keep(self, mask: Tensor) -> None:
         self.batch.keep(mask)
@@ -185,9 +212,19 @@ class Engine:
         """Images admitted but not started."""
         return sum(len(j.waiting) for j in self.jobs.values())
 
+    @property
+    def room(self) -> int:
+        """Slots not yet promised to an admitted image: how many more 1-image jobs to take."""
+        return max(0, self.max_batch - self.active - self.waiting)
+
     def has_room(self) -> bool:
         """Whether another job should be taken: everything admitted fits in a batch."""
-        return self.active + self.waiting < self.max_batch
+        return self.room > 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether any admitted job has images left to compute."""
+        return bool(self.jobs)
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -219,18 +256,23 @@ class Engine:
         """Give free slots to waiting images, fewest-running job first (then oldest)."""
         free = self.max_batch - self.active
         starts: dict[str, list[int]] = {}
-        while free > 0:
-            ready = [j for j in self.jobs.values() if j.waiting]
-            if not ready:
-                break
-            job = min(ready, key=lambda j: (j.running, j.admitted_at))
+        ready = [(j.running, j.admitted_at, k, j) for k, j in enumerate(self.jobs.values())
+                 if j.waiting]
+        heapq.heapify(ready)
+        while free > 0 and ready:
+            _, admitted, k, job = heapq.heappop(ready)
             starts.setdefault(job.job_id, []).append(job.waiting.popleft())
             job.running += 1
             free -= 1
+            if job.waiting:
+                heapq.heappush(ready, (job.running, admitted, k, job))
+        by_model: dict[str, list[tuple[EngineJob, list[int]]]] = {}
         for job_id, indices in starts.items():
             job = self.jobs[job_id]
             job.started_tick.update(dict.fromkeys(indices, job.ticks))
-            self._batches[job.spec.model].add(job, indices)
+            by_model.setdefault(job.spec.model, []).append((job, indices))
+        for model, model_starts in by_model.items():
+            self._batches[model].add(model_starts)
 
     def step(self) -> StepReport:
         """Admit waiting images into free slots, then advance every model's batch one step."""
@@ -267,17 +309,17 @@ class Engine:
         for job in stepped:                  # a job's rows in this batch = its running images
             job.steps_done += job.running
             job.ticks += 1
-        report.progressed += [j.job_id for j in stepped]
         for row in torch.nonzero(finished).flatten().tolist():
             job = self.jobs[mb.owner[row][0]]
             job.running -= 1
             job.finished += 1
-            if job.done:
-                report.completed.append(job.job_id)
         if bool(finished.any()):
             mb.keep(~finished)
-        for job_id in report.completed:
-            self.jobs.pop(job_id, None)
+        for job in stepped:
+            report.progress.append(JobProgress(job.job_id, job.steps_done, job.finished,
+                                               job.image_steps(), job.done))
+            if job.done:
+                self.jobs.pop(job.job_id, None)
 
     def _step_with_oom_retry(self, mb: _ModelBatch):  # type: ignore[no-untyped-def]
         """Step; on out-of-memory halve the forward chunk and step again (jobs are kept)."""

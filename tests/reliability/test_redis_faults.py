@@ -102,7 +102,7 @@ def test_a_job_taken_as_redis_goes_is_put_back(aof_redis: RedisServer, r: redis.
     assert taken is not None and taken[0].id == first.id
     aof_redis.kill(signal.SIGKILL)
     with pytest.raises(RedisError):
-        w._start(*taken)                     # what _admit does next, with Redis gone
+        w._start([taken])                    # what _admit does next, with Redis gone
     aof_redis.start()
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -1,0 +1,154 @@
+"""RQ bookkeeping per step, not per job: what it costs in round-trips, and that batching it
+loses none of RQ's guarantees (a cancel is never overwritten, dependents are enqueued)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import redis
+from rq import Queue
+from rq.job import JobStatus
+from rq.registry import StartedJobRegistry
+
+from worker.client import cancel, enqueue, fetch_job
+from worker.contract import JOB_FUNC, SERIALIZER, GenerationSpec, queue_name
+from worker.main import build_worker
+from worker.redis_batch import SCRIPT, WriteBatch
+from worker.settings import WorkerSettings
+
+
+def _burst(w) -> None:  # type: ignore[no-untyped-def]
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        w.work(burst=True)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def _worker(redis_url: str, models_dir: Path, **settings: object):  # type: ignore[no-untyped-def]
+    return build_worker(WorkerSettings(redis_url=redis_url, models_dir=models_dir,
+                                       device="cpu", **{"max_batch": 8, **settings}))
+
+
+class Monitor:
+    """The commands clients send to Redis (MONITOR), without those a script runs inside."""
+
+    STOP = "test-monitor-stop"
+
+    def __init__(self, redis_url: str) -> None:
+        self.commands: list[str] = []
+        self._client = redis.Redis.from_url(redis_url)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "MONITOR did not start"
+
+    def _run(self) -> None:
+        with self._client.monitor() as m:
+            self._ready.set()
+            for cmd in m.listen():
+                text = cmd["command"]
+                if text == f"ECHO {self.STOP}":
+                    return
+                if cmd.get("client_type") != "lua":
+                    self.commands.append(text)
+
+    def stop(self) -> list[str]:
+        self._client.echo(self.STOP)
+        self._thread.join(10)
+        assert not self._thread.is_alive(), "MONITOR did not stop"
+        return self.commands
+
+
+def _commands_for(r: redis.Redis, redis_url: str, models_dir: Path, n: int) -> list[str]:
+    """What one worker sends Redis to run `n` one-image jobs that start, step and finish
+    together (max batch n, so the same number of steps whatever n)."""
+    r.flushall()
+    jobs = [enqueue(r, GenerationSpec(model="tiny", steps=3, seed=s, sampler="ddim"))
+            for s in range(n)]
+    w = _worker(redis_url, models_dir, max_batch=n, heartbeat_interval=60,
+                progress_interval=60)
+    mon = Monitor(redis_url)
+    _burst(w)
+    commands = mon.stop()
+    assert all(fetch_job(r, j.id).get_status() == JobStatus.FINISHED for j in jobs)
+    return commands
+
+
+def test_a_step_of_many_jobs_costs_round_trips_per_step_not_per_job(
+        r: redis.Redis, redis_url: str, models_dir: Path) -> None:
+    """RQ's bookkeeping, events, images and results of the jobs of a step take a few
+    commands per step, whatever the number of jobs: 24 more jobs cost fewer than 24 more
+    commands (RQ's own per-job path took ~20 round-trips per job: fetch, execution,
+    WATCH/MULTI/EXEC to start, heartbeat, WATCH/SMEMBERS/MULTI/EXEC to finish, events one
+    by one). The worker's start-up and maintenance are the same in both runs."""
+    few = _commands_for(r, redis_url, models_dir, 8)
+    many = _commands_for(r, redis_url, models_dir, 32)
+    assert len(many) - len(few) < 32 - 8, \
+        f"{len(few)} commands for 8 jobs, {len(many)} for 32: {many}"
+    # The bookkeeping went through scripts: no per-job transaction is left.
+    assert not any(c.startswith("WATCH") for c in many), many
+
+
+def test_a_cancel_between_take_and_start_is_kept(r: redis.Redis, redis_url: str,
+                                                 models_dir: Path) -> None:
+    """The window between taking jobs off the queue and marking them started, made
+    deterministic: the job canceled in it stays canceled, the others start and finish."""
+    jobs = [enqueue(r, GenerationSpec(model="tiny", steps=2, seed=s)) for s in range(3)]
+    w = _worker(redis_url, models_dir)
+    taken, bad = w.rq.take(w._ordered_queues, 8)
+    assert not bad and [j.id for j, _ in taken] == [j.id for j in jobs]
+    cancel(r, jobs[1].id)
+    started, canceled = w.rq.start(taken)
+    assert [s.job.id for s in started] == [jobs[0].id, jobs[2].id]
+    assert [j.id for j in canceled] == [jobs[1].id]
+    assert fetch_job(r, jobs[1].id).get_status() == JobStatus.CANCELED
+    q = Queue(queue_name("tiny"), connection=r, serializer=SERIALIZER)
+    assert r.llen(q.intermediate_queue_key) == 0, "every taken job leaves the list"
+    registry = StartedJobRegistry(queue=q)
+    assert sorted(registry.get_job_ids()) == sorted([jobs[0].id, jobs[2].id])
+    for s in started:                  # back to the queue, for a worker to run them
+        w.rq.release(s.job, s.execution)
+        q.enqueue_job(s.job)
+    _burst(_worker(redis_url, models_dir))
+    assert [fetch_job(r, j.id).get_status() for j in jobs] == \
+        [JobStatus.FINISHED, JobStatus.CANCELED, JobStatus.FINISHED]
+
+
+def test_dependents_of_a_batched_success_are_enqueued(r: redis.Redis, redis_url: str,
+                                                      models_dir: Path) -> None:
+    """RQ lets anyone make a job depend on ours; the batched success must still move it to
+    its queue (the script checks for dependents where it writes the success)."""
+    parent = enqueue(r, GenerationSpec(model="tiny", steps=2, seed=1))
+    plain = enqueue(r, GenerationSpec(model="tiny", steps=2, seed=2))
+    other = Queue("other", connection=r, serializer=SERIALIZER)
+    child = other.enqueue(JOB_FUNC, kwargs={}, depends_on=parent)
+    assert child.get_status() == JobStatus.DEFERRED
+    _burst(_worker(redis_url, models_dir))
+    assert fetch_job(r, parent.id).get_status() == JobStatus.FINISHED
+    assert fetch_job(r, plain.id).get_status() == JobStatus.FINISHED
+    assert child.get_status(refresh=True) == JobStatus.QUEUED
+    assert other.job_ids == [child.id]
+
+
+def test_write_batch_runs_each_group_only_where_its_guard_holds(r: redis.Redis) -> None:
+    run = r.register_script(SCRIPT)
+    r.hset("job:a", "status", "started")
+    r.hset("job:b", "status", "canceled")
+    r.sadd("deps:b", "x")
+    wb = WriteBatch(r)
+    wb.group().set("plain", b"\x00\xffbytes")
+    wb.group("not-canceled", "job:a").hset("job:a", mapping={"w": "1", "n": 2})
+    wb.group("not-canceled", "job:b").hset("job:b", "w", "1")
+    wb.group("not-canceled", "job:gone").hset("job:gone", "w", "1")
+    wb.group("absent", "deps:a").rpush("ran", "a")
+    wb.group("absent", "deps:b").rpush("ran", "b")
+    assert wb.run(run) == [True, True, False, False, True, False]
+    assert r.get("plain") == b"\x00\xffbytes"
+    assert r.hgetall("job:a") == {b"status": b"started", b"w": b"1", b"n": b"2"}
+    assert r.hget("job:b", "w") is None and not r.exists("job:gone")
+    assert r.lrange("ran", 0, -1) == [b"a"]
+    assert len(wb) == 0 and wb.run(run) == []

@@ -1,0 +1,373 @@
+"""RQ's bookkeeping for many jobs at once, and the workarounds a batching worker needs.
+
+RQ stays the source of truth: every job gets RQ's own execution, registries, status,
+result and heartbeats, written by RQ's own methods. What changes is how they reach Redis.
+RQ does a job's bookkeeping one job at a time, several round-trips each (a dequeue, a
+fetch, an execution, marking it started, a heartbeat, a success with its dependents
+check...). A batching worker starts and ends many jobs in the same step, so here each of
+those is one round-trip per step for all of them: the jobs a step takes are fetched in one
+pipeline and marked started in one round-trip; the jobs a step finishes succeed in one
+round-trip (both through redis_batch.py: RQ's own writes, replayed by one Lua script);
+every live execution is renewed in one pipeline.
+
+The workarounds (each found by a test in tests/reliability, and explained where it lives):
+the atomic take into RQ's intermediate list, marking started only where no cancel came
+first, putting back jobs taken as Redis went away, pruning dead executions,
+a short registry-cleaning lock, expiring canceled jobs, failing unreadable job hashes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from redis import Redis
+from rq import worker_registration
+from rq.executions import Execution, ExecutionRegistry
+from rq.job import Job, JobStatus, parse_job_id, validate_job_id
+from rq.queue import Queue
+from rq.rate_limit import release_slot
+from rq.registry import clean_registries
+from rq.utils import now, utcformat
+from rq.worker.base import WorkerStatus
+
+from . import redis_batch
+from .redis_batch import WriteBatch
+
+if TYPE_CHECKING:
+    from .loop import BatchWorker
+
+log = logging.getLogger("ddpm.worker")
+
+# Move up to ARGV[1] jobs from the first non-empty queues (KEYS: queue, its intermediate
+# list, ... in priority order) to the end of their intermediate lists, in one atomic step,
+# and return, per job: its queue key, its id, its hash (flat) and its execution ids
+# (ARGV[2], ARGV[3]: the job and execution registry key prefixes).
+_TAKE = """
+local want, out = tonumber(ARGV[1]), {}
+for i = 1, #KEYS, 2 do
+  while #out < 4 * want do
+    local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+    if not id then break end
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGETALL', ARGV[2] .. id)
+    out[#out + 1] = redis.call('ZRANGE', ARGV[3] .. id, 0, -1)
+  end
+  if #out >= 4 * want then break end
+end
+return out
+"""
+
+# One hash field of each key (nil where the key or the field is missing).
+_HGET_EACH = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[1]) end
+return out
+"""
+
+
+class Unreadable(Exception):
+    """A taken job whose hash RQ cannot load: it fails by hand, nothing else can run it."""
+
+    def __init__(self, job_id: str, queue: Queue, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.job_id, self.queue = job_id, queue
+
+
+@dataclass
+class Started:
+    """A job marked started: RQ's job, its queue and the execution this worker runs."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+
+
+@dataclass
+class Success:
+    """A job to mark succeeded, with what RQ records as its return value."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    result: dict[str, Any]
+
+
+class RqJobs:
+    """RQ's job bookkeeping for `worker`, batched per step."""
+
+    def __init__(self, worker: BatchWorker) -> None:
+        self.worker = worker
+        self.redis: Redis = worker.connection
+        self._take = self.redis.register_script(_TAKE)
+        self._run = self.redis.register_script(redis_batch.SCRIPT)
+        self._hget_each = self.redis.register_script(_HGET_EACH)
+
+    # -- taking and starting -----------------------------------------------------------
+
+    def take(self, queues: list[Queue], want: int) -> tuple[list[tuple[Job, Queue]],
+                                                            list[Unreadable]]:
+        """Up to `want` jobs in priority order, moved atomically from their queues into the
+        queues' intermediate lists (where RQ's maintenance finds them if this worker dies
+        before they are marked started), fetched in one round-trip.
+
+        RQ pops with plain LPOP/BLPOP when a worker listens on several queues (ours listens
+        on one per model and priority): a worker killed between that pop and marking the
+        job started lost the job for good (3 of 48 in test_worker_chaos.py's admission
+        test). The jobs' hashes come back with them, in the same round-trip. Jobs whose
+        hash is gone leave the intermediate list; jobs whose hash cannot be read come back
+        as `Unreadable`, to be failed.
+        """
+        keys = [k for q in queues for k in (q.key, q.intermediate_queue_key)]
+        hit = self._take(keys=keys, args=[want, Job.redis_job_namespace_prefix,
+                                          ExecutionRegistry.key_template.format("")])
+        if not hit:
+            return [], []
+        by_key = {q.key: q for q in queues}
+        replies = [(by_key[_text(hit[i])], _text(hit[i + 1]), hit[i + 2], hit[i + 3])
+                   for i in range(0, len(hit), 4)]
+        taken, bad, gone = [], [], []
+        stale: dict[str, list[str]] = {}
+        for queue, job_id, flat, executions in replies:
+            raw = dict(zip(flat[::2], flat[1::2], strict=True))
+            if not raw:                       # expired or deleted meanwhile: forget it
+                gone.append((queue, job_id))
+                continue
+            try:
+                job = self.worker.job_class(parse_job_id(job_id), connection=self.redis,
+                                            serializer=self.worker.serializer)
+                job.restore(raw)
+            except Exception as e:
+                bad.append(Unreadable(job_id, queue, e))
+                continue
+            taken.append((job, queue))
+            if executions:
+                stale[job_id] = [_text(e) for e in executions]
+        if gone:
+            with self.redis.pipeline(transaction=False) as p:
+                for queue, job_id in gone:
+                    p.lrem(queue.intermediate_queue_key, 1, job_id)
+                p.execute()
+        if stale:
+            self._prune_dead_executions(stale)
+        return taken, bad
+
+    def _prune_dead_executions(self, ids: dict[str, list[str]]) -> None:
+        """Drop expired executions (a killed worker's) from re-run jobs' execution
+        registries. RQ keeps their entries ~60 s past the execution itself, and meanwhile
+        `job.cancel()` of the re-run job raises ValueError: "Execution ... not found"."""
+        flat = [(job_id, e) for job_id, es in ids.items() for e in es]
+        with self.redis.pipeline(transaction=False) as p:
+            for job_id, e in flat:
+                p.exists(Execution(e, job_id, self.redis).key)
+            alive = p.execute()
+        with self.redis.pipeline(transaction=False) as p:
+            for (job_id, e), a in zip(flat, alive, strict=True):
+                if not a:
+                    p.zrem(ExecutionRegistry.key_template.format(job_id), e)
+            p.execute()
+
+    def start(self, taken: list[tuple[Job, Queue]]) -> tuple[list[Started], list[Job]]:
+        """RQ's bookkeeping before jobs run (an execution each, `prepare_job_execution`),
+        for all of `taken` in one atomic round-trip, but never over a cancellation: RQ
+        writes `started` unconditionally, so a cancel between the take and here was lost
+        (the job ran to success after its DELETE said canceled). Each job's writes are
+        guarded by its status when they run; the jobs canceled (or deleted) since their
+        take come back apart, untouched. Every job leaves its queue's intermediate list."""
+        w = self.worker
+        writes = WriteBatch(self.redis)
+        p = writes.group()
+        for job, queue in taken:
+            p.lrem(queue.intermediate_queue_key, 1, job.id)
+        candidates = []
+        for job, queue in taken:
+            p = writes.group("not-canceled", job.key)
+            ttl = w.get_heartbeat_ttl(job)
+            execution = Execution.create(job, ttl, pipeline=p, worker_name=w.name)
+            job.heartbeat(now(), ttl, pipeline=p)
+            job.prepare_for_execution(w.name, pipeline=p)
+            p.persist(job.key)
+            candidates.append(Started(job, queue, execution))
+        p = writes.group()
+        w.heartbeat(w.settings.execution_ttl, pipeline=p)
+        w.set_state(WorkerStatus.BUSY, pipeline=p)
+        ran = writes.run(self._run)[1:-1]
+        started = [s for s, ok in zip(candidates, ran, strict=True) if ok]
+        for s in started:
+            w.executions[s.execution.id] = s.execution
+        return started, [s.job for s, ok in zip(candidates, ran, strict=True) if not ok]
+
+    def put_back(self, job: Job, queue: Queue) -> None:
+        """A job taken just as Redis went away, before it was marked started, is in no
+        queue and no registry: only this worker knows it, so it goes back in front."""
+        w = self.worker
+        with self.redis.pipeline() as p:
+            for execution in [e for e in w.executions.values() if e.job_id == job.id]:
+                w.cleanup_execution(job, p, execution)    # half-made, if any
+            queue.enqueue_job(job, pipeline=p, at_front=True)
+            p.lrem(queue.intermediate_queue_key, 1, job.id)
+            p.execute()
+
+    # -- ending --------------------------------------------------------------------------
+
+    def succeed(self, jobs: list[Success]) -> None:
+        """RQ's success bookkeeping (`handle_job_success`: result, finished registry, TTLs,
+        worker counters, execution cleanup) for all of `jobs` in one atomic round-trip.
+        Jobs with dependents, repeats or success callbacks (never ours, but RQ lets anyone
+        add them) take RQ's own path; whether a job has dependents is decided inside the
+        script, so one added meanwhile is never missed."""
+        if not jobs:
+            return
+        w = self.worker
+        ended = now()
+        writes = WriteBatch(self.redis)
+        own, theirs = [], []
+        for s in jobs:
+            s.job.ended_at = ended
+            s.job._result = s.result
+            if s.job.repeats_left or s.job._success_callback_name:
+                theirs.append(s)
+                continue
+            self._queue_success(writes.group("absent", s.job.dependents_key), s)
+            own.append(s)
+        ran = writes.run(self._run)
+        for s, ok in zip(own, ran, strict=True):
+            if ok:
+                s.job._status = JobStatus.FINISHED
+                release_slot(s.job)
+            else:
+                theirs.append(s)
+        for s in theirs:
+            w._finalize_success(s.job, s.queue, s.execution, s.result)
+
+    def _queue_success(self, p: Any, s: Success) -> None:
+        """What RQ's handle_job_success writes for one job (its last-heartbeat write aside:
+        the job's saved hash carries it)."""
+        w, job = self.worker, s.job
+        w.increment_successful_job_count(pipeline=p)
+        if job.started_at and job.ended_at:
+            w.increment_total_working_time(job.ended_at - job.started_at, p)
+        result_ttl = job.get_result_ttl(w.default_result_ttl)
+        if result_ttl != 0:
+            job._handle_success(result_ttl, pipeline=p, worker_name=w.name,
+                                execution_id=s.execution.id,
+                                execution_started_at=s.execution.created_at,
+                                execution_ended_at=job.ended_at)
+        job.cleanup(result_ttl, pipeline=p, remove_from_queue=False)
+        w.cleanup_execution(job, pipeline=p, execution=s.execution)
+
+    def release(self, job: Job, execution: Execution) -> None:
+        """End an execution without recording an outcome (canceled, or re-queued)."""
+        with self.redis.pipeline() as p:
+            self.worker.cleanup_execution(job, p, execution)
+            p.execute()
+
+    def fail_unreadable(self, bad: Unreadable, ttl: int) -> None:
+        """Fail, by hand, a taken job whose hash RQ cannot load (its status, the failed
+        registry): none of RQ's job methods work on it."""
+        self.redis.lrem(bad.queue.intermediate_queue_key, 1, bad.job_id)
+        try:
+            validate_job_id(bad.job_id)
+        except (TypeError, ValueError):
+            return                      # not even a job id: nothing to mark
+        with self.redis.pipeline() as p:
+            p.hset(Job.key_for(bad.job_id), mapping={"status": JobStatus.FAILED.value,
+                                                     "ended_at": utcformat(now())})
+            p.expire(Job.key_for(bad.job_id), ttl)
+            p.zadd(bad.queue.failed_job_registry.key, {bad.job_id: time.time() + ttl})
+            p.execute()
+
+    def statuses(self, jobs: list[Job]) -> list[bytes | None]:
+        """Each job's status as stored now (None: the hash is gone), in one round-trip."""
+        if not jobs:
+            return []
+        return list(self._hget_each(keys=[j.key for j in jobs], args=["status"]))
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def heartbeat(self, live: list[tuple[Job, Execution]]) -> None:
+        """`maintain_heartbeats` for every live execution in one pipeline (the worker's own
+        heartbeat when none): a slow step never makes a live job look abandoned."""
+        w = self.worker
+        if not live:
+            w.heartbeat()
+            return
+        worker_ttl = w.job_monitoring_interval + 60
+        with self.redis.pipeline() as p:
+            w.heartbeat(worker_ttl, pipeline=p)
+            marks = []
+            for job, execution in live:
+                started = job.started_at
+                working = (now() - started).total_seconds() if started else 0.0
+                ttl = int(w.get_heartbeat_ttl(job, working_time=working))
+                execution.heartbeat(job.started_job_registry, ttl, pipeline=p)
+                marks.append((len(p), job))
+                job.heartbeat(now(), ttl, pipeline=p, xx=True)
+            results = p.execute()
+            # As RQ's: an HSET that created the hash means the job (or the worker's hash)
+            # had gone; remove (or rebuild) what the heartbeat brought back.
+            for index, job in marks:
+                if results[index] == 1:
+                    p.delete(job.key)
+            if results[0] == 1:
+                p.hset(w.key, mapping=w.serialize())
+                p.expire(w.key, worker_ttl)
+            if len(p):
+                p.execute()
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def clean_registries(self, queues: list[Queue], lock_ttl: int) -> None:
+        """RQ's pass, under a per-queue lock that expires after `lock_ttl` (one maintenance
+        interval, at least 10 s) instead of RQ's 899 s: a worker SIGKILLed mid-pass leaves
+        its lock behind, and while it lives no worker re-queues that queue's abandoned
+        jobs."""
+        w = self.worker
+        for queue in queues:
+            if self.redis.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_ttl):
+                log.debug("cleaning registries for queue %s", queue.name)
+                clean_registries(queue, w._exc_handlers)
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(w, queue)
+                queue.release_maintenance_lock()
+
+    def clean_canceled(self, queues: list[Queue], ttl: int) -> None:
+        """RQ never cleans its canceled registries, and a job canceled without us (`rq`,
+        `worker.client.cancel`) keeps its hash forever. Like finished jobs: each newly
+        canceled job's hash gets the result TTL and its member is re-scored to expire with
+        it; members whose job is gone are removed. Touches only members due (score ≤ now)."""
+        t = time.time()
+        for queue in queues:
+            key = queue.canceled_job_registry.key
+            due = self.redis.zrangebyscore(key, 0, t)
+            if not due:
+                continue
+            with self.redis.pipeline(transaction=False) as p:
+                for job_id in due:
+                    p.ttl(Job.key_for(job_id.decode()))
+                ttls = p.execute()
+            with self.redis.pipeline(transaction=False) as p:
+                for job_id, left in zip(due, ttls, strict=True):
+                    if left == -2:                     # expired or deleted
+                        p.zrem(key, job_id)
+                        continue
+                    if left == -1:
+                        left = ttl
+                        p.expire(Job.key_for(job_id.decode()), left)
+                    p.zadd(key, {job_id: t + left}, xx=True)
+                p.execute()
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def enqueued_wait(job: Job, started: datetime | None) -> float:
+    """Seconds the job waited in its queue (0 when unknown)."""
+    if job.enqueued_at is None or started is None:
+        return 0.0
+    return max(0.0, (started - job.enqueued_at).total_seconds())
