@@ -32,6 +32,17 @@ an animation of the denoising. Errors are `{"error": {"code", "message", "field"
 """
 
 
+def app_from_env() -> FastAPI:
+    """The factory each API process calls when several share a port (`ddpm api --workers N`;
+    `uvicorn app.main:app_from_env --factory --workers N` and gunicorn's uvicorn worker do
+    the same, given PROMETHEUS_MULTIPROC_DIR): settings from the DDPM_* environment, logging
+    as `ddpm api` sets it up."""
+    settings = ApiSettings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return create_app(settings)
+
+
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     auth = KeyAuth(settings.api_keys)
@@ -59,14 +70,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         finally:
             await aredis.aclose()
             redis.close()
+            metrics.close()
 
     app = FastAPI(title="ddpm-serve", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan,
                   responses={413: {"model": errors.ErrorBody, "description": "body too large"}})
     app.state.settings, app.state.auth, app.state.metrics = settings, auth, metrics
     app.state.streams = StreamSlots(settings.max_streams, settings.max_streams_per_caller,
-                                    settings.retry_after)
-    metrics.streams.set_function(lambda: app.state.streams.open)
+                                    settings.retry_after, on_change=metrics.streams.set)
     errors.install(app)
     redact.install()            # no Authorization header in DEBUG logs of /ws
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]

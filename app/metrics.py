@@ -1,14 +1,22 @@
 """Prometheus metrics of the API: requests by route and status, latency, and (read from
 Redis at scrape time, so every replica reports the same truth) queue depths, jobs by
-status and live workers."""
+status and live workers.
+
+Several processes behind one port (`ddpm api --workers N`, or uvicorn/gunicorn workers with
+`PROMETHEUS_MULTIPROC_DIR` set to an empty directory before they start): each process
+writes its counters to files there and `/metrics`, whichever process answers, sums them
+(prometheus-client's multiprocess mode); the open-streams gauge is the sum over live
+processes.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
@@ -28,22 +36,38 @@ from .jobs import JobStore
 log = logging.getLogger("ddpm.api")
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class ApiMetrics:
     def __init__(self) -> None:
+        # In multiprocess mode the values live in the directory's files; `registry` is then
+        # what /metrics serves: every process's files, summed, and the Redis collector.
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = r = CollectorRegistry()
+        own = None if self.multiprocess else r
         self.requests = Counter("ddpm_api_requests", "HTTP requests by route and status",
-                                ["method", "route", "status"], registry=r)
+                                ["method", "route", "status"], registry=own)
         self.latency = Histogram(
             "ddpm_api_request_seconds", "Time to the response's first byte, by route",
-            ["method", "route"], registry=r,
+            ["method", "route"], registry=own,
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.generations = Counter("ddpm_api_generations_created",
-                                   "Generations accepted, by model", ["model"], registry=r)
+                                   "Generations accepted, by model", ["model"], registry=own)
         self.streams = Gauge("ddpm_api_open_streams", "SSE and WebSocket streams open now "
-                             "(this process)", registry=r)
+                             "(summed over the API's processes)", registry=own,
+                             multiprocess_mode="livesum")
+        if self.multiprocess:
+            multiprocess.MultiProcessCollector(r)
 
     def watch(self, store: JobStore) -> None:
         self.registry.register(RedisCollector(store))
+
+    def close(self) -> None:
+        """At the process's exit: its open-streams gauge no longer counts (its counters
+        still do: a restarted process does not take back what the old one served)."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class RedisCollector(Collector):

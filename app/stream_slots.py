@@ -12,17 +12,19 @@ All streams of a process run on its one event loop, so plain counters need no lo
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .errors import ApiError
 
 
 class StreamSlots:
-    def __init__(self, total: int, per_caller: int, retry_after: int) -> None:
+    def __init__(self, total: int, per_caller: int, retry_after: int,
+                 on_change: Callable[[int], object] | None = None) -> None:
         self.total, self.per_caller, self.retry_after = total, per_caller, retry_after
         self.open = 0
         self._by_caller: Counter[str] = Counter()
+        self._on_change = on_change or (lambda _: None)   # the gauge, told each new count
 
     def acquire(self, caller: str) -> None:
         """Take a slot for `caller`, or raise the 503/429 the client should see."""
@@ -37,12 +39,14 @@ class StreamSlots:
                            headers=headers)
         self.open += 1
         self._by_caller[caller] += 1
+        self._on_change(self.open)
 
     def release(self, caller: str) -> None:
         self.open -= 1
         self._by_caller[caller] -= 1
         if self._by_caller[caller] <= 0:
             del self._by_caller[caller]
+        self._on_change(self.open)
 
     @contextmanager
     def hold(self, caller: str) -> Iterator[None]:

@@ -63,7 +63,8 @@ def _with(data: str, **extra: str | None) -> str:
         return json.dumps({**json.loads(data), **extra}, separators=(",", ":"))
     fields = ",".join(f'"{k}":' + ("null" if v is None else f'"{v}"')
                       for k, v in extra.items())
-    return f"{data[:-1]},{fields}}}" if data.strip() != "{}" else f"{{{fields}}}"
+    data = data.strip()
+    return f"{data[:-1]},{fields}}}" if data[1:-1].strip() else f"{{{fields}}}"
 
 
 def _b64(png: bytes | None) -> str | None:

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Flags override DDPM_* environment variables.")
     _listen_flags(a)
     a.add_argument("--redis-url", help="e.g. redis://host:6379/0 (DDPM_REDIS_URL)")
+    a.add_argument("--workers", type=_bounded_int(1, 64), default=1,
+                   help="API processes sharing the port (default 1); /metrics sums them")
 
     v = sub.add_parser("serve", help="all-in-one: embedded Redis, one worker and the API",
                        description="Uses DDPM_REDIS_URL's Redis if set, else starts one.")
@@ -271,14 +273,37 @@ def _api(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    settings = _api_settings(args)
+    if args.workers > 1:
+        return _api_processes(args, settings)
     from app.main import create_app
 
-    settings = _api_settings(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Open event streams would hold a graceful shutdown forever: give them a few seconds.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    return 0
+
+
+def _api_processes(args: argparse.Namespace, settings) -> int:  # type: ignore[no-untyped-def]
+    """`--workers N`: uvicorn's supervisor and N processes on one port, each building its
+    own app and settings from the environment (the flags are put there first). Their
+    metrics go to a fresh directory for this run (PROMETHEUS_MULTIPROC_DIR), which each
+    process's /metrics sums; it is removed at exit."""
+    import os
+    import tempfile
+
+    import uvicorn
+
+    for name in ("host", "port", "redis_url"):
+        if getattr(args, name, None) is not None:
+            os.environ[f"DDPM_{name.upper()}"] = str(getattr(args, name))
+    with tempfile.TemporaryDirectory(prefix="ddpm-api-metrics-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        uvicorn.run("app.main:app_from_env", factory=True, workers=args.workers,
+                    host=settings.host, port=settings.port,
+                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
     return 0
 
 

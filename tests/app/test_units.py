@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -14,7 +15,7 @@ from app.errors import ApiError, _field
 from app.media import animation_gif, grid_png
 from app.routes.generations import _check_webhook
 from app.settings import ApiSettings
-from app.streams import check_event_id
+from app.streams import StreamEvent, _with, check_event_id
 
 
 def test_settings_take_comma_lists_and_digests(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,3 +114,23 @@ def test_event_ids() -> None:
         with pytest.raises(ApiError) as e:
             check_event_id(bad, "Last-Event-ID")
         assert e.value.status == 422 and e.value.field == "Last-Event-ID"
+
+
+@pytest.mark.parametrize(("data", "extra", "expected"), [
+    ('{"index":0,"step":4}', {"png": "QUJD"}, {"index": 0, "step": 4, "png": "QUJD"}),
+    ("{}", {"png": None}, {"png": None}),
+    (" {} ", {"url": "/u"}, {"url": "/u"}),
+    ("{ }", {"url": "/u"}, {"url": "/u"}),
+    ('{"index":1}', {"url": "/u", "png": None}, {"index": 1, "url": "/u", "png": None}),
+    ('{"png":"old","a":[1,{"b":"}"}]}', {"png": "new"}, {"png": "new", "a": [1, {"b": "}"}]}),
+])
+def test_event_data_is_spliced_not_reparsed(data: str, extra: dict, expected: dict) -> None:
+    out = _with(data, **extra)
+    assert json.loads(out) == expected
+    assert out.count('"png"') <= 1
+
+
+def test_websocket_messages_wrap_the_data_as_is() -> None:
+    for ev in (StreamEvent("done", '{"images":["/a"]}', "1-0"), StreamEvent("canceled")):
+        assert json.loads(ev.as_message()) == {"id": ev.id, "event": ev.event,
+                                               "data": json.loads(ev.data)}
