@@ -54,8 +54,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                socket_connect_timeout=5)
         # Every open stream blocks in XREAD on a connection of its own: the pool must hold
         # them all (redis-py's default of 100 failed the 101st stream with a traceback).
+        # Their XREAD BLOCKs last up to stream_poll_ms: the socket timeout must outlast one
+        # (redis-py 8 defaults to 5 s, which cut every stream polled for longer).
         aredis = AsyncRedis.from_url(settings.redis_url, health_check_interval=30,
                                      socket_connect_timeout=5,
+                                     socket_timeout=settings.stream_poll_ms / 1000 + 5,
                                      max_connections=settings.max_streams + 64)
         store = JobStore(redis, settings)
         app.state.store, app.state.aredis = store, aredis
