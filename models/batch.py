@@ -99,18 +99,18 @@ class SlotBatch:
             return
         T = self.schedule.num_timesteps
         null = self.num_classes
-        plans = []
+        by_steps: dict[int, Tensor] = {}    # one plan per step count, however many slots
         for s in specs:
             if s.label is not None and not (self.num_classes and 0 <= s.label < self.num_classes):
                 raise ValueError(f"label {s.label} is out of range for this model")
-            plans.append(spaced_timesteps(s.steps, T))
+            if s.steps not in by_steps:
+                by_steps[s.steps] = spaced_timesteps(s.steps, T)
         keys = torch.tensor([image_seed(s.seed, s.index) for s in specs], device=self.device)
         x_T = counter_normal(keys, torch.zeros_like(keys), self.shape)   # counter 0: x_T
-        width = max(self.plans.shape[1], max(len(p) for p in plans) + 1)
-        self.plans = torch.cat([
-            _pad(self.plans, width),
-            torch.stack([_pad(p[None], width)[0] for p in plans]),
-        ])
+        width = max(self.plans.shape[1], max(len(p) for p in by_steps.values()) + 1)
+        padded = {n: _pad(p[None], width)[0] for n, p in by_steps.items()}
+        self.plans = torch.cat([_pad(self.plans, width),
+                                torch.stack([padded[s.steps] for s in specs])])
         self.x = torch.cat([self.x, x_T])
         self.x0_prev = torch.cat([self.x0_prev, torch.zeros_like(self.x[-len(specs):])])
         self.pos = torch.cat([self.pos, torch.zeros(len(specs), dtype=torch.long)])

@@ -83,16 +83,24 @@ class Frame:
     final: bool
 
 
-@dataclass(frozen=True)
 class JobProgress:
     """Where one job stands after a step: what the loop reports, without reading the
-    engine's own state."""
+    engine's own state. `image_steps` is computed only when asked (the loop asks only for
+    the progress events it sends: a record per job per step must stay cheap)."""
 
-    job_id: str
-    steps_done: int                  # summed over the job's images
-    images_done: int
-    image_steps: list[int]           # steps each image has completed
-    done: bool                       # every image is final (the job has left the engine)
+    __slots__ = ("_job", "done", "images_done", "job_id", "steps_done")
+
+    def __init__(self, job: EngineJob) -> None:
+        self._job = job
+        self.job_id = job.job_id
+        self.steps_done = job.steps_done        # summed over the job's images
+        self.images_done = job.finished
+        self.done = job.done                    # every image is final; the job left
+
+    @property
+    def image_steps(self) -> list[int]:
+        """Steps each image has completed."""
+        return self._job.image_steps()
 
 
 @dataclass
@@ -110,6 +118,15 @@ class StepReport:
     def completed(self) -> list[str]:
         """Jobs whose every image is final."""
         return [p.job_id for p in self.progress if p.done]
+
+
+class StepOutOfMemory(torch.OutOfMemoryError):
+    """Models out of memory at a forward of one row: what the step did for the others."""
+
+    def __init__(self, report: StepReport, failed: dict[str, torch.OutOfMemoryError]) -> None:
+        super().__init__("; ".join(f"{m}: {e}" for m, e in failed.items()))
+        self.report = report
+        self.failed = failed
 
 
 class Forward:
@@ -275,13 +292,26 @@ class Engine:
             self._batches[model].add(model_starts)
 
     def step(self) -> StepReport:
-        """Admit waiting images into free slots, then advance every model's batch one step."""
+        """Admit waiting images into free slots, then advance every model's batch one step.
+
+        A model out of memory even one row at a time does not stop the others: they step,
+        and then `StepOutOfMemory` carries their report and the model that failed."""
         self._fill()
         report = StepReport()
-        for mb in self._batches.values():
+        failed: dict[str, torch.OutOfMemoryError] = {}
+        for name, mb in self._batches.items():
             if len(mb):
-                self._step_model(mb, report)
+                try:
+                    self._step_model(mb, report)
+                except torch.OutOfMemoryError as e:
+                    failed[name] = e
+        if failed:
+            raise StepOutOfMemory(report, failed)
         return report
+
+    def jobs_of(self, model: str) -> list[str]:
+        """Ids of the admitted jobs of `model`."""
+        return [j.job_id for j in self.jobs.values() if j.spec.model == model]
 
     def _step_model(self, mb: _ModelBatch, report: StepReport) -> None:
         # Host time, with no device sync: the next step's Python overlaps this step's kernels,
@@ -316,8 +346,7 @@ class Engine:
         if bool(finished.any()):
             mb.keep(~finished)
         for job in stepped:
-            report.progress.append(JobProgress(job.job_id, job.steps_done, job.finished,
-                                               job.image_steps(), job.done))
+            report.progress.append(JobProgress(job))
             if job.done:
                 self.jobs.pop(job.job_id, None)
 

@@ -114,15 +114,15 @@ class LiveJobs:
         Raises RedisError with the jobs still live: the next pass tries again."""
         if not runs:
             return
-        results = {r.id: self._result(r) for r in runs}
+        results = {r.id: self._result(r).to_dict() for r in runs}
         with self.lock:
-            self.rq.succeed([Success(r.job, r.queue, r.execution, results[r.id].to_dict())
+            self.rq.succeed([Success(r.job, r.queue, r.execution, results[r.id])
                              for r in runs])
             for r in runs:
                 self._jobs.pop(r.id, None)
         batch = Batch()
         for r in runs:
-            batch.event(r.id, Event(EventType.DONE, results[r.id].to_dict()))
+            batch.event(r.id, Event(EventType.DONE, results[r.id]))
             elapsed = time.monotonic() - r.started
             self.metrics.jobs.labels("succeeded").inc()
             self.metrics.duration.labels("succeeded").observe(elapsed)

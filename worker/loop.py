@@ -46,11 +46,11 @@ from .contract import (
     queue_name,
     withdraw_worker,
 )
-from .engine import Engine, StepReport
+from .engine import Engine, StepOutOfMemory, StepReport
 from .events import Batch, EventWriter
 from .live import JobError, LiveJob, LiveJobs, parse_spec
 from .metrics import WorkerMetrics
-from .rq_jobs import RqJobs, Unreadable, enqueued_wait
+from .rq_jobs import BatchJob, RqJobs, Unreadable, enqueued_wait
 from .settings import WorkerSettings
 
 log = logging.getLogger("ddpm.worker")
@@ -72,7 +72,8 @@ class BatchWorker(BaseWorker):
         if not queues:
             raise ValueError("no models to serve")
         super().__init__(queues, name=settings.name, connection=connection,
-                         serializer=SERIALIZER, worker_ttl=settings.worker_ttl,
+                         serializer=SERIALIZER, job_class=BatchJob,
+                         worker_ttl=settings.worker_ttl,
                          maintenance_interval=settings.maintenance_interval,
                          job_monitoring_interval=int(settings.heartbeat_interval),
                          default_result_ttl=settings.result_ttl)
@@ -145,7 +146,7 @@ class BatchWorker(BaseWorker):
                             worked = True
                     stepped = self.engine.busy
                     if stepped:
-                        self._emit(self.engine.step(), batch)
+                        self._emit(self._step(), batch)
                     self._send(batch)
                     self._retire()
                     if not self.live:
@@ -283,7 +284,30 @@ class BatchWorker(BaseWorker):
         self.writer.event(bad.job_id, Event(EventType.ERROR, {"message": message}))
         self.metrics.jobs.labels("failed").inc()
 
-    # -- emit ------------------------------------------------------------------------
+    # -- step and emit ----------------------------------------------------------------
+
+    def _step(self) -> StepReport:
+        """One engine step. A model out of memory at one row fails its jobs (RQ may retry
+        them, on this worker or another), never the worker or the other models' jobs."""
+        try:
+            report = self.engine.step()
+        except StepOutOfMemory as e:
+            report = e.report
+            for model, error in e.failed.items():
+                for job_id in self.engine.jobs_of(model):
+                    run = self.live.get(job_id)
+                    if run is not None:
+                        self.live.fail(run, f"out of memory on {self.engine.device} even "
+                                       f"one image at a time: {error}", retry=True)
+                    else:
+                        self.engine.cancel(job_id)
+        if self.engine.device.type == "cuda":
+            self.metrics.gpu_memory.labels("allocated").set(
+                torch.cuda.memory_allocated(self.engine.device))
+            self.metrics.gpu_memory.labels("reserved").set(
+                torch.cuda.memory_reserved(self.engine.device))
+        return report
+
 
     def _emit(self, report: StepReport, batch: Batch) -> None:
         """The step's frames and (throttled) progress, into this pass's writer batch."""
@@ -390,11 +414,6 @@ class BatchWorker(BaseWorker):
                 with self.live.lock:
                     self.rq.heartbeat(self.live.executions())
                 self.advertise()
-                if torch.cuda.is_available() and self.engine.device.type == "cuda":
-                    self.metrics.gpu_memory.labels("allocated").set(
-                        torch.cuda.memory_allocated(self.engine.device))
-                    self.metrics.gpu_memory.labels("reserved").set(
-                        torch.cuda.memory_reserved(self.engine.device))
             except RedisError as e:
                 log.error("heartbeat failed: %s", e)
             except Exception:  # the side thread must outlive any one failure

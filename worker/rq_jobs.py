@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
@@ -30,7 +31,7 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus, parse_job_id, validate_job_id
 from rq.queue import Queue
 from rq.rate_limit import release_slot
-from rq.registry import clean_registries
+from rq.registry import FinishedJobRegistry, StartedJobRegistry, clean_registries
 from rq.utils import now, utcformat
 from rq.worker.base import WorkerStatus
 
@@ -68,6 +69,22 @@ local out = {}
 for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[1]) end
 return out
 """
+
+
+class BatchJob(Job):
+    """RQ's Job, with its registries made once per job: RQ builds a new registry object
+    (and checks its serializer against a typing Protocol, ~30 µs) at every use, three times
+    per job on the worker's hot path."""
+
+    @cached_property
+    def started_job_registry(self) -> StartedJobRegistry:  # type: ignore[override]
+        return StartedJobRegistry(self.origin, connection=self.connection,
+                                  job_class=self.__class__, serializer=self.serializer)
+
+    @cached_property
+    def finished_job_registry(self) -> FinishedJobRegistry:  # type: ignore[override]
+        return FinishedJobRegistry(self.origin, connection=self.connection,
+                                   job_class=self.__class__, serializer=self.serializer)
 
 
 class Unreadable(Exception):

@@ -8,12 +8,21 @@ import threading
 from pathlib import Path
 
 import redis
+import torch
 from rq import Queue
 from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 
 from worker.client import cancel, enqueue, fetch_job
-from worker.contract import JOB_FUNC, SERIALIZER, GenerationSpec, queue_name
+from worker.contract import (
+    JOB_FUNC,
+    SERIALIZER,
+    Event,
+    EventType,
+    GenerationSpec,
+    events_key,
+    queue_name,
+)
 from worker.main import build_worker
 from worker.redis_batch import SCRIPT, WriteBatch
 from worker.settings import WorkerSettings
@@ -31,6 +40,10 @@ def _burst(w) -> None:  # type: ignore[no-untyped-def]
 def _worker(redis_url: str, models_dir: Path, **settings: object):  # type: ignore[no-untyped-def]
     return build_worker(WorkerSettings(redis_url=redis_url, models_dir=models_dir,
                                        device="cpu", **{"max_batch": 8, **settings}))
+
+
+def events(r: redis.Redis, job_id: str) -> list[Event]:
+    return [Event.from_fields(f) for _, f in r.xrange(events_key(job_id))]
 
 
 class Monitor:
@@ -152,3 +165,28 @@ def test_write_batch_runs_each_group_only_where_its_guard_holds(r: redis.Redis) 
     assert r.hget("job:b", "w") is None and not r.exists("job:gone")
     assert r.lrange("ran", 0, -1) == [b"a"]
     assert len(wb) == 0 and wb.run(run) == []
+
+
+class _OutOfMemory:
+    """A network that is out of memory for any batch, one row included (what a GPU too
+    small for the model does): a real torch.OutOfMemoryError, raised by the forward."""
+
+    def __call__(self, x, t, y=None):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+
+def test_out_of_memory_at_one_row_fails_that_models_jobs_not_the_worker(
+        r: redis.Redis, redis_url: str, models_dir: Path) -> None:
+    """The engine halves its chunk down to one row, then gives up: the jobs of that model
+    fail with the reason (retries exhausted), the other model's job in the same steps
+    finishes, and the worker lives on to run its queues empty."""
+    w = _worker(redis_url, models_dir)
+    w.engine._batches["tiny"].forward.net = _OutOfMemory()
+    oom = enqueue(r, GenerationSpec(model="tiny", num_images=2, steps=3, seed=1), retries=0)
+    fine = enqueue(r, GenerationSpec(model="tinycond", steps=3, seed=2, class_label=1))
+    _burst(w)
+    assert fetch_job(r, oom.id).get_status() == JobStatus.FAILED
+    assert "out of memory" in fetch_job(r, oom.id).latest_result().exc_string
+    assert fetch_job(r, fine.id).get_status() == JobStatus.FINISHED
+    errors = [e for e in events(r, oom.id) if e.type == EventType.ERROR]
+    assert len(errors) == 1 and "out of memory" in errors[0].data["message"]
