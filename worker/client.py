@@ -13,7 +13,7 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.webhook import Webhook
 
-from .contract import JOB_FUNC, SERIALIZER, GenerationSpec, queue_name
+from .contract import JOB_FUNC, SERIALIZER, GenerationSpec, queue_name, wake_commands
 
 DEFAULT_RETRIES = 3   # re-queues after a worker dies mid-job (abandoned executions)
 
@@ -32,15 +32,21 @@ def enqueue(redis: Redis, spec: GenerationSpec, *, job_id: str | None = None,
     the caller vouches for the URL (the API checks it against its allow-list).
 
     With `pipeline`, RQ queues the job's writes (SADD rq:queues, the job hash, RPUSH onto
-    the queue) on it and nothing is sent: the caller executes them (`enqueue_commands`).
+    the queue) and the token that wakes an idle worker on it and nothing is sent: the
+    caller executes them (`enqueue_commands`).
     """
     hooks = [Webhook(webhook, status, method="POST") for status in ("finished", "failed")] \
         if webhook else None
-    return generation_queue(redis, spec).enqueue(
+    own = pipeline if pipeline is not None else redis.pipeline(transaction=True)
+    job = generation_queue(redis, spec).enqueue(
         JOB_FUNC, kwargs=spec.model_dump(mode="json"), job_id=job_id, result_ttl=result_ttl,
         failure_ttl=result_ttl, job_timeout=timeout, meta=meta or {}, webhooks=hooks,
-        retry=Retry(max=retries) if retries else None, pipeline=pipeline,
+        retry=Retry(max=retries) if retries else None, pipeline=own,
         description=f"generate {spec.model} ×{spec.num_images} ({spec.sampler}, {spec.steps})")
+    wake_commands(own, spec.model)
+    if pipeline is None:
+        own.execute()
+    return job
 
 
 def enqueue_commands(redis: Redis, spec: GenerationSpec, **kwargs: Any

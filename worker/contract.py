@@ -140,6 +140,27 @@ def worker_key(worker_name: str) -> str:
     return f"{PREFIX}:workers:{worker_name}"
 
 
+# Idle workers block on their models' wake lists (BLPOP) instead of polling the queues:
+# every enqueue of ours pushes a token (`wake_commands`), bounded and expiring, so a token
+# nobody waits for costs nothing. Jobs enqueued by other tools (plain RQ) push none: an idle
+# worker still looks at the queues every WAKE_TIMEOUT seconds.
+WAKE_MAXLEN = 64
+WAKE_TTL = 60
+WAKE_TIMEOUT = 0.25
+
+
+def wake_key(model: str) -> str:
+    return f"{PREFIX}:wake:{model}"
+
+
+def wake_commands(pipe: Any, model: str) -> None:
+    """Queue on `pipe` the writes that wake one idle worker of `model`."""
+    key = wake_key(model)
+    pipe.rpush(key, 1)
+    pipe.ltrim(key, -WAKE_MAXLEN, -1)
+    pipe.expire(key, WAKE_TTL)
+
+
 # Live workers by name, scored by when their advertisement expires: readers find the
 # advertisements without SCANning the whole keyspace (a SCAN per POST grew with every job's
 # keys: 47 ms per submission with 100k keys in Redis, bench/api_overhead.py --prefill-keys).

@@ -6,7 +6,8 @@ registries, results, `rq info` and rq-dashboard stay right while dozens of jobs 
 batch. One pass of the loop:
 
     admit    take as many jobs as the engine has room for and mark them started: two
-             round-trips for all of them (rq_jobs.py); wait ≤ 1 s only when idle
+             round-trips for all of them (rq_jobs.py); when idle, block until an
+             enqueue wakes it (≤ 1 s)
     step     one engine step: a UNet forward per model over every active slot
     emit     the step's frames, progress and started events → one writer batch: encoded
              and sent to Redis by the writer thread as one command (events.py)
@@ -40,10 +41,12 @@ from .catalog import Catalog
 from .contract import (
     PRIORITIES,
     SERIALIZER,
+    WAKE_TIMEOUT,
     Event,
     EventType,
     advertise_worker,
     queue_name,
+    wake_key,
     withdraw_worker,
 )
 from .engine import Engine, StepOutOfMemory, StepReport
@@ -56,7 +59,6 @@ from .settings import WorkerSettings
 log = logging.getLogger("ddpm.worker")
 
 CONTROL_INTERVAL = 0.25     # seconds between checks for canceled jobs
-IDLE_POLL = 0.02            # seconds between looks at the queues while idle
 
 
 class BatchWorker(BaseWorker):
@@ -86,6 +88,7 @@ class BatchWorker(BaseWorker):
         self._drain_deadline: float | None = None
         self._last_control = 0.0
         self._unstarted: list[tuple[Job, Queue]] = []   # taken as Redis went away
+        self._wake_keys = [wake_key(m) for m in catalog.names]
         for name, m in catalog.loaded.items():
             self.metrics.model_load.labels(name).set(m.load_seconds)
 
@@ -219,8 +222,8 @@ class BatchWorker(BaseWorker):
 
     def _admit(self, batch: Batch, *, block: bool) -> bool:
         """Take as many jobs as the engine has room for (every job has at least one image);
-        when idle, look every IDLE_POLL seconds for up to 1 s (no blocking pop exists for
-        several lists)."""
+        when idle, wait up to 1 s for one, woken by the token each enqueue pushes
+        (contract.wake_commands; no blocking pop exists for several lists)."""
         deadline = time.monotonic() + (1.0 if block else 0.0)
         took = False
         while self.engine.has_room() and not self._stop_requested:
@@ -238,9 +241,10 @@ class BatchWorker(BaseWorker):
                 continue
             if bad:
                 continue
-            if took or self._stop_requested or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if took or self._stop_requested or left <= 0:
                 return took
-            time.sleep(IDLE_POLL)
+            self.connection.blpop(self._wake_keys, timeout=max(0.01, min(left, WAKE_TIMEOUT)))
         return took
 
     def _start(self, taken: list[tuple[Job, Queue]], batch: Batch | None = None) -> None:
