@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from . import errors, redact
+from . import errors, openapi, redact
 from .auth import KeyAuth
 from .body_limit import BodyLimitMiddleware
 from .disconnects import ClientGoneMiddleware
@@ -82,6 +82,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.streams = StreamSlots(settings.max_streams, settings.max_streams_per_caller,
                                     settings.retry_after, on_change=metrics.streams.set)
     errors.install(app)
+    openapi.install(app)         # a valid 3.1 document (SSE's itemSchema is 3.2)
     redact.install()            # no Authorization header in DEBUG logs of /ws
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]

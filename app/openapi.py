@@ -1,0 +1,48 @@
+"""The OpenAPI document as a valid OpenAPI 3.1 document.
+
+FastAPI describes a Server-Sent Events response with `itemSchema`, a keyword of OpenAPI
+3.2, inside a document that declares 3.1.0: `openapi-spec-validator` refuses it, and so do
+client generators that validate first. Here each such media type gets a 3.1 `schema` (the
+stream is text) and keeps the item schema as an extension (`x-itemSchema`) for tools that
+want the shape of one event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+STREAM_SCHEMA = {
+    "type": "string",
+    "description": "text/event-stream: events of `event:`, `id:` and one JSON `data:` line "
+                   "each, as listed in the operation's description",
+}
+
+
+def install(app: FastAPI) -> None:
+    """Make `app.openapi()` (and so `/openapi.json`) return the valid document."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = build()               # FastAPI caches it on the app: fixed once
+            for media in _media_types(doc):
+                if "itemSchema" in media:
+                    media["x-itemSchema"] = media.pop("itemSchema")
+                    media.setdefault("schema", dict(STREAM_SCHEMA))
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _media_types(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for item in doc.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict):
+                continue
+            for response in op.get("responses", {}).values():
+                found += [m for m in response.get("content", {}).values()
+                          if isinstance(m, dict)]
+    return found
