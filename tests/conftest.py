@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import hypothesis
@@ -126,6 +127,22 @@ class WorkerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
         self._log.close()
+
+
+@pytest.fixture
+def burst() -> Callable[[Any], bool]:
+    """Run an in-process worker until its queues are empty (`work(burst=True)`), then give
+    the test back its own SIGINT/SIGTERM handlers (the worker installs its own)."""
+
+    def run(worker: Any) -> bool:
+        saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return worker.work(burst=True)
+        finally:
+            for s, h in saved.items():
+                signal.signal(s, h)
+
+    return run
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ loses none of RQ's guarantees (a cancel is never overwritten, dependents are enq
 
 from __future__ import annotations
 
-import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -26,15 +26,6 @@ from worker.contract import (
 from worker.main import build_worker
 from worker.redis_batch import SCRIPT, WriteBatch
 from worker.settings import WorkerSettings
-
-
-def _burst(w) -> None:  # type: ignore[no-untyped-def]
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        w.work(burst=True)
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
 
 
 def _worker(redis_url: str, models_dir: Path, **settings: object):  # type: ignore[no-untyped-def]
@@ -76,7 +67,8 @@ class Monitor:
         return self.commands
 
 
-def _commands_for(r: redis.Redis, redis_url: str, models_dir: Path, n: int) -> list[str]:
+def _commands_for(r: redis.Redis, redis_url: str, models_dir: Path, burst: Callable,
+                  n: int) -> list[str]:
     """What one worker sends Redis to run `n` one-image jobs that start, step and finish
     together (max batch n, so the same number of steps whatever n)."""
     r.flushall()
@@ -85,21 +77,21 @@ def _commands_for(r: redis.Redis, redis_url: str, models_dir: Path, n: int) -> l
     w = _worker(redis_url, models_dir, max_batch=n, heartbeat_interval=60,
                 progress_interval=60)
     mon = Monitor(redis_url)
-    _burst(w)
+    burst(w)
     commands = mon.stop()
     assert all(fetch_job(r, j.id).get_status() == JobStatus.FINISHED for j in jobs)
     return commands
 
 
 def test_a_step_of_many_jobs_costs_round_trips_per_step_not_per_job(
-        r: redis.Redis, redis_url: str, models_dir: Path) -> None:
+        r: redis.Redis, redis_url: str, models_dir: Path, burst: Callable) -> None:
     """RQ's bookkeeping, events, images and results of the jobs of a step take a few
     commands per step, whatever the number of jobs: 24 more jobs cost fewer than 24 more
     commands (RQ's own per-job path took ~20 round-trips per job: fetch, execution,
     WATCH/MULTI/EXEC to start, heartbeat, WATCH/SMEMBERS/MULTI/EXEC to finish, events one
     by one). The worker's start-up and maintenance are the same in both runs."""
-    few = _commands_for(r, redis_url, models_dir, 8)
-    many = _commands_for(r, redis_url, models_dir, 32)
+    few = _commands_for(r, redis_url, models_dir, burst, 8)
+    many = _commands_for(r, redis_url, models_dir, burst, 32)
     assert len(many) - len(few) < 32 - 8, \
         f"{len(few)} commands for 8 jobs, {len(many)} for 32: {many}"
     # The bookkeeping went through scripts: no per-job transaction is left.
@@ -107,7 +99,7 @@ def test_a_step_of_many_jobs_costs_round_trips_per_step_not_per_job(
 
 
 def test_a_cancel_between_take_and_start_is_kept(r: redis.Redis, redis_url: str,
-                                                 models_dir: Path) -> None:
+                                                 models_dir: Path, burst: Callable) -> None:
     """The window between taking jobs off the queue and marking them started, made
     deterministic: the job canceled in it stays canceled, the others start and finish."""
     jobs = [enqueue(r, GenerationSpec(model="tiny", steps=2, seed=s)) for s in range(3)]
@@ -126,13 +118,13 @@ def test_a_cancel_between_take_and_start_is_kept(r: redis.Redis, redis_url: str,
     for s in started:                  # back to the queue, for a worker to run them
         w.rq.release(s.job, s.execution)
         q.enqueue_job(s.job)
-    _burst(_worker(redis_url, models_dir))
+    burst(_worker(redis_url, models_dir))
     assert [fetch_job(r, j.id).get_status() for j in jobs] == \
         [JobStatus.FINISHED, JobStatus.CANCELED, JobStatus.FINISHED]
 
 
 def test_dependents_of_a_batched_success_are_enqueued(r: redis.Redis, redis_url: str,
-                                                      models_dir: Path) -> None:
+                                                      models_dir: Path, burst: Callable) -> None:
     """RQ lets anyone make a job depend on ours; the batched success must still move it to
     its queue (the script checks for dependents where it writes the success)."""
     parent = enqueue(r, GenerationSpec(model="tiny", steps=2, seed=1))
@@ -140,7 +132,7 @@ def test_dependents_of_a_batched_success_are_enqueued(r: redis.Redis, redis_url:
     other = Queue("other", connection=r, serializer=SERIALIZER)
     child = other.enqueue(JOB_FUNC, kwargs={}, depends_on=parent)
     assert child.get_status() == JobStatus.DEFERRED
-    _burst(_worker(redis_url, models_dir))
+    burst(_worker(redis_url, models_dir))
     assert fetch_job(r, parent.id).get_status() == JobStatus.FINISHED
     assert fetch_job(r, plain.id).get_status() == JobStatus.FINISHED
     assert child.get_status(refresh=True) == JobStatus.QUEUED
@@ -176,7 +168,7 @@ class _OutOfMemory:
 
 
 def test_out_of_memory_at_one_row_fails_that_models_jobs_not_the_worker(
-        r: redis.Redis, redis_url: str, models_dir: Path) -> None:
+        r: redis.Redis, redis_url: str, models_dir: Path, burst: Callable) -> None:
     """The engine halves its chunk down to one row, then gives up: the jobs of that model
     fail with the reason (retries exhausted), the other model's job in the same steps
     finishes, and the worker lives on to run its queues empty."""
@@ -184,7 +176,7 @@ def test_out_of_memory_at_one_row_fails_that_models_jobs_not_the_worker(
     w.engine._batches["tiny"].forward.net = _OutOfMemory()
     oom = enqueue(r, GenerationSpec(model="tiny", num_images=2, steps=3, seed=1), retries=0)
     fine = enqueue(r, GenerationSpec(model="tinycond", steps=3, seed=2, class_label=1))
-    _burst(w)
+    burst(w)
     assert fetch_job(r, oom.id).get_status() == JobStatus.FAILED
     assert "out of memory" in fetch_job(r, oom.id).latest_result().exc_string
     assert fetch_job(r, fine.id).get_status() == JobStatus.FINISHED
