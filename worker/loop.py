@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from redis import Redis
 from redis.exceptions import RedisError
+from rq.command import handle_command, parse_payload
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import now
@@ -119,9 +120,28 @@ class BatchWorker(BaseWorker):
         self._drain_deadline = time.monotonic() + self.settings.grace_period
 
     def request_stop_execution(self, execution_id: str) -> None:
-        """`rq` stop-job command (pubsub thread): the loop stops that job at its next step."""
+        """`rq`'s stop-execution command (pubsub thread): the loop stops that job at its
+        next control pass."""
         with self.live.lock:
             self._stop_exec.add(execution_id)
+
+    def handle_payload(self, message: dict[str, Any]) -> None:
+        """`rq`'s commands (pubsub thread). RQ answers stop-job only for the worker's one
+        "current job" (`get_current_job_id`: the first of its executions), so it ignored
+        every other job this worker runs: here stop-job stops any job running here."""
+        payload = parse_payload(message)
+        if payload.get("command") == "stop-job":
+            self.request_stop_job(str(payload.get("job_id") or ""))
+        else:
+            handle_command(self, payload)
+
+    def request_stop_job(self, job_id: str) -> None:
+        run = self.live.get(job_id)
+        if run is None:
+            log.warning("stop-job: job %s is not running on this worker; ignored", job_id)
+            return
+        log.info("stop-job: stopping job %s", job_id)
+        self.request_stop_execution(run.execution.id)
 
     # -- the loop --------------------------------------------------------------------
 
