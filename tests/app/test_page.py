@@ -217,3 +217,44 @@ def test_with_api_keys_the_page_asks_for_one(page: Any, spawn_worker: Callable[.
     # The grid link is a blob fetched with the key: a plain link could not authenticate.
     page.wait_for_selector("#downloads:not([hidden])")
     assert page.get_attribute("#grid-link", "href").startswith("blob:")
+
+
+def test_hidden_fields_and_links_are_not_shown(page: Any, spawn_worker: Callable[..., Any],
+                                               start_api: Callable[..., Any]) -> None:
+    """What the page hides is hidden as the user sees it (computed style, not the `hidden`
+    attribute, which a CSS `display` rule would override): no Guidance field unless a class
+    is chosen (a value typed there would be dropped), no Class field for an unconditional
+    model, no download links until the job has succeeded."""
+    spawn_worker()
+    api = start_api()
+    _open_with_model(page, api.url, "tinycond")
+    assert page.is_visible("#class-row")
+    assert page.input_value("#class_label") == ""          # any (unconditional)
+    assert not page.is_visible("#guidance-row")
+    assert not page.is_visible("#guidance_scale")
+    page.select_option("#class_label", "3")
+    assert page.is_visible("#guidance_scale")
+    page.select_option("#class_label", "")
+    assert not page.is_visible("#guidance_scale")
+    page.select_option("#model", "tiny")
+    assert not page.is_visible("#class-row") and not page.is_visible("#guidance-row")
+
+    # A running job has no downloads yet (nor has a canceled one).
+    _fill(page, steps="1000", num_images="8", snapshot_every="10")
+    page.click("#generate")
+    page.wait_for_selector("#status[data-status=running]", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#progress').value > 0",
+                           timeout=60_000)
+    assert page.eval_on_selector("#status", "s => s.dataset.status") == "running"
+    assert not page.is_visible("#downloads")
+    assert not page.is_visible("#grid-link") and not page.is_visible("#gif-link")
+    page.click("#cancel")
+    page.wait_for_selector("#status[data-status=canceled]", timeout=30_000)
+    assert not page.is_visible("#downloads")
+
+    # A succeeded one shows them.
+    _fill(page, steps="3", num_images="1", snapshot_every="1")
+    page.click("#generate")
+    page.wait_for_selector("#status[data-status=succeeded]", timeout=60_000)
+    page.wait_for_selector("#grid-link", state="visible", timeout=30_000)
+    assert page.is_visible("#gif-link")
