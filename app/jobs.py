@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.utils import now, utcformat
 
 from worker.client import enqueue_commands, fetch_job
 from worker.contract import (
@@ -116,11 +117,22 @@ return {'ok', ahead}
 """
 
 
+# A canceled job's end: its end time and TTL, unless its hash is gone (KEYS[1]: the job
+# hash; ARGV: ended_at, TTL).
+_ENDED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'ended_at', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+"""
+
+
 class JobStore:
     def __init__(self, redis: Redis, settings: ApiSettings) -> None:
         self.redis = redis
         self.settings = settings
         self._admit = redis.register_script(_ADMIT)
+        self._ended = redis.register_script(_ENDED)
         # The served models, read at most every `models_cache_s` (and at once for a model
         # not in them): a POST does not read every worker's advertisement.
         self._served: tuple[float, dict[str, Served]] = (-math.inf, {})
@@ -327,8 +339,9 @@ class JobStore:
             job.cancel()
         except InvalidJobOperation as e:
             raise ApiError(409, "conflict", str(e)) from None
-        # RQ gives a canceled job's hash no TTL: it would stay forever.
-        self.redis.expire(job.key, self.settings.result_ttl)
+        # RQ gives a canceled job's hash no TTL (it would stay forever) and no end time
+        # (`finished_at` stayed null); a hash deleted meanwhile is not recreated.
+        self._ended(keys=[job.key], args=[utcformat(now()), self.settings.result_ttl])
         if status == "queued":
             # No worker has it, so none will announce the cancellation: do it here (a
             # worker that took it at this instant announces too; readers stop at the first).

@@ -21,12 +21,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
+from rq.job import Job
 from rq.registry import (
     CanceledJobRegistry,
     FailedJobRegistry,
     FinishedJobRegistry,
     StartedJobRegistry,
 )
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.contract import PREFIX, SERIALIZER
@@ -70,11 +72,24 @@ class ApiMetrics:
             multiprocess.mark_process_dead(os.getpid())
 
 
+# Jobs in a failed registry (KEYS[1]) whose status is `stopped` (ARGV[1]: the job key
+# prefix): RQ files a stopped job (its stop-job / stop-execution commands) as failed, the
+# API reports it canceled, and so do these metrics.
+_STOPPED = """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('HGET', ARGV[1] .. id, 'status') == 'stopped' then n = n + 1 end
+end
+return n
+"""
+
+
 class RedisCollector(Collector):
     """Queue depth per queue, jobs by status, live workers: read when scraped."""
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
+        self._stopped = store.redis.register_script(_STOPPED)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         depth = GaugeMetricFamily("ddpm_queue_depth", "Jobs waiting, per queue", labels=["queue"])
@@ -95,7 +110,10 @@ class RedisCollector(Collector):
                     for reg in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry,
                                 CanceledJobRegistry):
                         p.zcard(reg(**kw).key)
-                    queued, started, finished, failed, canceled = p.execute()
+                    self._stopped(keys=[FailedJobRegistry(**kw).key],
+                                  args=[Job.redis_job_namespace_prefix], client=p)
+                    queued, started, finished, failed, canceled, stopped = p.execute()
+                failed, canceled = failed - stopped, canceled + stopped
                 depth.add_metric([name], queued)
                 for k, v in zip(totals, (queued, started, finished, failed, canceled),
                                 strict=True):
@@ -147,4 +165,14 @@ def _route_of(scope: Scope) -> str:
     """The matched route's template (`/v1/generations/{job_id}`), never the raw path: the
     router records the route in the (shared) scope as it dispatches."""
     route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    path = getattr(route, "path", None)
+    if path:
+        return path
+    # Starlette's own routes (FastAPI's /openapi.json, /docs, /redoc; mounts) do not record
+    # themselves: find the one that matched, as the router did.
+    app = scope.get("app")
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return getattr(candidate, "path", None) or "unmatched"
+    return "unmatched"
