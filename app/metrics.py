@@ -171,8 +171,10 @@ def _route_of(scope: Scope) -> str:
     # Starlette's own routes (FastAPI's /openapi.json, /docs, /redoc; mounts) do not record
     # themselves: find the one that matched, as the router did.
     app = scope.get("app")
+    # A mount rewrites root_path as it dispatches; match from the app's own root.
+    probe = {**scope, "root_path": scope.get("app_root_path", scope.get("root_path", ""))}
     for candidate in getattr(getattr(app, "router", None), "routes", ()):
-        match, _ = candidate.matches(scope)
+        match, _ = candidate.matches(probe)
         if match == Match.FULL:
             return getattr(candidate, "path", None) or "unmatched"
     return "unmatched"

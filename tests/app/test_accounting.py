@@ -68,9 +68,11 @@ def test_stopped_and_canceled_jobs_are_counted_and_dated_as_the_api_reports_them
 def test_docs_and_schema_requests_are_counted_under_their_routes(client: httpx.Client) -> None:
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert client.get(path).status_code == 200, path
+    assert client.get("/static/style.css").status_code == 200
     assert client.get("/no/such/path").status_code == 404
     counts = {dict(k)["route"]: v for k, v in samples(client, "ddpm_api_requests_total").items()
               if dict(k)["method"] == "GET"}
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert counts.get(path) == 1, counts
+    assert counts.get("/static") == 1, counts          # a mount, under its prefix
     assert counts.get("unmatched") == 1, counts        # the 404 alone
