@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from . import errors, openapi, redact
+from . import docs, errors, openapi, redact
 from .auth import KeyAuth
 from .body_limit import BodyLimitMiddleware
 from .disconnects import ClientGoneMiddleware
@@ -76,13 +76,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             metrics.close()
 
     app = FastAPI(title="ddpm-serve", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan,
+                  lifespan=lifespan, docs_url=None, redoc_url=None,   # app/docs.py: no CDN
                   responses={413: {"model": errors.ErrorBody, "description": "body too large"}})
     app.state.settings, app.state.auth, app.state.metrics = settings, auth, metrics
     app.state.streams = StreamSlots(settings.max_streams, settings.max_streams_per_caller,
                                     settings.retry_after, on_change=metrics.streams.set)
     errors.install(app)
     openapi.install(app)         # a valid 3.1 document (SSE's itemSchema is 3.2)
+    docs.install_security(app, keys_required=not auth.open)   # no key needed when open
+    docs.install_pages(app)      # /docs and /redoc from the package's files, no CDN
     redact.install()            # no Authorization header in DEBUG logs of /ws
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]

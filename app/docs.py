@@ -1,0 +1,98 @@
+"""The interactive API docs (`/docs`, Swagger UI; `/redoc`, ReDoc) served without a CDN,
+and the OpenAPI document's security saying what the API really asks for.
+
+FastAPI's own docs pages load Swagger UI and ReDoc from jsDelivr and the favicon from
+fastapi.tiangolo.com: without internet (an air-gapped deployment, a server behind a strict
+egress proxy) they are a white page. Here the pages are FastAPI's self-hosting recipe
+(`get_swagger_ui_html`, `get_redoc_html`) pointed at the files that the `fastapi-offline`
+wheel ships (Swagger UI 5, Apache-2.0; ReDoc 2, MIT; packaged under MIT), served from
+`/docs-assets/`. A Content-Security-Policy holds the pages to this server: ReDoc's sidebar
+links to an image on cdn.redoc.ly, which the browser is told not to fetch.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from importlib.resources import files
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, swagger_ui_default_parameters
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.requests import Request
+
+ASSETS = "/docs-assets"
+ASSETS_DIR = files("fastapi_offline") / "static"    # swagger-ui-bundle.js, swagger-ui.css,
+                                                     # redoc.standalone.js, favicon.png
+# No validator badge: Swagger UI would fetch it from validator.swagger.io.
+SWAGGER_PARAMETERS = {**swagger_ui_default_parameters, "validatorUrl": None}
+INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+# This server only; the inline start-up script by its hash; ReDoc's search runs in a worker
+# made from a blob; both UIs set inline styles.
+CSP = ("default-src 'none'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
+       "worker-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _self_only(page: HTMLResponse) -> HTMLResponse:
+    """`page` with a CSP allowing this server's files and the page's own inline scripts."""
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
+        for m in INLINE_SCRIPT.findall(bytes(page.body).decode()))
+    page.headers["Content-Security-Policy"] = CSP.format(hashes=hashes)
+    page.headers["X-Content-Type-Options"] = "nosniff"
+    page.headers["Referrer-Policy"] = "no-referrer"
+    return page
+
+
+def install_pages(app: FastAPI) -> None:
+    """`/docs` and `/redoc` from local assets (create the app with `docs_url=None,
+    redoc_url=None` so FastAPI's CDN pages are not registered first)."""
+    app.mount(ASSETS, StaticFiles(directory=str(ASSETS_DIR)), name="docs-assets")
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return _self_only(get_swagger_ui_html(
+            openapi_url=root + openapi_url, title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{ASSETS}/favicon.png",
+            swagger_ui_parameters=SWAGGER_PARAMETERS))
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return _self_only(get_redoc_html(
+            openapi_url=root + openapi_url, title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{ASSETS}/favicon.png", with_google_fonts=False))
+
+
+def install_security(app: FastAPI, keys_required: bool) -> None:
+    """Without API keys the API is open: each operation's security requirement gets the
+    empty alternative (`{}`, OpenAPI's "no authentication"), so generated clients and
+    fuzzers do not insist on a key. With keys the bearer key stays required."""
+    if keys_required:
+        return
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        doc = build()
+        for item in doc.get("paths", {}).values():
+            for op in item.values():
+                if isinstance(op, dict) and op.get("security") and {} not in op["security"]:
+                    op["security"].append({})
+        schemes = doc.get("components", {}).get("securitySchemes", {})
+        for scheme in schemes.values():
+            if scheme.get("scheme") == "bearer":
+                scheme["description"] = ("an API key (`Authorization: Bearer <key>`); this "
+                                         "server has no keys configured, so none is needed")
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
