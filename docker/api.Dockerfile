@@ -23,10 +23,10 @@ COPY app ./app
 COPY worker ./worker
 COPY ddpm ./ddpm
 # --no-deps: pyproject.toml's dependencies include torch, which this image must not have.
-# Then prove it from outside the source tree: the app builds, torch is nowhere.
+# Then prove it with the installed package, not the sources here (-I: the working directory
+# is not on sys.path): the app builds, torch is nowhere.
 RUN pip install --no-deps . \
- && cd / \
- && python -c "import importlib.util as u, sys, app.main; app.main.create_app().openapi(); \
+ && python -I -c "import importlib.util as u, sys, app.main; app.main.create_app().openapi(); \
 assert u.find_spec('torch') is None and 'torch' not in sys.modules, 'torch in the API image'"
 
 # -- runtime: the slim base, the environment, a user without privileges ------------------
@@ -34,7 +34,8 @@ FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 RUN useradd --create-home --uid 10001 --user-group ddpm
 COPY --from=build /opt/venv /opt/venv
-USER ddpm
+# By number: a runtime that must prove the user is not root (runAsNonRoot) can.
+USER 10001:10001
 WORKDIR /home/ddpm
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

@@ -13,8 +13,9 @@
 #       train --data /data/mnist --preset mnist --out /runs/mnist
 #
 # BASE is any image with Python >= 3.11. The CUDA default ships PyTorch, which is kept as
-# it is; a base without torch gets TORCH from TORCH_INDEX_URL (PyTorch's CPU wheels by
-# default; the plain PyPI build is --build-arg TORCH_INDEX_URL=https://pypi.org/simple).
+# it is; a base without torch gets TORCH (the CUDA base's version, pinned) from
+# TORCH_INDEX_URL (PyTorch's CPU wheels by default; the plain PyPI build is
+# --build-arg TORCH_INDEX_URL=https://pypi.org/simple; another torch: --build-arg TORCH=...).
 ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 # -- build: the project's wheel ----------------------------------------------------------
@@ -31,10 +32,13 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # -- runtime: the base's Python and torch, the project and its other dependencies ---------
 FROM ${BASE} AS runtime
-ARG TORCH=torch
+ARG TORCH=torch==2.5.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+# DL3013 (unpinned pip install) does not apply: the requirement is the TORCH build
+# argument, pinned above (torch==...); hadolint cannot see through the variable.
+# hadolint ignore=DL3013
 RUN python -c "import torch" 2>/dev/null \
  || pip install --index-url "$TORCH_INDEX_URL" "$TORCH"
 COPY --from=build /wheels /wheels
@@ -43,12 +47,13 @@ RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torc
         > /tmp/keep-torch.txt \
  && pip install --constraint /tmp/keep-torch.txt /wheels/*.whl \
  && rm -rf /wheels /tmp/keep-torch.txt \
- && cd / && python -c "import torch, worker.main, training.trainer; print('torch', torch.__version__)"
+ && python -I -c "import torch, worker.main, training.trainer; print('torch', torch.__version__)"
 RUN useradd --create-home --uid 10001 --user-group ddpm
 # The shipped checkpoints are the default models; compose mounts the models folder over them.
 COPY checkpoints /models
 ENV DDPM_MODELS_DIR=/models DDPM_METRICS_PORT=9100
-USER ddpm
+# By number: a runtime that must prove the user is not root (runAsNonRoot) can.
+USER 10001:10001
 WORKDIR /home/ddpm
 EXPOSE 9100
 # The metrics server starts once the models are loaded: large ones need the start period.
