@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,9 +60,15 @@ class ApiSettings(BaseSettings):
     # Redis' maxclients (10000 by default).
     max_streams: Annotated[int, Field(ge=1, le=100_000)] = 1000
     max_streams_per_caller: Annotated[int, Field(ge=1, le=100_000)] = 64
+    # Behind a reverse proxy: the peers (addresses, CIDR networks, or `*` for any) whose
+    # X-Forwarded-For and X-Forwarded-Proto are believed (uvicorn's proxy headers); the
+    # client is then the nearest address in X-Forwarded-For that is not a trusted proxy,
+    # and rate limits and stream caps count per client. Empty (the default): no one's,
+    # loopback included; every client is its connection's peer address.
+    trusted_proxies: Annotated[list[str], NoDecode, Field(max_length=256)] = []
     log_level: str = "INFO"
 
-    @field_validator("api_keys", "webhook_allow_hosts", mode="before")
+    @field_validator("api_keys", "webhook_allow_hosts", "trusted_proxies", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split(value)
@@ -82,3 +89,25 @@ class ApiSettings(BaseSettings):
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
         return [h.lower() for h in hosts]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, proxies: list[str]) -> list[str]:
+        # uvicorn would take a typo as a literal that matches nothing: refuse it instead.
+        if "*" in proxies:
+            if len(proxies) > 1:
+                raise ValueError("trusted_proxies: `*` (any peer) stands alone")
+            return proxies
+        for p in proxies:
+            try:
+                ipaddress.ip_network(p) if "/" in p else ipaddress.ip_address(p)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {p[:64]!r} is not an IP address or "
+                                 "network (e.g. 10.0.0.5, 10.0.0.0/8)") from None
+        return proxies
+
+    def proxy_options(self) -> dict[str, Any]:
+        """uvicorn's proxy-headers options for `trusted_proxies` (`ddpm api`, `ddpm serve`):
+        off when it is empty, which uvicorn's default (trust 127.0.0.1) is not."""
+        return {"proxy_headers": bool(self.trusted_proxies),
+                "forwarded_allow_ips": list(self.trusted_proxies) or None}

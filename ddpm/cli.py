@@ -282,7 +282,8 @@ def _api(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Open event streams would hold a graceful shutdown forever: give them a few seconds.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5,
+                **settings.proxy_options())
     return 0
 
 
@@ -303,7 +304,8 @@ def _api_processes(args: argparse.Namespace, settings) -> int:  # type: ignore[n
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         uvicorn.run("app.main:app_from_env", factory=True, workers=args.workers,
                     host=settings.host, port=settings.port,
-                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=5,
+                    **settings.proxy_options())
     return 0
 
 

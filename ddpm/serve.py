@@ -95,7 +95,8 @@ def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
               f"(API docs: /docs). Ctrl-C stops everything.", flush=True)
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host=opts.host,
                                                port=opts.port, log_level="info",
-                                               timeout_graceful_shutdown=5))
+                                               timeout_graceful_shutdown=5,
+                                               **settings.proxy_options()))
         server.run()
         return 0
     finally:
