@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--models-dir", type=Path, default=Path("checkpoints"),
                    help="checkpoint directory or directory of them (default: checkpoints)")
     v.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
+    v.add_argument("--metrics-port", type=_bounded_int(0, 65535),
+                   help="the worker's Prometheus port (DDPM_METRICS_PORT; default 9100 if "
+                        "free; 0 = off); the API's metrics are at /metrics")
 
     sub.add_parser("api-key", help="make an API key and the digest to put in DDPM_API_KEYS")
     return p
@@ -311,14 +314,22 @@ def _api_processes(args: argparse.Namespace, settings) -> int:  # type: ignore[n
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     from .serve import ServeOptions, run_serve
 
     settings = _api_settings(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    metrics_port = args.metrics_port
+    if metrics_port is None and os.environ.get("DDPM_METRICS_PORT"):   # the worker's setting
+        try:
+            metrics_port = _bounded_int(0, 65535)(os.environ["DDPM_METRICS_PORT"])
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise ValueError(f"bad DDPM_METRICS_PORT: {e}") from None
     return run_serve(ServeOptions(host=settings.host, port=settings.port,
-                                  models_dir=args.models_dir, device=args.device), settings)
+                                  models_dir=args.models_dir, device=args.device,
+                                  metrics_port=metrics_port), settings)
 
 
 def _api_key(_: argparse.Namespace) -> int:

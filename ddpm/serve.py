@@ -37,6 +37,12 @@ class ServeOptions:
     models_dir: Path = Path("checkpoints")
     device: str = "auto"
     grace_period: float = 5.0     # seconds running jobs get to finish at Ctrl-C
+    # The worker's Prometheus port: None is DEFAULT_METRICS_PORT when it is free (else
+    # off, with a warning); a port given that is taken is an error; 0 is off.
+    metrics_port: int | None = None
+
+
+DEFAULT_METRICS_PORT = 9100       # the worker image's (docker/worker.Dockerfile)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -52,12 +58,29 @@ def _has_checkpoints(models_dir: Path) -> bool:
     return (models_dir / "config.json").is_file() or any(models_dir.glob("*/config.json"))
 
 
-def _start_worker(opts: ServeOptions, redis_url: str) -> subprocess.Popen[bytes]:
+def _metrics_port(opts: ServeOptions) -> int:
+    """The worker's metrics port (0: off), checked free like the API's."""
+    if opts.metrics_port is not None:
+        if opts.metrics_port:
+            _check_port(opts.host, opts.metrics_port)
+        return opts.metrics_port
+    try:
+        _check_port(opts.host, DEFAULT_METRICS_PORT)
+    except ValueError as e:
+        print(f"ddpm serve: worker metrics off: {e} (choose one with --metrics-port)",
+              file=sys.stderr, flush=True)
+        return 0
+    return DEFAULT_METRICS_PORT
+
+
+def _start_worker(opts: ServeOptions, redis_url: str,
+                  metrics_port: int = 0) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DDPM_GRACE_PERIOD": os.environ.get(
-        "DDPM_GRACE_PERIOD", str(opts.grace_period))}
+        "DDPM_GRACE_PERIOD", str(opts.grace_period)), "DDPM_METRICS_HOST": opts.host}
     return subprocess.Popen(
         [sys.executable, "-m", "ddpm", "worker", "--redis-url", redis_url,
-         "--models-dir", str(opts.models_dir), "--device", opts.device],
+         "--models-dir", str(opts.models_dir), "--device", opts.device,
+         "--metrics-port", str(metrics_port)],
         env=env, **child_kwargs())
 
 
@@ -81,6 +104,7 @@ def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
                          "config.json and model.safetensors; `ddpm train` or `ddpm convert` "
                          "makes one)")
     _check_port(opts.host, opts.port)
+    metrics_port = _metrics_port(opts)
     embedded = None if "DDPM_REDIS_URL" in os.environ else RedisServer()
     worker = None
     try:
@@ -89,10 +113,14 @@ def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
         print(f"ddpm serve: redis at {redacted(redis_url)}"
               f"{' (embedded)' if embedded else ''}; starting a worker on {opts.device}",
               flush=True)
-        worker = _start_worker(opts, redis_url)
+        worker = _start_worker(opts, redis_url, metrics_port)
         names = _wait_for_worker(redis.Redis.from_url(redis_url), worker)
         print(f"ddpm serve: serving {', '.join(names)} at http://{opts.host}:{opts.port}/ "
               f"(API docs: /docs). Ctrl-C stops everything.", flush=True)
+        worker_metrics = (f"http://{opts.host}:{metrics_port}/metrics" if metrics_port
+                          else "off (--metrics-port)")
+        print(f"ddpm serve: metrics: API http://{opts.host}:{opts.port}/metrics, worker "
+              f"{worker_metrics}", flush=True)
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host=opts.host,
                                                port=opts.port, log_level="info",
                                                timeout_graceful_shutdown=5,

@@ -40,7 +40,7 @@ def build_worker(settings: WorkerSettings) -> BatchWorker:
     engine = Engine(catalog.loaded, device=device, max_batch=max_batch,
                     bf16=settings.autocast_bf16, channels_last=settings.channels_last,
                     on_oom=on_oom)
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
     return BatchWorker(settings, redis, catalog, engine, metrics)
 
 

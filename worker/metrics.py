@@ -39,6 +39,6 @@ class WorkerMetrics:
         self.gpu_memory = Gauge("ddpm_worker_gpu_memory_bytes", "CUDA memory, by kind",
                                 ["kind"], registry=r)
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
         if port:
-            start_http_server(port, registry=self.registry)
+            start_http_server(port, addr=host, registry=self.registry)

@@ -36,8 +36,10 @@ class WorkerSettings(BaseSettings):
     progress_interval: Annotated[float, Field(ge=0)] = 0.2   # seconds between progress events
     # Shutdown: on SIGTERM running jobs get this long to finish, then go back to the queue.
     grace_period: Annotated[float, Field(ge=0)] = 30.0
-    # Prometheus metrics port (0: no metrics server).
+    # Prometheus metrics port (0: no metrics server) and the address it listens on
+    # (`ddpm serve` passes its own --host, 127.0.0.1 by default).
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    metrics_host: Annotated[str, Field(min_length=1, max_length=255)] = "0.0.0.0"
     log_level: str = "INFO"
 
 
