@@ -11,12 +11,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 from rq.executions import Execution
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now
 
@@ -24,7 +23,8 @@ from .contract import JOB_FUNC, Event, EventType, GenerationSpec, JobResult, ima
 from .engine import Engine
 from .events import Batch, EventWriter
 from .metrics import WorkerMetrics
-from .rq_jobs import RqJobs, Success
+from .rq_jobs import BatchJob, RqJobs, Success
+from .webhooks import WebhookSender
 
 log = logging.getLogger("ddpm.worker")
 
@@ -83,9 +83,12 @@ class LiveJobs:
         # The job list and RQ's executions vs. the heartbeat thread: an execution must not
         # be renewed (and so recreated) after its job has ended.
         self.lock = threading.Lock()
-        # Completion webhooks (RQ's, stored on the job) go out from their own threads: a
+        # Completion webhooks (URLs stored on the RQ job) go out from their own threads: a
         # slow or dead endpoint must never hold up the step loop or a job's event stream.
-        self._webhooks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ddpm-webhook")
+        # RQ's own calls (its failure path, abandoned jobs found by maintenance) come here
+        # too, through BatchJob.send_webhooks.
+        self.webhooks = WebhookSender(rq.worker.settings, metrics)
+        BatchJob.webhook_sender = self.webhooks
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -105,7 +108,7 @@ class LiveJobs:
         return [(r.job, r.execution) for r in self._jobs.values()]
 
     def close(self) -> None:
-        self._webhooks.shutdown(wait=True)
+        self.webhooks.close()
 
     # -- endings -----------------------------------------------------------------------
 
@@ -126,8 +129,7 @@ class LiveJobs:
             elapsed = time.monotonic() - r.started
             self.metrics.jobs.labels("succeeded").inc()
             self.metrics.duration.labels("succeeded").observe(elapsed)
-            if r.job.webhooks:
-                self._webhooks.submit(r.job.send_webhooks, JobStatus.FINISHED)
+            self.webhooks.send(r.job, "finished")
             log.debug("job %s succeeded in %.3fs", r.id, elapsed)
         self.writer.send(batch)
 
@@ -153,13 +155,12 @@ class LiveJobs:
         if stopped:
             w._stopped_job_id = job.id
         requeued = not stopped and job.should_retry
-        hooks, job.webhooks = job.webhooks, []     # RQ would send them here, on this thread
         with self.lock:
             self._jobs.pop(job.id, None)
+            # Sends the failed webhooks (not retried, not stopped) through BatchJob.
             w.handle_job_failure(job, run.queue, exc_string=message, execution=run.execution)
-        job.webhooks = hooks
-        if hooks and not requeued and not stopped:
-            self._webhooks.submit(job.send_webhooks, JobStatus.FAILED, exc_string=message)
+        if stopped:
+            self.webhooks.send(job, "canceled", error=message)
         outcome = "stopped" if stopped else "requeued" if requeued else "failed"
         log.warning("job %s %s: %s", job.id, outcome, message)
         kind = (EventType.CANCELED if stopped else EventType.REQUEUED if requeued
@@ -176,6 +177,7 @@ class LiveJobs:
 
     def canceled_before_start(self, job: Job, reason: str = "canceled") -> None:
         self.writer.event(job.id, Event(EventType.CANCELED, {"message": reason}))
+        self.webhooks.send(job, "canceled", error=reason)
         self.metrics.jobs.labels("canceled").inc()
         log.info("job %s canceled", job.id)
 

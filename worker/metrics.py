@@ -36,6 +36,12 @@ class WorkerMetrics:
                                 ["model"], registry=r)
         self.oom = Counter("ddpm_worker_oom", "Out-of-memory errors absorbed by chunking",
                            ["model"], registry=r)
+        self.webhook_deliveries = Counter(
+            "ddpm_worker_webhook_deliveries", "Webhook deliveries ended, by outcome "
+            "(delivered, rejected, gave_up, dropped)", ["outcome"], registry=r)
+        self.webhook_attempts = Counter(
+            "ddpm_worker_webhook_attempts", "Webhook HTTP attempts, by result "
+            "(2xx, 3xx, 4xx, 5xx, timeout, error)", ["result"], registry=r)
         self.gpu_memory = Gauge("ddpm_worker_gpu_memory_bytes", "CUDA memory, by kind",
                                 ["kind"], registry=r)
 

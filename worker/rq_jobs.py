@@ -95,6 +95,16 @@ class BatchJob(Job):
     def finished_job_registry(self) -> FinishedJobRegistry:  # type: ignore[override]
         return self._registry(FinishedJobRegistry)
 
+    # Where RQ's own code sends a job's webhooks (its failure path; jobs abandoned past their
+    # retries, found by the maintenance pass): the worker's WebhookSender (signed, retried,
+    # on its own threads), never RQ's urlopen on the loop's thread. None: none are sent.
+    webhook_sender: ClassVar[Any] = None
+
+    def send_webhooks(self, status: str | JobStatus, *, exc_string: str | None = None) -> None:
+        sender = BatchJob.webhook_sender
+        if sender is not None:
+            sender.send(self, JobStatus(status).value, error=exc_string)
+
 
 class Unreadable(Exception):
     """A taken job whose hash RQ cannot load: it fails by hand, nothing else can run it."""

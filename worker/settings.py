@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,15 @@ class WorkerSettings(BaseSettings):
     # (`ddpm serve` passes its own --host, 127.0.0.1 by default).
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     metrics_host: Annotated[str, Field(min_length=1, max_length=255)] = "0.0.0.0"
+    # Completion webhooks (worker/webhooks.py): signed with this secret (`whsec_<base64>`
+    # or any string; unset: sent unsigned), each attempt given `webhook_timeout` seconds,
+    # retried after `webhook_backoff` seconds doubling, `webhook_attempts` attempts at most.
+    webhook_secret: Annotated[SecretStr, Field(min_length=16, max_length=1024)] | None = None
+    webhook_timeout: Annotated[float, Field(gt=0, le=60)] = 10.0
+    webhook_attempts: Annotated[int, Field(ge=1, le=20)] = 6
+    webhook_backoff: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    webhook_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    webhook_max_pending: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     log_level: str = "INFO"
 
 
