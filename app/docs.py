@@ -24,6 +24,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.requests import Request
 
+from worker.contract import MAX_SEED
+
 ASSETS = "/docs-assets"
 ASSETS_DIR = files("fastapi_offline") / "static"    # swagger-ui-bundle.js, swagger-ui.css,
                                                      # redoc.standalone.js, favicon.png
@@ -73,16 +75,21 @@ def install_pages(app: FastAPI) -> None:
             redoc_favicon_url=f"{root}{ASSETS}/favicon.png", with_google_fonts=False))
 
 
-def install_security(app: FastAPI, keys_required: bool) -> None:
-    """Without API keys the API is open: each operation's security requirement gets the
-    empty alternative (`{}`, OpenAPI's "no authentication"), so generated clients and
-    fuzzers do not insist on a key. With keys the bearer key stays required."""
-    if keys_required:
-        return
+def install_document(app: FastAPI, keys_required: bool) -> None:
+    """The document says what the API does:
+
+    - without API keys the API is open: each operation's security requirement gets the
+      empty alternative (`{}`, OpenAPI's "no authentication"), so generated clients and
+      fuzzers do not insist on a key; with keys the bearer key stays required;
+    - integer bounds are exact: FastAPI's OpenAPI model holds `maximum` as a float, which
+      turns the seed's 2^63-1 into 2^63 (a seed the API refuses, valid by the document)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         doc = build()
+        _exact_bounds(doc)
+        if keys_required:
+            return doc
         for item in doc.get("paths", {}).values():
             for op in item.values():
                 if isinstance(op, dict) and op.get("security") and {} not in op["security"]:
@@ -96,3 +103,19 @@ def install_security(app: FastAPI, keys_required: bool) -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+
+
+EXACT_BOUNDS = {float(b): b for b in (MAX_SEED,)}   # integer bounds past 2^53
+
+
+def _exact_bounds(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("maximum", "minimum"):
+                if isinstance(node.get(key), float) and node[key] in EXACT_BOUNDS:
+                    node[key] = EXACT_BOUNDS[node[key]]
+        for value in node.values():
+            _exact_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _exact_bounds(value)

@@ -83,7 +83,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                     settings.retry_after, on_change=metrics.streams.set)
     errors.install(app)
     openapi.install(app)         # a valid 3.1 document (SSE's itemSchema is 3.2)
-    docs.install_security(app, keys_required=not auth.open)   # no key needed when open
+    docs.install_document(app, keys_required=not auth.open)   # no key needed when open
     docs.install_pages(app)      # /docs and /redoc from the package's files, no CDN
     redact.install()            # no Authorization header in DEBUG logs of /ws
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from worker.contract import GenerationSpec
 
@@ -16,16 +18,59 @@ EXAMPLE_REQUEST = {"model": "mnist", "num_images": 4, "sampler": "dpm++2m", "ste
                    "seed": 42, "snapshot_every": 5, "class_label": 7, "guidance_scale": 2.0}
 
 
+# A webhook URL as the schema states it and the API accepts it: http(s), a host name or an
+# IPv4 address (no user info, no IPv6 literal), a port 0-65535, then printable ASCII only
+# (no spaces, control or non-ASCII characters: percent-encode them, punycode host names).
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_PORT = "6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}"
+WEBHOOK_PATTERN = (f"^https?://{_LABEL}(?:\\.{_LABEL})*\\.?(?::(?:{_PORT}))?"
+                   "(?:[/?#][!-~]*)?$")
+_WEBHOOK = re.compile(WEBHOOK_PATTERN)
+
+
+def _webhook_url(url: str) -> str:
+    if not _WEBHOOK.fullmatch(url):
+        raise ValueError("must be an http:// or https:// URL: a host name or IPv4 address, an "
+                         "optional port (0-65535), no user info, and no spaces, control or "
+                         "non-ASCII characters")
+    try:                            # parsed as the allow-list check and the sender do
+        parts = urlsplit(url)
+        host, _port = parts.hostname, parts.port
+    except ValueError as e:
+        raise ValueError(f"is not a valid URL: {e}") from None
+    if not host:
+        raise ValueError("is not a valid URL: it has no host")
+    return url
+
+
+WebhookUrl = Annotated[str, Field(max_length=2048, json_schema_extra={
+    "pattern": WEBHOOK_PATTERN}), AfterValidator(_webhook_url)]
+
+# Rules across fields that the API enforces (worker/contract.py's validators), stated in
+# the schema so that clients and fuzzers see them: JSON Schema 2020-12 if/then.
+CROSS_FIELD_RULES = [
+    {"description": "guidance_scale other than 1 needs a class_label (classifier-free "
+                    "guidance of a conditional model)",
+     "if": {"required": ["guidance_scale"],
+            "properties": {"guidance_scale": {"not": {"const": 1}}}},
+     "then": {"required": ["class_label"], "properties": {"class_label": {"type": "integer"}}}},
+    {"description": "eta other than 0 needs the ddim sampler",
+     "if": {"required": ["eta"], "properties": {"eta": {"not": {"const": 0}}}},
+     "then": {"required": ["sampler"], "properties": {"sampler": {"const": "ddim"}}}},
+]
+
+
 class GenerationRequest(GenerationSpec):
-    """A generation request: the worker's spec plus what only the API acts on."""
+    """A generation request: the worker's spec plus what only the API acts on.
+    `guidance_scale` other than 1 needs a `class_label`; `eta` other than 0 needs the `ddim`
+    sampler (the `allOf` rules)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True,
-                              json_schema_extra={"examples": [EXAMPLE_REQUEST]})
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "examples": [EXAMPLE_REQUEST], "allOf": CROSS_FIELD_RULES})
 
-    webhook: Annotated[str | None, Field(
-        max_length=2048, pattern=r"^https?://",
+    webhook: Annotated[WebhookUrl | None, Field(
         description="URL POSTed (job id and status) when the job succeeds or fails; its host "
-                    "must be on the service's allow-list")] = None
+                    "must be on the service's allow-list (DDPM_WEBHOOK_ALLOW_HOSTS)")] = None
 
     def spec(self) -> GenerationSpec:
         return GenerationSpec(**self.model_dump(exclude={"webhook"}))

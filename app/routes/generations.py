@@ -25,7 +25,7 @@ from ..jobs import JobStore
 from ..schemas import Generation, GenerationRequest
 from ..settings import ApiSettings
 from ..stream_slots import StreamSlots
-from ..streams import StreamEvent, check_event_id, follow
+from ..streams import MAX_ID_PART, StreamEvent, check_event_id, follow
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 log = logging.getLogger("ddpm.api")
@@ -35,11 +35,23 @@ GIF = {200: {"content": {"image/gif": {}}, "description": "animated GIF"}}
 NOT_READY = {409: ERROR_RESPONSES[404] | {"description": "not produced yet"}}
 
 
+# What JobStore accepts as an Idempotency-Key: printable characters (str.isprintable over
+# the latin-1 text a header arrives as), with none of the spaces a server strips at its ends.
+_KEY_CHAR = "!-~\u00a1-\u00ac\u00ae-\u00ff"
+IDEMPOTENCY_KEY_PATTERN = f"^[{_KEY_CHAR}](?:[ {_KEY_CHAR}]*[{_KEY_CHAR}])?$"
+
+
 def _check_webhook(url: str | None, settings: ApiSettings) -> None:
-    """Only hosts on the allow-list: the service must not be a way into internal networks."""
+    """Only hosts on the allow-list: the service must not be a way into internal networks.
+    (The request model has checked the URL's form; a URL that still does not parse is a
+    422 too, never a 500.)"""
     if url is None:
         return
-    host = (urlsplit(url).hostname or "").lower()
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", f"webhook is not a valid URL: {e}",
+                       field="webhook") from None
     allowed = any(host == h or (h.startswith(".") and (host.endswith(h) or host == h[1:]))
                   for h in settings.webhook_allow_hosts)
     if not host or not allowed:
@@ -52,7 +64,8 @@ def _check_webhook(url: str | None, settings: ApiSettings) -> None:
 def create_generation(
     req: GenerationRequest, who: Caller, store: Store, settings: Settings, metrics: Metrics,
     idempotency_key: Annotated[str | None, Header(
-        max_length=255, description="same key and body: the same job comes back")] = None,
+        min_length=1, max_length=255, json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
+        description="same key and body: the same job comes back")] = None,
 ) -> Response:
     """Validate against the models live workers serve, then enqueue; `202` with the job.
 
@@ -164,8 +177,29 @@ def get_animation(job: JobDep, store: Store) -> Response:
 # -- streams ---------------------------------------------------------------------------
 
 
-async def _last_event_id(last_event_id: Annotated[str | None, Header(
-        max_length=64, description="resume after this event id")] = None) -> str:
+def _at_most(n: int) -> str:
+    """A regular expression for the decimal strings of at most len(str(n)) digits (leading
+    zeros allowed) whose value is at most `n`."""
+    d = str(n)
+    alts = [f"[0-9]{{1,{len(d) - 1}}}"] if len(d) > 1 else []
+    for i, c in enumerate(d):
+        if c != "0":
+            rest = len(d) - i - 1
+            alts.append(d[:i] + ("0" if c == "1" else f"[0-{int(c) - 1}]")
+                        + (f"[0-9]{{{rest}}}" if rest else ""))
+    alts.append(d)
+    return "(?:" + "|".join(alts) + ")"
+
+
+# What check_event_id accepts, as the schema states it: empty, or a Redis stream id (one or
+# two parts, each an unsigned 64-bit number).
+EVENT_ID_PATTERN = f"^(?:{_at_most(MAX_ID_PART)}(?:-{_at_most(MAX_ID_PART)})?)?$"
+
+
+async def _last_event_id(last_event_id: Annotated[str, Header(   # a string or absent:
+        max_length=64, json_schema_extra={"pattern": EVENT_ID_PATTERN},   # never `null`
+        description="resume after this event id: `MS` or `MS-SEQ`, each part at most "
+                    "2^64-1 (a Redis stream id)")] = "") -> str:
     return check_event_id(last_event_id, "Last-Event-ID")
 
 

@@ -6,11 +6,23 @@ Two passes: random valid and invalid requests to every operation (job ids mostly
 so mostly the 404/422 paths), then the job-scoped operations fuzzed around real jobs (one
 finished, one canceled) so that their 200 and 409 answers are checked as well. The API
 runs with an API key, as in production; valid cases carry it, invalid ones may drop it.
+Both passes are derandomized: the same cases every run.
+
+A third pass looks somewhere new each run: every operation of an open API (no keys, so the
+schema's optional security is exercised too) fuzzed with fresh random seeds, printed at the
+start of the test and in any failure. Replay one with `DDPM_FUZZ_SEED=<seed>` (several:
+comma-separated); `DDPM_FUZZ_RUNS` sets how many fresh seeds a run takes (3).
+
+Valid cases must also be accepted: a `422` to a request the schema allows means the schema
+says less than the API enforces (only the refusals the schema cannot state are let through:
+a webhook host off the allow-list, an Idempotency-Key reused with another body).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +33,7 @@ from typing import Any
 import httpx
 import hypothesis
 import hypothesis.configuration
+import hypothesis.errors
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given
@@ -38,6 +51,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.auth import new_key
+from app.routes.generations import EVENT_ID_PATTERN
 
 EXCEPTION_LINE = re.compile(r"^[ |+-]*([A-Za-z_][\w.]*(?:Error|Exception)(?:: .*)?)$",
                             re.MULTILINE)
@@ -52,14 +66,36 @@ def stream_ends(ctx: object, response: schemathesis.Response, case: Case) -> Non
         assert TERMINAL.search(text), f"the stream closed without a terminal event: {text!r:.300}"
 
 
-# Every response must pass these; responses to invalid requests must also be refusals.
+# 422s that depend on state the schema cannot describe.
+STATEFUL_REFUSALS = {("webhook", "not allowed"), ("Idempotency-Key", "different request body"),
+                     ("model", "is required")}   # optional only while one model is served
+
+
+def schema_accepts(ctx: object, response: schemathesis.Response, case: Case) -> None:
+    """A request the schema allows is not refused as invalid (schemathesis's own
+    positive_data_acceptance also counts 404s of unknown ids and models, which are right)."""
+    if response.status_code != 422:
+        return
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        error = {}
+    field, message = error.get("field"), str(error.get("message", ""))
+    assert any(field == f and m in message for f, m in STATEFUL_REFUSALS), (
+        f"a request the schema allows was refused: 422 {field}: {message}")
+
+
+# Every response must pass these; responses to invalid requests must also be refusals, and
+# responses to valid ones must not be 422s.
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance, stream_ends]
+POSITIVE_CHECKS = [*CHECKS, schema_accepts]
 NEGATIVE_CHECKS = [*CHECKS, negative_data_rejection]
 
 EXAMPLES = 100             # cases per operation and generation mode in the broad pass
 JOB_EXAMPLES = 30          # cases per job-scoped operation and real job
 REQUEST_TIMEOUT = 15.0     # connect/read timeout of each request (SSE streams included)
+FRESH_EXAMPLES = 15        # cases per operation, generation mode and fresh seed
 WATCHDOG_S = 150.0         # past this the API is killed: a hang fails instead of blocking
 
 KEY, DIGEST = new_key()
@@ -79,12 +115,21 @@ KNOWN = {
 }
 
 
-def _settings(max_examples: int) -> hypothesis.settings:
-    """Reproducible (derandomized), no example database, no shrinking (bounded time)."""
+def _settings(max_examples: int, seed: int | None = None) -> hypothesis.settings:
+    """Reproducible (derandomized, or from `seed`), no example database, no shrinking
+    (bounded time)."""
     return hypothesis.settings(
-        max_examples=max_examples, derandomize=True, database=None, deadline=None,
+        max_examples=max_examples, derandomize=seed is None, database=None, deadline=None,
         phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
         print_blob=False)
+
+
+def fresh_seeds() -> list[int]:
+    """`DDPM_FUZZ_SEED` (comma-separated) to replay; otherwise `DDPM_FUZZ_RUNS` new ones."""
+    given_seeds = os.environ.get("DDPM_FUZZ_SEED", "").strip()
+    if given_seeds:
+        return [int(s) for s in given_seeds.split(",")]
+    return [secrets.randbits(32) for _ in range(int(os.environ.get("DDPM_FUZZ_RUNS", "3")))]
 
 
 class _Key:
@@ -148,7 +193,7 @@ class Stack:
         self.previous = curl
         try:
             case.validate_response(
-                response, checks=NEGATIVE_CHECKS if mode.is_negative else CHECKS,
+                response, checks=NEGATIVE_CHECKS if mode.is_negative else POSITIVE_CHECKS,
                 transport_kwargs={"base_url": self.url, "timeout": REQUEST_TIMEOUT})
         except BaseExceptionGroup as group:
             codes = sorted({f.code for f in group.exceptions if isinstance(f, Failure)})
@@ -160,21 +205,30 @@ class Stack:
         first[1] += 1
 
     def fuzz(self, op: Any, mode: GenerationMode, examples: int, what: str = "",
-             **fixed: Any) -> None:
-        """`examples` generated cases of `op` (some parameters `fixed`), each checked."""
+             seed: int | None = None, **fixed: Any) -> None:
+        """`examples` generated cases of `op` (some parameters `fixed`), each checked; the
+        same ones each run unless a `seed` is given."""
         strategy = op.as_strategy(generation_mode=mode, **fixed)
         if op.label == "POST /v1/generations" and mode.is_positive:
             strategy = st.one_of(strategy, strategy.map(_served))
         desc = f"{mode.value}{what}"
 
-        @_settings(examples)
+        @_settings(examples, seed)
         @given(case=strategy)
         def run(case: Case) -> None:
             self.check(case, mode, desc)
 
-        run()
+        if seed is not None:
+            run = hypothesis.seed(seed)(run)
+        try:
+            run()
+        except hypothesis.errors.Unsatisfiable:
+            # Nothing invalid to send (the only input is a path string that may be anything,
+            # and no key is required): the valid cases cover the operation.
+            if not mode.is_negative:
+                raise
 
-    def assert_clean(self) -> None:
+    def assert_clean(self, replay: str = "") -> None:
         """Fail with every distinct finding, plus any exception the API only logged (one
         raised after a streaming response began never becomes a 5xx a client sees)."""
         log = self.log()
@@ -183,19 +237,22 @@ class Stack:
             reports.append("the API logged unhandled exceptions after the last request")
         if reports:
             raised = sorted(set(EXCEPTION_LINE.findall(log)))
-            pytest.fail(f"{len(reports)} distinct fuzz failure(s):\n\n" + "\n\n".join(reports)
+            pytest.fail(f"{len(reports)} distinct fuzz failure(s){replay}:\n\n"
+                        + "\n\n".join(reports)
                         + "\n\n--- exceptions in the API log ---\n" + "\n".join(raised)
                         + f"\n(full log: {self.log_path})", pytrace=False)
 
 
 def _inputs(doc: dict[str, Any]) -> dict[str, bool]:
-    """Which operations take any input (schemathesis cannot make those without invalid)."""
+    """Which operations take any input (schemathesis cannot make those without invalid);
+    an optional security requirement (`{}` among them: the API is open) is none."""
     out = {}
     for path, item in doc["paths"].items():
         for method, op in item.items():
+            security = op.get("security") or []
             out[f"{method.upper()} {path}"] = bool(
-                op.get("parameters") or op.get("requestBody") or op.get("security")
-                or item.get("parameters"))
+                op.get("parameters") or op.get("requestBody") or item.get("parameters")
+                or (security and {} not in security))
     return out
 
 
@@ -204,9 +261,21 @@ def stack(spawn_worker: Callable[..., Any], start_api: Callable[..., Any],
           wait_for: Callable[..., object]) -> Iterator[Stack]:
     """A worker serving `tiny` and `tinycond`, and an API with a key, a shallow queue (the
     fuzz's jobs get 429 instead of piling up) and no rate limit (submits reach the queue)."""
+    yield from _stack(spawn_worker, start_api, wait_for, keyed=True)
+
+
+@pytest.fixture
+def open_stack(spawn_worker: Callable[..., Any], start_api: Callable[..., Any],
+               wait_for: Callable[..., object]) -> Iterator[Stack]:
+    """The same without API keys: the API open, as `ddpm serve` runs it by default."""
+    yield from _stack(spawn_worker, start_api, wait_for, keyed=False)
+
+
+def _stack(spawn_worker: Callable[..., Any], start_api: Callable[..., Any],
+           wait_for: Callable[..., object], keyed: bool) -> Iterator[Stack]:
     worker = spawn_worker()
-    api = start_api(env={"DDPM_API_KEYS": DIGEST, "DDPM_MAX_QUEUE_DEPTH": "2",
-                         "DDPM_RATE_LIMIT": "0"})
+    api = start_api(env={**({"DDPM_API_KEYS": DIGEST} if keyed else {}),
+                         "DDPM_MAX_QUEUE_DEPTH": "2", "DDPM_RATE_LIMIT": "0"})
     wait_for(lambda: httpx.get(f"{api.url}/readyz", timeout=5).status_code == 200, 120,
              "the worker to register", worker=worker)
     doc = httpx.get(f"{api.url}/openapi.json", timeout=10).json()
@@ -214,7 +283,8 @@ def stack(spawn_worker: Callable[..., Any], start_api: Callable[..., Any],
     # a client leaving mid-stream is not what this test is about.
     config = schemathesis.Config.from_dict({"seed": 0, "max-stream-events": 100_000})
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json", config=config, timeout=10)
-    schema.auth(refresh_interval=None)(_Key)
+    if keyed:
+        schema.auth(refresh_interval=None)(_Key)
     fired = threading.Event()
 
     def kill() -> None:
@@ -297,12 +367,15 @@ def test_job_operations_survive_fuzzing_on_real_jobs(
             params = {"job_id": job_id, **({"index": 0} if "{index}" in label else {})}
             stack.check(op.Case(path_parameters=params, headers=_headers()),
                         GenerationMode.POSITIVE, f"{what}, explicit")
-        # Resume points at the edges of what an event id can be (Redis: two u64 parts).
+        # Resume points at the edges of what an event id can be (Redis: two u64 parts);
+        # those past them are invalid by the schema's pattern as well.
         for last in EDGE_EVENT_IDS:
+            mode = (GenerationMode.POSITIVE if re.fullmatch(EVENT_ID_PATTERN, last)
+                    else GenerationMode.NEGATIVE)
             stack.check(ops["GET /v1/generations/{job_id}/events"].Case(
                 path_parameters={"job_id": job_id},
                 headers={**_headers(), "Last-Event-ID": last}),
-                GenerationMode.POSITIVE, f"{what}, Last-Event-ID {last}")
+                mode, f"{what}, Last-Event-ID {last}")
     # The happy paths were really taken, not only 404s.
     seen = stack.statuses
     for label in ("GET /v1/generations/{job_id}", "GET /v1/generations/{job_id}/images/{index}",
@@ -312,3 +385,22 @@ def test_job_operations_survive_fuzzing_on_real_jobs(
         assert 200 in seen[label], (label, seen[label])
     assert 409 in seen["DELETE /v1/generations/{job_id}"], seen
     stack.assert_clean()
+
+
+def test_fresh_seeds_survive_fuzzing(open_stack: Stack,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Every operation of an open API with fresh seeds: cases no earlier run has sent."""
+    seeds = fresh_seeds()
+    replay = (f" (seeds {', '.join(map(str, seeds))}; replay: DDPM_FUZZ_SEED="
+              f"{','.join(map(str, seeds))} pytest tests/app/test_fuzz.py -k fresh)")
+    with capsys.disabled():
+        print(f"\nfuzz{replay}", flush=True)
+    ops = open_stack.operations()
+    for seed in seeds:
+        for label, op in ops.items():
+            open_stack.fuzz(op, GenerationMode.POSITIVE, FRESH_EXAMPLES, f", seed {seed}", seed)
+            if open_stack.inputs[label]:
+                open_stack.fuzz(op, GenerationMode.NEGATIVE, FRESH_EXAMPLES, f", seed {seed}",
+                                seed)
+    assert not {label for label in ops if not open_stack.calls.get(label)}
+    open_stack.assert_clean(replay)
