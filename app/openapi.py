@@ -2,9 +2,10 @@
 
 FastAPI describes a Server-Sent Events response with `itemSchema`, a keyword of OpenAPI
 3.2, inside a document that declares 3.1.0: `openapi-spec-validator` refuses it, and so do
-client generators that validate first. Here each such media type gets a 3.1 `schema` (the
-stream is text) and keeps the item schema as an extension (`x-itemSchema`) for tools that
-want the shape of one event.
+client generators that validate first. Here each such media type keeps the item schema as
+an extension (`x-itemSchema`) for tools that want the shape of one event, and a
+description; it gets no `schema`: 3.1 can only call the whole stream a string, which
+schemathesis then holds every event's data to (and the data is a JSON object).
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-STREAM_SCHEMA = {
-    "type": "string",
-    "description": "text/event-stream: events of `event:`, `id:` and one JSON `data:` line "
-                   "each, as listed in the operation's description",
-}
+STREAM_DESCRIPTION = ("text/event-stream: events of `event:`, `id:` and one JSON `data:` "
+                      "line each, as listed in the operation's description (shape of one "
+                      "event: `x-itemSchema`)")
 
 
 def install(app: FastAPI) -> None:
@@ -30,7 +29,7 @@ def install(app: FastAPI) -> None:
             for media in _media_types(doc):
                 if "itemSchema" in media:
                     media["x-itemSchema"] = media.pop("itemSchema")
-                    media.setdefault("schema", dict(STREAM_SCHEMA))
+                    media.setdefault("x-description", STREAM_DESCRIPTION)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
