@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from redis import Redis
@@ -26,6 +27,7 @@ from worker.contract import (
     JOB_FUNC,
     PREFIX,
     PRIORITIES,
+    SERIALIZER,
     Event,
     EventType,
     GenerationSpec,
@@ -168,12 +170,18 @@ class JobStore:
         self._served = (time.monotonic(), served)
         return served
 
-    def recent_models(self, want: str) -> dict[str, Served]:
-        """`served_models`, as read up to `models_cache_s` ago unless `want` is missing."""
-        at, served = self._served
-        if want in served and time.monotonic() - at < self.settings.models_cache_s:
+    def recent_models(self, want: str | None) -> dict[str, Served]:
+        """`served_models`, as read up to `models_cache_s` ago unless `want` is missing
+        from them (`None`: whichever they are)."""
+        served = self.cached_models()
+        if served is not None and (want is None or want in served):
             return served
         return self.served_models()
+
+    def cached_models(self) -> dict[str, Served] | None:
+        """The served models as read less than `models_cache_s` ago, else None."""
+        at, served = self._served
+        return served if time.monotonic() - at < self.settings.models_cache_s else None
 
     def queue_keys(self, model: str) -> list[str]:
         """The model's RQ queue lists, in dequeue order."""
@@ -207,6 +215,7 @@ class JobStore:
             self.redis, spec, job_id=job_id, result_ttl=s.result_ttl,
             retries=s.job_retries, timeout=s.job_timeout, meta={"owner": who.owner},
             webhook=req.webhook)
+        commands += self._index_commands(who, job)
         argv: list[Any] = [record, s.idempotency_ttl, s.rate_limit, window.ttl if window else 0,
                            s.max_queue_depth, PRIORITIES.index(spec.priority) + 1]
         for command in commands:
@@ -223,6 +232,18 @@ class JobStore:
             raise limits.queue_full(s, spec.model, int(value))
         replayed = self._replay(value, body, who)
         return Submitted(replayed, self.spec_of(replayed), replayed=True)
+
+    def _index_commands(self, who: Principal, job: Job) -> list[list[Any]]:
+        """The caller's listing index (`list_jobs`), written by the admission script with
+        the enqueue: the job scored by its creation time in µs; entries older than
+        `result_ttl` and past the newest `max_listed_jobs` trimmed; the index expiring
+        `result_ttl` after the caller's last submission."""
+        s, key = self.settings, jobs_index_key(who.owner)
+        score = _micros(job.created_at)
+        return [["ZADD", key, score, job.id],
+                ["ZREMRANGEBYSCORE", key, "-inf", f"({score - s.result_ttl * 1_000_000}"],
+                ["ZREMRANGEBYRANK", key, 0, -(s.max_listed_jobs + 1)],
+                ["EXPIRE", key, s.result_ttl]]
 
     def _idem_key(self, who: Principal, key: str) -> str:
         if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
@@ -356,7 +377,141 @@ class JobStore:
         keys = [image_key(job.id, i) for i in indices]
         return list(self.redis.mget(keys)) if keys else []
 
+    # -- list ------------------------------------------------------------------------
+
+    def list_jobs(self, who: Principal, statuses: Iterable[str] | None, limit: int,
+                  cursor: str | None) -> tuple[list[Generation], str | None]:
+        """The caller's jobs, newest first, from its index: up to `limit` of them (with
+        `statuses`, those in one of them) after `cursor`, and the cursor of the next page
+        (None at the end). At most LIST_SCAN_MAX index entries are looked at per call, so a
+        filtered page may be short, even empty, with a cursor. Index entries of jobs that
+        have expired are removed."""
+        wanted = set(statuses) if statuses else None
+        key = jobs_index_key(who.owner)
+        at, after = parse_cursor(cursor) if cursor else (None, "")
+        found: list[tuple[Job, GenerationSpec, str]] = []
+        gone: list[str] = []
+        examined, more = 0, False
+        while examined < LIST_SCAN_MAX:
+            need = (limit - len(found) + 1 if wanted is None or len(found) == limit
+                    else LIST_BATCH)
+            want = min(need, LIST_SCAN_MAX - examined + 1)
+            entries = self._index_page(key, at, after, want)
+            jobs = self._fetch_many([member for member, _ in entries])
+            for (member, score), job in zip(entries, jobs, strict=True):
+                if len(found) == limit or examined == LIST_SCAN_MAX:
+                    more = True             # an entry is left: there is a next page
+                    break
+                examined += 1
+                at, after = score, member
+                if job is None:
+                    gone.append(member)
+                    continue
+                try:
+                    if job.func_name != JOB_FUNC or not who.owns(job.meta.get("owner")):
+                        continue
+                    status = api_status(job.get_status(refresh=False))
+                    if wanted is None or status in wanted:
+                        found.append((job, self.spec_of(job), status))
+                except Exception:  # a payload that is not ours to decode
+                    continue
+            if more or len(entries) < want:
+                break
+        if gone:
+            self.redis.zrem(key, *gone)
+        ahead = self._positions([(job, spec) for job, spec, status in found
+                                 if status == "queued"])
+        views = [self.view(job, spec=spec, ahead=ahead.get(job.id)) for job, spec, _ in found]
+        return views, (f"{at}.{after}" if more and at is not None else None)
+
+    def _index_page(self, key: str, at: int | None, after: str, n: int
+                    ) -> list[tuple[str, int]]:
+        """Up to `n` index entries, newest first, strictly after (`at`, `after`) in that
+        order (equal scores come in reverse lexicographic order of the job id)."""
+        out: list[tuple[str, int]] = []
+        offset = 0
+        while len(out) < n:
+            got = self.redis.zrevrangebyscore(
+                key, "+inf" if at is None else at, "-inf", start=offset, num=n,
+                withscores=True, score_cast_func=lambda v: int(float(v)))
+            offset += len(got)
+            for raw, score in got:
+                member = raw.decode()
+                if at is None or score < at or member < after:
+                    out.append((member, score))
+            if len(got) < n:
+                break
+        return out[:n]
+
+    def _fetch_many(self, ids: list[str]) -> list[Job | None]:
+        """The jobs (one round-trip); None for one that is gone."""
+        if not ids:
+            return []
+        with self.redis.pipeline(transaction=False) as p:
+            for job_id in ids:
+                p.hgetall(Job.key_for(job_id))
+            raws = p.execute()
+        jobs: list[Job | None] = []
+        for job_id, raw in zip(ids, raws, strict=True):
+            job = None
+            if raw:
+                job = Job(job_id, connection=self.redis, serializer=SERIALIZER)
+                try:
+                    job.restore(raw)
+                except Exception:  # not a job this API can read
+                    job = None
+            jobs.append(job)
+        return jobs
+
+    def _positions(self, queued: list[tuple[Job, GenerationSpec]]) -> dict[str, int]:
+        """`position` of each queued job, all in one round-trip."""
+        if not queued:
+            return {}
+        plan = []
+        with self.redis.pipeline(transaction=False) as p:
+            for job, spec in queued:
+                keys = self.queue_keys(spec.model)
+                own = PRIORITIES.index(spec.priority)
+                for k in keys[:own]:
+                    p.llen(k)
+                p.lpos(keys[own], job.id)
+                plan.append((job.id, own + 1))
+            replies = p.execute()
+        out, i = {}, 0
+        for job_id, n in plan:
+            *higher, pos = replies[i:i + n]
+            i += n
+            if pos is not None:
+                out[job_id] = sum(higher) + pos
+        return out
+
 
 def status_verb(status: str) -> str:
     return {"succeeded": "succeeded", "failed": "failed", "canceled": "been canceled"}.get(
         status, status)
+
+
+# -- the listing index -------------------------------------------------------------------
+
+LIST_SCAN_MAX = 1000      # index entries one listing request looks at, at most
+LIST_BATCH = 100          # read at a time when filtering by status
+# A listing cursor: the last entry's creation time (µs) and job id.
+CURSOR_PATTERN = r"^[0-9]{1,16}\.[A-Za-z0-9_-]{1,64}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
+def jobs_index_key(owner: str) -> str:
+    """The caller's jobs (a sorted set of job ids scored by creation time in µs)."""
+    return f"{PREFIX}:jobs:{owner}"
+
+
+def _micros(t: datetime) -> int:
+    return round(t.timestamp() * 1_000_000)
+
+
+def parse_cursor(cursor: str) -> tuple[int, str]:
+    if not _CURSOR.match(cursor):
+        raise ApiError(422, "invalid_request", "cursor must be a next_cursor from a listing",
+                       field="cursor")
+    at, _, after = cursor.partition(".")
+    return int(at), after

@@ -18,7 +18,7 @@ from .body_limit import BodyLimitMiddleware
 from .disconnects import ClientGoneMiddleware
 from .jobs import JobStore
 from .metrics import ApiMetrics, MetricsMiddleware
-from .routes import generations, health, models, page
+from .routes import generations, health, listing, models, page
 from .settings import ApiSettings
 from .stream_slots import StreamSlots
 
@@ -28,7 +28,22 @@ DESCRIPTION = """Generate images with trained DDPM checkpoints.
 
 Submit with `POST /v1/generations`, then poll `GET /v1/generations/{id}`, or follow it live
 over Server-Sent Events (`/events`) or a WebSocket (`/ws`); download each image, a grid, or
-an animation of the denoising. Errors are `{"error": {"code", "message", "field"?}}`.
+an animation of the denoising; list your jobs with `GET /v1/generations`. Errors are
+`{"error": {"code", "message", "field"?}}`.
+
+**WebSocket** (OpenAPI cannot describe one, so it is described here):
+`GET /v1/generations/{id}/ws` upgraded to a WebSocket (`ws://`, or `wss://` behind TLS;
+the API key, if any, in the `Authorization: Bearer` header of the upgrade request). It
+sends the events of `/events`, each as one text message `{"id", "event", "data"}` (`data`
+as in the SSE event; `id` the event id, `null` for an ending read from the job's status),
+and ignores what it receives. Query: `?last_event_id=ID` resumes after that event, as
+`Last-Event-ID` does for SSE; `?images=inline` puts the final PNGs in `image` events.
+Close codes: `1000` after the terminal event (`done`, `error` or `canceled`); `4401` no or
+unknown API key, `4404` unknown job (or another key's), `4422` a bad `last_event_id` or
+`images`; `4429` / `4503` past the open stream limits of the caller / the server, `4503`
+also while Redis is unreachable; `1013` (try again later) if Redis goes away mid-stream,
+`1011` if the stream fails otherwise. Reconnect with `?last_event_id=` after anything but
+`1000` and the `44xx` codes.
 """
 
 
@@ -90,6 +105,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     app.add_middleware(ClientGoneMiddleware)  # type: ignore[arg-type]
     app.include_router(generations.router)
+    app.include_router(listing.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(page.router)

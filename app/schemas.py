@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from worker.contract import GenerationSpec
+from worker.contract import MODEL_NAME_PATTERN, GenerationSpec
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
@@ -76,6 +77,39 @@ class GenerationRequest(GenerationSpec):
         return GenerationSpec(**self.model_dump(exclude={"webhook"}))
 
 
+# What a POST body without `model` gets: (the one served model, or None and why there is
+# none to give). Set for each POST before its body is validated (the route's dependency
+# reads the served models), so that a body naming no model is refused exactly as one naming
+# a bad model would be, in the same 422 and in field order.
+SOLE_MODEL: ContextVar[tuple[str | None, str]] = ContextVar(
+    "sole_model", default=(None, "model is required"))
+
+
+class NewGeneration(GenerationRequest):
+    """The body of `POST /v1/generations`: a GenerationRequest whose `model` may be left
+    out while exactly one model is served (SOLE_MODEL)."""
+
+    # Published as `GenerationRequest`, the request schema clients know (only this class
+    # is a body, so the name is not taken twice).
+    __qualname__ = "GenerationRequest"
+    model_config = ConfigDict(title="GenerationRequest")
+
+    model: Annotated[str | None, Field(  # type: ignore[assignment]
+        pattern=MODEL_NAME_PATTERN, validate_default=True,
+        description="served model name; may be left out while exactly one model is served "
+                    "(`GET /v1/models`)")] = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _sole_model(cls, value: object) -> object:
+        if value is None:
+            sole, refusal = SOLE_MODEL.get()
+            if sole is None:
+                raise ValueError(refusal)
+            return sole
+        return value
+
+
 class Progress(BaseModel):
     steps_done: int = Field(description="denoising steps done, summed over the images")
     total_steps: int = Field(description="num_images × steps")
@@ -91,7 +125,8 @@ class Links(BaseModel):
 
     self_: str = Field(alias="self")
     events: str
-    websocket: str
+    websocket: str = Field(description="the same events over a WebSocket (`ws://` or "
+                           "`wss://` at this path; see the API description)")
     images: list[str]
     grid: str
     animation: str
@@ -113,6 +148,16 @@ class Generation(BaseModel):
     error: str | None = None
     request: GenerationSpec
     links: Links
+
+
+class GenerationList(BaseModel):
+    """A page of the caller's generations, newest first."""
+
+    generations: list[Generation]
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; `null` at the end. A page filtered "
+                    "by status can hold fewer than `limit` items, even none, and still have "
+                    "a cursor: follow it until it is `null`")
 
 
 class ModelCard(BaseModel):

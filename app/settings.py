@@ -51,6 +51,9 @@ class ApiSettings(BaseSettings):
     job_timeout: Annotated[int, Field(ge=10)] = 3600
     job_retries: Annotated[int, Field(ge=0, le=10)] = 3
     idempotency_ttl: Annotated[int, Field(ge=1)] = 24 * 3600
+    # `GET /v1/generations`: each caller's newest jobs, at most this many, created within
+    # the last `result_ttl` seconds (a sorted set per caller, written by the submit script).
+    max_listed_jobs: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
     # Streams: an XREAD blocks this long before the job's status is looked at again.
     stream_poll_ms: Annotated[int, Field(ge=50, le=30000)] = 2000

@@ -22,7 +22,7 @@ from .. import media
 from ..deps import Caller, Metrics, Settings, Store, StreamSlot
 from ..errors import ERROR_RESPONSES, JSON_ERROR_RESPONSES, ApiError, not_found
 from ..jobs import JobStore
-from ..schemas import Generation, GenerationRequest
+from ..schemas import SOLE_MODEL, Generation, GenerationRequest, NewGeneration
 from ..settings import ApiSettings
 from ..stream_slots import StreamSlots
 from ..streams import MAX_ID_PART, StreamEvent, check_event_id, follow
@@ -59,10 +59,24 @@ def _check_webhook(url: str | None, settings: ApiSettings) -> None:
                        "(DDPM_WEBHOOK_ALLOW_HOSTS)", field="webhook")
 
 
+async def _sole_model(store: Store) -> None:
+    """Before the body is validated: the model a body without one gets (SOLE_MODEL), from
+    the served models as last read (read again in a thread once they are stale)."""
+    served = store.cached_models()
+    if served is None:
+        served = await run_in_threadpool(store.recent_models, None)
+    if len(served) == 1:
+        SOLE_MODEL.set((next(iter(served)), ""))
+    else:
+        SOLE_MODEL.set((None, "model is required: " + (
+            f"{len(served)} models are served: {', '.join(served)}" if served else
+            "no model is served (no live worker)")))
+
+
 @router.post("", status_code=202, response_model=Generation, responses=ERROR_RESPONSES,
-             summary="Submit a generation")
+             summary="Submit a generation", dependencies=[Depends(_sole_model)])
 def create_generation(
-    req: GenerationRequest, who: Caller, store: Store, settings: Settings, metrics: Metrics,
+    body: NewGeneration, who: Caller, store: Store, settings: Settings, metrics: Metrics,
     idempotency_key: Annotated[str | None, Header(
         min_length=1, max_length=255, json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
         description="same key and body: the same job comes back")] = None,
@@ -72,6 +86,7 @@ def create_generation(
     One Redis round-trip in the common case: the idempotency record, the rate limit, the
     queue depth and RQ's enqueue are one Lua script; the served models are read at most
     every `DDPM_MODELS_CACHE_S` seconds."""
+    req: GenerationRequest = body       # its model filled in if left out (_sole_model)
     served = store.recent_models(req.model)
     model = served.get(req.model)
     if model is None:
