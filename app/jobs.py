@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -129,11 +131,24 @@ end
 """
 
 
+@dataclass(frozen=True)
+class _Admission:
+    """A submission made ready for the admission script: its job, and the script's input."""
+
+    job: Job
+    spec: GenerationSpec
+    body: str                       # the request's hash, with an Idempotency-Key
+    window: Any                     # limits.RateWindow, or None without a rate limit
+    keys: list[str]
+    args: list[Any]
+
+
 class JobStore:
     def __init__(self, redis: Redis, settings: ApiSettings) -> None:
         self.redis = redis
         self.settings = settings
         self._admit = redis.register_script(_ADMIT)
+        self._async_admit: dict[int, Any] = {}      # the same script on async clients
         self._ended = redis.register_script(_ENDED)
         # The served models, read at most every `models_cache_s` (and at once for a model
         # not in them): a POST does not read every worker's advertisement.
@@ -201,6 +216,28 @@ class JobStore:
         rate limit or the model's queue depth refuses it (429), or replay the job an
         earlier request with the same Idempotency-Key made (422 if that one had another
         body, 409 if it is still being enqueued). One Redis round-trip for a new job."""
+        adm = self._admission(req, who, idempotency_key)
+        verdict, value = self._admit(keys=adm.keys, args=adm.args)
+        if verdict == b"replay":
+            return self._replayed(value, adm, who)
+        return self._admitted(adm, verdict, value)
+
+    async def asubmit(self, redis: AsyncRedis, req: GenerationRequest, who: Principal,
+                      idempotency_key: str | None) -> Submitted:
+        """`submit` on the event loop: the admission script through the async client (no
+        thread-pool hop per POST); only a replay's lookup goes to a thread."""
+        adm = self._admission(req, who, idempotency_key)
+        script = self._async_admit.get(id(redis))
+        if script is None:
+            script = self._async_admit[id(redis)] = redis.register_script(_ADMIT)
+        verdict, value = await script(keys=adm.keys, args=adm.args)
+        if verdict == b"replay":
+            return await run_in_threadpool(self._replayed, value, adm, who)
+        return self._admitted(adm, verdict, value)
+
+    def _admission(self, req: GenerationRequest, who: Principal,
+                   idempotency_key: str | None) -> _Admission:
+        """The new job and the admission script's keys and arguments (no I/O)."""
         s = self.settings
         idem = record = ""
         if idempotency_key is not None:
@@ -221,16 +258,21 @@ class JobStore:
         for command in commands:
             argv.append(len(command))
             argv.extend(command)
-        verdict, value = self._admit(
-            keys=[idem, window.key if window else "", *self.queue_keys(spec.model)], args=argv)
+        keys = [idem, window.key if window else "", *self.queue_keys(spec.model)]
+        return _Admission(job, spec, body, window, keys, argv)
+
+    def _admitted(self, adm: _Admission, verdict: bytes, value: Any) -> Submitted:
         if verdict == b"ok":
-            return Submitted(job, spec, replayed=False, ahead=int(value))
+            return Submitted(adm.job, adm.spec, replayed=False, ahead=int(value))
         if verdict == b"rate":
-            assert window is not None
-            raise limits.rate_limited(s, window)
+            assert adm.window is not None
+            raise limits.rate_limited(self.settings, adm.window)
         if verdict == b"depth":
-            raise limits.queue_full(s, spec.model, int(value))
-        replayed = self._replay(value, body, who)
+            raise limits.queue_full(self.settings, adm.spec.model, int(value))
+        raise RuntimeError(f"unexpected admission verdict {verdict!r}")
+
+    def _replayed(self, value: bytes, adm: _Admission, who: Principal) -> Submitted:
+        replayed = self._replay(value, adm.body, who)
         return Submitted(replayed, self.spec_of(replayed), replayed=True)
 
     def _index_commands(self, who: Principal, job: Job) -> list[list[Any]]:
@@ -289,7 +331,30 @@ class JobStore:
             raise                # 503, not a 404 that says the job is gone
         except Exception:      # a foreign job whose payload is not ours to decode
             raise not_found("generation") from None
-        if job.func_name != JOB_FUNC or not who.owns(job.meta.get("owner")):
+        return self._owned(job, who)
+
+    async def aget(self, redis: AsyncRedis, job_id: str, who: Principal) -> Job:
+        """`get` on the event loop: the hash read through the async client (RQ's own
+        `restore` builds the job, bound to the sync client for what follows)."""
+        if not JOB_ID.match(job_id):
+            raise not_found("generation")
+        raw = await redis.hgetall(Job.key_for(job_id))     # RedisError: a 503
+        if not raw:
+            raise not_found("generation")
+        try:
+            job = Job(job_id, connection=self.redis, serializer=SERIALIZER)
+            job.restore(raw)
+        except Exception:      # a hash RQ cannot read is not a generation of ours
+            raise not_found("generation") from None
+        return self._owned(job, who)
+
+    @staticmethod
+    def _owned(job: Job, who: Principal) -> Job:
+        try:
+            ours = job.func_name == JOB_FUNC and who.owns(job.meta.get("owner"))
+        except Exception:      # a payload that is not ours to decode
+            ours = False
+        if not ours:
             raise not_found("generation")
         return job
 

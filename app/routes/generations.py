@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from rq.job import Job
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from worker.contract import Event, EventType, SpecError, events_key
+from worker.contract import Event, EventType, SpecError, events_key, image_key
 
 from .. import media
 from ..deps import Caller, Metrics, Settings, Store, StreamSlot
@@ -75,19 +75,22 @@ async def _sole_model(store: Store) -> None:
 
 @router.post("", status_code=202, response_model=Generation, responses=ERROR_RESPONSES,
              summary="Submit a generation", dependencies=[Depends(_sole_model)])
-def create_generation(
-    body: NewGeneration, who: Caller, store: Store, settings: Settings, metrics: Metrics,
+async def create_generation(
+    request: Request, body: NewGeneration, who: Caller, store: Store, settings: Settings,
+    metrics: Metrics,
     idempotency_key: Annotated[str | None, Header(
         min_length=1, max_length=255, json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
         description="same key and body: the same job comes back")] = None,
 ) -> Response:
     """Validate against the models live workers serve, then enqueue; `202` with the job.
 
-    One Redis round-trip in the common case: the idempotency record, the rate limit, the
-    queue depth and RQ's enqueue are one Lua script; the served models are read at most
-    every `DDPM_MODELS_CACHE_S` seconds."""
+    One Redis round-trip in the common case, made from the event loop: the idempotency
+    record, the rate limit, the queue depth and RQ's enqueue are one Lua script; the served
+    models are read at most every `DDPM_MODELS_CACHE_S` seconds."""
     req: GenerationRequest = body       # its model filled in if left out (_sole_model)
-    served = store.recent_models(req.model)
+    served = store.cached_models()
+    if served is None or req.model not in served:
+        served = await run_in_threadpool(store.recent_models, req.model)
     model = served.get(req.model)
     if model is None:
         names = ", ".join(served) or "none (no live worker)"
@@ -98,8 +101,11 @@ def create_generation(
     except SpecError as e:
         raise ApiError(422, "invalid_request", str(e), field=e.field) from None
     _check_webhook(req.webhook, settings)
-    sub = store.submit(req, who, idempotency_key)
-    view = store.view(sub.job, spec=sub.spec, ahead=sub.ahead)
+    sub = await store.asubmit(request.app.state.aredis, req, who, idempotency_key)
+    if sub.replayed:                 # an earlier job: its status and position are read
+        view = await run_in_threadpool(store.view, sub.job)
+    else:
+        view = store.view(sub.job, spec=sub.spec, ahead=sub.ahead)
     headers = {"Location": view.links.self_}
     if sub.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -116,8 +122,8 @@ def _generation(view: Generation, status: int = 200,
                     media_type="application/json")
 
 
-def _job(job_id: str, who: Caller, store: Store) -> Job:
-    return store.get(job_id, who)
+async def _job(request: Request, job_id: str, who: Caller, store: Store) -> Job:
+    return await store.aget(request.app.state.aredis, job_id, who)
 
 
 JobDep = Annotated[Job, Depends(_job)]
@@ -141,11 +147,11 @@ def cancel_generation(job: JobDep, store: Store) -> Generation:
 
 @router.get("/{job_id}/images/{index}", response_class=Response,
             responses=PNG | ERROR_RESPONSES, summary="One final image (PNG)")
-def get_image(job: JobDep, index: int, store: Store) -> Response:
+async def get_image(request: Request, job: JobDep, index: int, store: Store) -> Response:
     spec = store.spec_of(job)
     if not 0 <= index < spec.num_images:
         raise not_found(f"image {index}")
-    (png,) = store.fetch_images(job, [index])
+    png = await request.app.state.aredis.get(image_key(job.id, index))
     if png is None:
         raise not_found(f"image {index} (not produced yet)")
     return Response(png, media_type="image/png",
