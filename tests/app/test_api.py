@@ -517,3 +517,21 @@ def test_redis_down_is_503_not_500(start_api: Callable[..., Any]) -> None:
             r = c.request(method, path, json={"model": "tiny"} if method == "POST" else None)
             assert r.status_code == 503, (path, r.text)
             assert r.json()["error"]["code"] == "unavailable" and r.headers["retry-after"]
+
+
+def test_a_job_hash_the_api_cannot_decode_is_a_404_everywhere(
+        client: httpx.Client, r: redis.Redis) -> None:
+    """Jobs written behind the API's back (another RQ producer, a corrupted hash): every
+    route that looks a job up answers 404, never a 500 from decoding its payload."""
+    from rq import Queue
+
+    from worker.contract import JOB_FUNC, SERIALIZER, queue_name
+
+    q = Queue(queue_name("tiny"), connection=r, serializer=SERIALIZER)
+    job = q.create_job(JOB_FUNC, kwargs={"model": "tiny"})
+    job.save()
+    r.hset(job.key, "data", b"\x00\xff\xfenot a payload")
+    for path in ("", "/images/0", "/grid.png", "/animation.gif", "/events"):
+        resp = client.get(f"/v1/generations/{job.id}{path}")
+        assert resp.status_code == 404, (path, resp.status_code, resp.text[:200])
+    assert client.delete(f"/v1/generations/{job.id}").status_code == 404
