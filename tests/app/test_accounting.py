@@ -70,8 +70,17 @@ def test_docs_and_schema_requests_are_counted_under_their_routes(client: httpx.C
         assert client.get(path).status_code == 200, path
     assert client.get("/static/style.css").status_code == 200
     assert client.get("/no/such/path").status_code == 404
-    counts = {dict(k)["route"]: v for k, v in samples(client, "ddpm_api_requests_total").items()
-              if dict(k)["method"] == "GET"}
+    def read() -> dict[str, float]:
+        return {dict(k)["route"]: v
+                for k, v in samples(client, "ddpm_api_requests_total").items()
+                if dict(k)["method"] == "GET"}
+
+    # A request is counted as its ASGI call returns, which can be just after the client has
+    # read the whole response (a file response especially): wait for the last one.
+    deadline = time.monotonic() + 10
+    while read().get("/static") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    counts = read()
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert counts.get(path) == 1, counts
     assert counts.get("/static") == 1, counts          # a mount, under its prefix
