@@ -143,9 +143,12 @@ class LiveJobs:
                          queue_wait_s=round(run.queue_wait, 4),
                          run_s=round(time.monotonic() - run.started, 4))
 
-    def fail(self, run: LiveJob, message: str, *, retry: bool, stopped: bool = False) -> None:
+    def fail(self, run: LiveJob, message: str, *, retry: bool, stopped: bool = False,
+             batch: Batch | None = None) -> None:
         """Fail a job (RQ failed registry, error event); `retry` lets RQ's Retry re-queue it;
-        `stopped`: RQ's stop command (status stopped, never retried)."""
+        `stopped`: RQ's stop command (status stopped, never retried). `batch`: the loop
+        pass's writes not sent yet, which may hold this job's earlier events: its last
+        event goes after them."""
         job, w = run.job, self.rq.worker
         self.engine.cancel(job.id)
         self.writer.forget(job.id)
@@ -165,7 +168,10 @@ class LiveJobs:
         log.warning("job %s %s: %s", job.id, outcome, message)
         kind = (EventType.CANCELED if stopped else EventType.REQUEUED if requeued
                 else EventType.ERROR)
-        self.writer.event(job.id, Event(kind, {"message": message}))
+        if batch is not None:
+            batch.event(job.id, Event(kind, {"message": message}))
+        else:
+            self.writer.event(job.id, Event(kind, {"message": message}))
         self.metrics.jobs.labels(outcome).inc()
         self.metrics.duration.labels(outcome).observe(time.monotonic() - run.started)
 

@@ -169,7 +169,7 @@ class BatchWorker(BaseWorker):
                             worked = True
                     stepped = self.engine.busy
                     if stepped:
-                        self._emit(self._step(), batch)
+                        self._emit(self._step(batch), batch)
                     self._send(batch)
                     self._retire()
                     if not self.live:
@@ -310,7 +310,7 @@ class BatchWorker(BaseWorker):
 
     # -- step and emit ----------------------------------------------------------------
 
-    def _step(self) -> StepReport:
+    def _step(self, batch: Batch) -> StepReport:
         """One engine step. A model out of memory at one row fails its jobs (RQ may retry
         them, on this worker or another), never the worker or the other models' jobs."""
         try:
@@ -322,7 +322,8 @@ class BatchWorker(BaseWorker):
                     run = self.live.get(job_id)
                     if run is not None:
                         self.live.fail(run, f"out of memory on {self.engine.device} even "
-                                       f"one image at a time: {error}", retry=True)
+                                       f"one image at a time: {error}", retry=True,
+                                       batch=batch)
                     else:
                         self.engine.cancel(job_id)
         if self.engine.device.type == "cuda":
@@ -373,7 +374,7 @@ class BatchWorker(BaseWorker):
             meta = job._serialize_meta()       # RQ's save_meta, written with the events
         except Exception as e:   # meta RQ could not read, so it cannot be written back
             self.live.fail(run, f"storing results failed: {type(e).__name__}: {e}",
-                           retry=True)
+                           retry=True, batch=batch)
             return
         batch.event(run.id, Event(EventType.PROGRESS, data))
         batch.hset(run.id, job.key, "meta", meta)

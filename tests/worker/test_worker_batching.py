@@ -180,5 +180,9 @@ def test_out_of_memory_at_one_row_fails_that_models_jobs_not_the_worker(
     assert fetch_job(r, oom.id).get_status() == JobStatus.FAILED
     assert "out of memory" in fetch_job(r, oom.id).latest_result().exc_string
     assert fetch_job(r, fine.id).get_status() == JobStatus.FINISHED
-    errors = [e for e in events(r, oom.id) if e.type == EventType.ERROR]
+    evs = events(r, oom.id)
+    errors = [e for e in evs if e.type == EventType.ERROR]
     assert len(errors) == 1 and "out of memory" in errors[0].data["message"]
+    # The job failed in the pass that started it: its `started` is written first and the
+    # error last (readers stop at the terminal event).
+    assert [e.type for e in evs] == [EventType.STARTED, EventType.ERROR]
