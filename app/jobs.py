@@ -144,11 +144,13 @@ class _Admission:
 
 
 class JobStore:
-    def __init__(self, redis: Redis, settings: ApiSettings) -> None:
+    def __init__(self, redis: Redis, settings: ApiSettings,
+                 aredis: AsyncRedis | None = None) -> None:
         self.redis = redis
+        self.aredis = aredis        # for the routes that run on the event loop
         self.settings = settings
         self._admit = redis.register_script(_ADMIT)
-        self._async_admit: dict[int, Any] = {}      # the same script on async clients
+        self._async_admit = aredis.register_script(_ADMIT) if aredis is not None else None
         self._ended = redis.register_script(_ENDED)
         # The served models, read at most every `models_cache_s` (and at once for a model
         # not in them): a POST does not read every worker's advertisement.
@@ -222,15 +224,13 @@ class JobStore:
             return self._replayed(value, adm, who)
         return self._admitted(adm, verdict, value)
 
-    async def asubmit(self, redis: AsyncRedis, req: GenerationRequest, who: Principal,
+    async def asubmit(self, req: GenerationRequest, who: Principal,
                       idempotency_key: str | None) -> Submitted:
         """`submit` on the event loop: the admission script through the async client (no
         thread-pool hop per POST); only a replay's lookup goes to a thread."""
         adm = self._admission(req, who, idempotency_key)
-        script = self._async_admit.get(id(redis))
-        if script is None:
-            script = self._async_admit[id(redis)] = redis.register_script(_ADMIT)
-        verdict, value = await script(keys=adm.keys, args=adm.args)
+        assert self._async_admit is not None, "JobStore made without an async client"
+        verdict, value = await self._async_admit(keys=adm.keys, args=adm.args)
         if verdict == b"replay":
             return await run_in_threadpool(self._replayed, value, adm, who)
         return self._admitted(adm, verdict, value)
@@ -333,12 +333,13 @@ class JobStore:
             raise not_found("generation") from None
         return self._owned(job, who)
 
-    async def aget(self, redis: AsyncRedis, job_id: str, who: Principal) -> Job:
+    async def aget(self, job_id: str, who: Principal) -> Job:
         """`get` on the event loop: the hash read through the async client (RQ's own
         `restore` builds the job, bound to the sync client for what follows)."""
         if not JOB_ID.match(job_id):
             raise not_found("generation")
-        raw = await redis.hgetall(Job.key_for(job_id))     # RedisError: a 503
+        assert self.aredis is not None, "JobStore made without an async client"
+        raw = await self.aredis.hgetall(Job.key_for(job_id))     # RedisError: a 503
         if not raw:
             raise not_found("generation")
         try:

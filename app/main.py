@@ -75,7 +75,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                      socket_connect_timeout=5,
                                      socket_timeout=settings.stream_poll_ms / 1000 + 5,
                                      max_connections=settings.max_streams + 64)
-        store = JobStore(redis, settings)
+        store = JobStore(redis, settings, aredis)
         app.state.store, app.state.aredis = store, aredis
         metrics.watch(store)
         if auth.open:

@@ -76,8 +76,7 @@ async def _sole_model(store: Store) -> None:
 @router.post("", status_code=202, response_model=Generation, responses=ERROR_RESPONSES,
              summary="Submit a generation", dependencies=[Depends(_sole_model)])
 async def create_generation(
-    request: Request, body: NewGeneration, who: Caller, store: Store, settings: Settings,
-    metrics: Metrics,
+    body: NewGeneration, who: Caller, store: Store, settings: Settings, metrics: Metrics,
     idempotency_key: Annotated[str | None, Header(
         min_length=1, max_length=255, json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
         description="same key and body: the same job comes back")] = None,
@@ -101,7 +100,7 @@ async def create_generation(
     except SpecError as e:
         raise ApiError(422, "invalid_request", str(e), field=e.field) from None
     _check_webhook(req.webhook, settings)
-    sub = await store.asubmit(request.app.state.aredis, req, who, idempotency_key)
+    sub = await store.asubmit(req, who, idempotency_key)
     if sub.replayed:                 # an earlier job: its status and position are read
         view = await run_in_threadpool(store.view, sub.job)
     else:
@@ -122,8 +121,8 @@ def _generation(view: Generation, status: int = 200,
                     media_type="application/json")
 
 
-async def _job(request: Request, job_id: str, who: Caller, store: Store) -> Job:
-    return await store.aget(request.app.state.aredis, job_id, who)
+async def _job(job_id: str, who: Caller, store: Store) -> Job:
+    return await store.aget(job_id, who)
 
 
 JobDep = Annotated[Job, Depends(_job)]
@@ -147,11 +146,12 @@ def cancel_generation(job: JobDep, store: Store) -> Generation:
 
 @router.get("/{job_id}/images/{index}", response_class=Response,
             responses=PNG | ERROR_RESPONSES, summary="One final image (PNG)")
-async def get_image(request: Request, job: JobDep, index: int, store: Store) -> Response:
+async def get_image(job: JobDep, index: int, store: Store) -> Response:
     spec = store.spec_of(job)
     if not 0 <= index < spec.num_images:
         raise not_found(f"image {index}")
-    png = await request.app.state.aredis.get(image_key(job.id, index))
+    assert store.aredis is not None
+    png = await store.aredis.get(image_key(job.id, index))
     if png is None:
         raise not_found(f"image {index} (not produced yet)")
     return Response(png, media_type="image/png",
