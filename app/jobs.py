@@ -36,9 +36,11 @@ from worker.contract import (
     ModelInfo,
     events_key,
     image_key,
+    input_key,
     live_worker_keys,
     queue_name,
 )
+from worker.inputs import input_digest
 
 from . import limits
 from .auth import Principal
@@ -212,37 +214,40 @@ class JobStore:
 
     # -- submit ----------------------------------------------------------------------
 
-    def submit(self, req: GenerationRequest, who: Principal,
-               idempotency_key: str | None) -> Submitted:
-        """Enqueue `req` (already checked against the served models) unless the caller's
+    def submit(self, req: GenerationRequest, who: Principal, idempotency_key: str | None,
+               inputs: dict[str, bytes] | None = None) -> Submitted:
+        """Enqueue `req` (already checked against the served models) with its fitted input
+        images (`inputs`: field → PNG, written beside the job) unless the caller's
         rate limit or the model's queue depth refuses it (429), or replay the job an
         earlier request with the same Idempotency-Key made (422 if that one had another
         body, 409 if it is still being enqueued). One Redis round-trip for a new job."""
-        adm = self._admission(req, who, idempotency_key)
+        adm = self._admission(req, who, idempotency_key, inputs)
         verdict, value = self._admit(keys=adm.keys, args=adm.args)
         if verdict == b"replay":
             return self._replayed(value, adm, who)
         return self._admitted(adm, verdict, value)
 
     async def asubmit(self, req: GenerationRequest, who: Principal,
-                      idempotency_key: str | None) -> Submitted:
+                      idempotency_key: str | None,
+                      inputs: dict[str, bytes] | None = None) -> Submitted:
         """`submit` on the event loop: the admission script through the async client (no
         thread-pool hop per POST); only a replay's lookup goes to a thread."""
-        adm = self._admission(req, who, idempotency_key)
+        adm = self._admission(req, who, idempotency_key, inputs)
         assert self._async_admit is not None, "JobStore made without an async client"
         verdict, value = await self._async_admit(keys=adm.keys, args=adm.args)
         if verdict == b"replay":
             return await run_in_threadpool(self._replayed, value, adm, who)
         return self._admitted(adm, verdict, value)
 
-    def _admission(self, req: GenerationRequest, who: Principal,
-                   idempotency_key: str | None) -> _Admission:
+    def _admission(self, req: GenerationRequest, who: Principal, idempotency_key: str | None,
+                   inputs: dict[str, bytes] | None = None) -> _Admission:
         """The new job and the admission script's keys and arguments (no I/O)."""
         s = self.settings
         idem = record = ""
         if idempotency_key is not None:
             idem = self._idem_key(who, idempotency_key)
-        spec = req.spec()
+        inputs = inputs or {}
+        spec = req.spec({f: input_digest(png) for f, png in inputs.items()})
         job_id = uuid.uuid4().hex
         body = self._body_hash(req) if idem else ""
         if idem:
@@ -253,6 +258,8 @@ class JobStore:
             retries=s.job_retries, timeout=s.job_timeout, meta={"owner": who.owner},
             webhook=req.webhook)
         commands += self._index_commands(who, job)
+        commands += [["SET", input_key(job_id, f), png, "EX", s.result_ttl]
+                     for f, png in inputs.items()]
         argv: list[Any] = [record, s.idempotency_ttl, s.rate_limit, window.ttl if window else 0,
                            s.max_queue_depth, PRIORITIES.index(spec.priority) + 1]
         for command in commands:
@@ -370,7 +377,7 @@ class JobStore:
         spec = spec or self.spec_of(job)
         status = api_status(job.get_status(refresh=False))
         meta = job.meta or {}
-        n, steps = spec.num_images, spec.steps
+        n, steps = spec.num_images, spec.steps_per_image
         if status == "succeeded":
             image_steps, images_done = [steps] * n, n
         else:
@@ -435,7 +442,7 @@ class JobStore:
             key = events_key(job.id)
             with self.redis.pipeline(transaction=False) as p:
                 p.xadd(key, Event(EventType.CANCELED, {"message": "canceled"}).to_fields(),
-                       maxlen=1000, approximate=True)
+                       maxlen=self.settings.stream_maxlen, approximate=True)
                 p.expire(key, self.settings.result_ttl)
                 p.execute()
 

@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from worker.contract import MODEL_NAME_PATTERN, GenerationSpec
+from worker.contract import INPUT_FIELDS, MODEL_NAME_PATTERN, GenerationSpec
+from worker.inputs import MAX_BASE64_CHARS, MAX_INPUT_BYTES
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
@@ -58,23 +59,60 @@ CROSS_FIELD_RULES = [
     {"description": "eta other than 0 needs the ddim sampler",
      "if": {"required": ["eta"], "properties": {"eta": {"not": {"const": 0}}}},
      "then": {"required": ["sampler"], "properties": {"sampler": {"const": "ddim"}}}},
+    *({"description": f"{f} needs an init_image",
+       "if": {"required": [f], "properties": {f: {"not": {"type": "null"}}}},
+       "then": {"required": ["init_image"],
+                "properties": {"init_image": {"type": "string"}}}}
+      for f in ("mask", "interpolate_to", "strength")),
+    {"description": "an interpolation has no mask and at least 2 frames (num_images)",
+     "if": {"required": ["interpolate_to"],
+            "properties": {"interpolate_to": {"type": "string"}}},
+     "then": {"required": ["num_images"], "properties": {
+         "mask": {"type": "null"}, "num_images": {"minimum": 2}}}},
+    *({"description": f"{f} other than its default applies to inpainting (a mask) only",
+       "if": {"required": [f], "properties": {f: {"not": {"const": default}}}},
+       "then": {"required": ["mask"], "properties": {"mask": {"type": "string"}}}}
+      for f, default in (("jump_length", 10), ("jump_n_sample", 1))),
 ]
+
+
+# An input image in a JSON body: base64, or a data: URL (what a browser's FileReader gives).
+ImageData = Annotated[str, Field(max_length=MAX_BASE64_CHARS, description=(
+    "an image (PNG, JPEG, WebP, GIF, BMP or TIFF; one frame) as base64 or a `data:` URL, at "
+    f"most {MAX_INPUT_BYTES} bytes; fitted to the model as its training data is (grey/RGB, "
+    "resized and centre-cropped). In `multipart/form-data`, a file part of the same name"))]
 
 
 class GenerationRequest(GenerationSpec):
     """A generation request: the worker's spec plus what only the API acts on.
     `guidance_scale` other than 1 needs a `class_label`; `eta` other than 0 needs the `ddim`
-    sampler (the `allOf` rules)."""
+    sampler (the `allOf` rules). With `init_image`: img2img (SDEdit); with a `mask` too:
+    inpainting (RePaint); with `interpolate_to`: `num_images` frames from one image to the
+    other (Ho et al. 2020 §4.4)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
         "examples": [EXAMPLE_REQUEST], "allOf": CROSS_FIELD_RULES})
 
+    init_image: ImageData | None = None  # type: ignore[assignment]
+    mask: Annotated[ImageData | None, Field(description=(
+        "inpainting: the region to generate is white (grey/RGB ≥ 128) or, in an image with "
+        "transparency, fully transparent (OpenAI's convention); the rest is kept exactly. "
+        "Same width and height as init_image"))] = None  # type: ignore[assignment]
+    interpolate_to: Annotated[ImageData | None, Field(description=(
+        "interpolation: the second image; `num_images` frames go from init_image (first) to "
+        "this one (last)"))] = None  # type: ignore[assignment]
     webhook: Annotated[WebhookUrl | None, Field(
         description="URL POSTed (job id and status) when the job succeeds or fails; its host "
                     "must be on the service's allow-list (DDPM_WEBHOOK_ALLOW_HOSTS)")] = None
 
-    def spec(self) -> GenerationSpec:
-        return GenerationSpec(**self.model_dump(exclude={"webhook"}))
+    def spec(self, inputs: dict[str, str] | None = None) -> GenerationSpec:
+        """The worker's spec; `inputs` names the fitted input images by digest."""
+        return GenerationSpec(**self.model_dump(exclude={"webhook", *INPUT_FIELDS}),
+                              **(inputs or {}))
+
+    def images(self) -> dict[str, str]:
+        """The input images sent: field → base64 text."""
+        return {f: getattr(self, f) for f in INPUT_FIELDS if getattr(self, f) is not None}
 
 
 # What a POST body without `model` gets: (the one served model, or None and why there is
@@ -112,11 +150,12 @@ class NewGeneration(GenerationRequest):
 
 class Progress(BaseModel):
     steps_done: int = Field(description="denoising steps done, summed over the images")
-    total_steps: int = Field(description="num_images × steps")
+    total_steps: int = Field(description="num_images × steps_per_image")
     fraction: float = Field(ge=0, le=1)
     images_done: int
     num_images: int
-    steps_per_image: int
+    steps_per_image: int = Field(description="network steps per image: `steps`, plus "
+                                 "RePaint's jumps when resampling")
     image_steps: list[int] = Field(description="steps done by each image")
 
 
@@ -175,7 +214,11 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """The served models, and what any request to them may choose."""
+
     models: list[ModelCard]
+    samplers: list[str] = Field(
+        description="the `sampler` values a generation accepts (the web page lists these)")
 
 
 class Health(BaseModel):

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from models import (
+    SAMPLER_NAMES,
     Checkpoint,
     DiffusionConfig,
     ModelConfig,
@@ -56,6 +57,7 @@ from models import (
     SlotSpec,
     UNet,
     UNetConfig,
+    batch_options,
     count_parameters,
     counter_normal,
     image_seed,
@@ -67,7 +69,7 @@ from models import (
 )
 from models.diffusers_import import convert_diffusers, diffusers_key
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SAMPLERS = SAMPLER_NAMES
 
 
 # The same network, both ways ---------------------------------------------------------------
@@ -155,18 +157,15 @@ def diffusers_scheduler(name: str, config: ModelConfig) -> Any:
 def our_sampler(net: Callable[..., Tensor], config: ModelConfig, name: str, steps: int,
                 batch: int, device: torch.device) -> Callable[[], Tensor]:
     """Our offline sampler as `ddpm sample` runs it (one batch of `batch` images)."""
-    u, schedule = config.unet, Schedule.from_config(config.diffusion)
+    schedule = Schedule.from_config(config.diffusion)
     kind = sampler_kind(name, config.diffusion.variance_type)
     specs = [SlotSpec(seed=0, index=i, steps=steps, kind=kind) for i in range(batch)]
 
     def run() -> Tensor:
         final = None
         with torch.inference_mode():
-            for progress in sample_progressive(
-                net, schedule, specs, shape=(u.in_channels, u.image_size, u.image_size),
-                device=device, num_classes=u.num_classes,
-                clip_denoised=config.diffusion.clip_denoised,
-            ):
+            for progress in sample_progressive(net, schedule, specs, device=device,
+                                               **batch_options(config)):
                 final = progress.x_t
         assert final is not None
         return final

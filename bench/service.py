@@ -39,6 +39,8 @@ each process is printed too, with the worker's own step statistics (from its met
         --clients 1,32,128,256 --images 1024 --steps 50 --json service-gpu.json
     python -m bench.service --checkpoint checkpoints/mnist --device cuda
     python -m bench.service --clients 16 --skip-batch1 --prefill-keys 100000   # a full Redis
+    python -m bench.service --preset null --max-batch 64 --snapshot-every 0 --images 256 \
+        --clients 32 --skip-batch1 --conditioned 0.5      # half img2img/inpainting requests
 
 The client drops idle connections after CLIENT_KEEPALIVE_S, before uvicorn's keep-alive
 timeout (5 s) closes them: a client that kept them as long (httpx's default) sometimes sent
@@ -53,7 +55,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import re
 import sys
@@ -67,8 +71,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import redis
 import torch
+from PIL import Image
 
 from bench.api_overhead import (
     Child,
@@ -179,6 +185,48 @@ def request_body(spec: GenerationSpec) -> dict[str, Any]:
                                                  "seed", "snapshot_every"})
 
 
+@dataclass(frozen=True)
+class Conditioned:
+    """`--conditioned F`: that fraction of the stack's requests carry an input image of the
+    model's size (base64 PNG), alternately img2img at strength 0.8 and inpainting of the
+    lower half: the mix of plain and image-conditioned jobs in one batch."""
+
+    fraction: float
+    image: str
+    mask: str
+
+    @classmethod
+    def make(cls, fraction: float, size: int, channels: int) -> Conditioned:
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+        image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[size // 2:] = 255
+        return cls(fraction, _b64_png(image), _b64_png(Image.fromarray(mask)))
+
+    def bodies(self, specs: list[GenerationSpec]) -> list[dict[str, Any]]:
+        out, due, kind = [], 0.0, 0
+        for spec in specs:
+            body = request_body(spec)
+            due += self.fraction
+            if due >= 1.0:
+                due -= 1.0
+                body["init_image"] = self.image
+                if kind % 2:
+                    body["mask"] = self.mask
+                else:
+                    body["strength"] = 0.8
+                kind += 1
+            out.append(body)
+        return out
+
+
+def _b64_png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 async def one_request(client: aiohttp.ClientSession, body: dict[str, Any], first_event: str
                       ) -> Sample:
     """Submit, follow the event stream to `done`, download the image (the grid of a
@@ -224,10 +272,10 @@ async def one_request(client: aiohttp.ClientSession, body: dict[str, Any], first
                   submit=submit, events=events)
 
 
-async def stack_load(url: str, clients: int, specs: list[GenerationSpec], first_event: str
-                     ) -> tuple[float, list[Sample]]:
+async def stack_load(url: str, clients: int, specs: list[GenerationSpec], first_event: str,
+                     conditioned: Conditioned | None = None) -> tuple[float, list[Sample]]:
     """Closed loop: `clients` tasks, each starting its next request when one ends."""
-    todo = deque(request_body(s) for s in specs)
+    todo = deque(conditioned.bodies(specs) if conditioned else map(request_body, specs))
     samples: list[Sample] = []
     # Idle connections are dropped after CLIENT_KEEPALIVE_S, well before the server drops
     # them (uvicorn: 5 s): reusing one the server is closing is what failed with a read
@@ -267,13 +315,13 @@ def redis_calls(r: redis.Redis) -> dict[str, int]:
 
 def run_stack(url: str, clients: int, specs: list[GenerationSpec], max_batch: int,
               first_event: str, procs: Mapping[str, int], r: redis.Redis,
-              metrics_url: str) -> Run:
+              metrics_url: str, conditioned: Conditioned | None = None) -> Run:
     keys = int(r.dbsize())  # type: ignore[arg-type]
     calls0 = redis_calls(r)
     m0 = scrape(metrics_url)
     before = {k: cpu_seconds(pid) for k, pid in procs.items()}
     client0 = time.process_time()
-    seconds, samples = run_async(stack_load(url, clients, specs, first_event))
+    seconds, samples = run_async(stack_load(url, clients, specs, first_event, conditioned))
     client = time.process_time() - client0
     after = {k: cpu_seconds(pid) for k, pid in procs.items()}
     n = sum(s.num_images for s in specs)
@@ -473,6 +521,9 @@ def main() -> None:
     p.add_argument("--prefill-keys", type=int, default=0,
                    help="first fill Redis with this many unrelated keys (a finished job leaves "
                         "about 4 for DDPM_RESULT_TTL, a day by default)")
+    p.add_argument("--conditioned", type=float, default=0.0,
+                   help="fraction of the stack's 1-image requests that carry an input image "
+                   "(img2img and inpainting, alternately); the raw peers stay plain")
     p.add_argument("--log-level", default="WARNING", help="of the worker and the API")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
@@ -509,6 +560,9 @@ def main() -> None:
         if model not in loaded:
             raise SystemExit(f"model {model} did not load from {models_dir}")
         params = loaded[model].info.parameters
+        info = loaded[model].info
+        conditioned = Conditioned.make(args.conditioned, info.image_size, info.in_channels) \
+            if args.conditioned else None
 
         def specs(n: int, base: int, size: int = 1) -> list[GenerationSpec]:
             """Requests of `size` images each, `n` images in all."""
@@ -553,12 +607,13 @@ def main() -> None:
                     # Warm-up at this concurrency: the batch shapes it makes (CPU kernels
                     # and CUDA caches are set up per shape), the connections, the caches.
                     warm = specs(max(min(n, mb) * 2, 8), 10**6)
-                    run_stack(url, n, warm, mb, first_event, procs, r, metrics_url)
+                    run_stack(url, n, warm, mb, first_event, procs, r, metrics_url,
+                              conditioned)
                     run_raw(loaded, device, mb, n, warm, first_event)
                     for rep in range(args.repeats):
                         batch = specs(args.images, rep * args.images)
                         for run in (run_stack(url, n, batch, mb, first_event, procs, r,
-                                              metrics_url),
+                                              metrics_url, conditioned),
                                     run_raw(loaded, device, mb, n, batch, first_event)):
                             keep_best((run.side, mb, n), run)
                     s, w = runs[("stack", mb, n)], runs[("raw", mb, n)]
@@ -577,6 +632,9 @@ def main() -> None:
         f"cpu, torch threads {torch.get_num_threads()}"
     print(f"Service efficiency: {', '.join(f'{k} {x}' for k, x in v.items())}")
     print(f"device {device} ({dev}); model {model} ({label}, {params / 1e6:.2f}M parameters)")
+    if conditioned:
+        print(f"{args.conditioned:.0%} of the stack's requests image-conditioned (img2img at "
+              "0.8 and inpainting, alternately; base64 PNGs in the JSON body)")
     print(f"{args.images} 1-image requests per run, {args.steps} steps {args.sampler}, "
           f"snapshot every {args.snapshot_every}, max batch {args.max_batch}, best of "
           f"{args.repeats}, {args.prefill_keys} keys prefilled;\nfirst frame = first "

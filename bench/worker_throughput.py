@@ -60,7 +60,7 @@ def sample_in_process(model: LoadedModel, device: torch.device, max_batch: int,
     `specs` in batches of `max_batch`, to uint8 pixels on the host; no engine bookkeeping,
     no Redis, no PNGs. (wall seconds, CPU seconds of this process, images)."""
     ckpt = model.checkpoint
-    u, d = ckpt.config.unet, ckpt.config.diffusion
+    d = ckpt.config.diffusion
     slots = [SlotSpec(seed=s.seed, index=i, steps=s.steps, kind=sampler_kind(s.sampler,
                       d.variance_type), eta=s.eta) for s in specs for i in range(s.num_images)]
     bf16 = WorkerSettings().autocast_bf16 and device.type == "cuda"   # as the worker runs it
@@ -72,9 +72,8 @@ def sample_in_process(model: LoadedModel, device: torch.device, max_batch: int,
     cpu0, t0 = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         for lo in range(0, len(slots), max_batch):
-            x = sample(net, ckpt.schedule, slots[lo:lo + max_batch],
-                       shape=(u.in_channels, u.image_size, u.image_size), device=device,
-                       num_classes=u.num_classes, clip_denoised=d.clip_denoised)
+            x = sample(net, ckpt.schedule, slots[lo:lo + max_batch], device=device,
+                       **ckpt.batch_options)
             to_uint8(x).cpu()
     return time.perf_counter() - t0, time.process_time() - cpu0, len(slots)
 

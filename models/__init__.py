@@ -1,13 +1,15 @@
 """DDPM math in pure PyTorch: UNet, schedules, diffusion, samplers, checkpoints.
 
-Imports nothing else of the project (DESIGN.md §2).
+Imports nothing else of the project (ARCHITECTURE.md).
 """
 
 from .batch import SlotBatch, SlotSpec, StepOutput, sample, sample_progressive
 from .checkpoint import (
+    BatchOptions,
     Checkpoint,
     CheckpointError,
     atomic_write,
+    batch_options,
     init_checkpoint,
     load_checkpoint,
     read_config,
@@ -16,10 +18,18 @@ from .checkpoint import (
 )
 from .config import ARCHS, PRESETS, ConfigError, DiffusionConfig, ModelConfig, UNetConfig, preset
 from .diffusion import predict_x0, q_sample, training_loss
-from .images import from_uint8, make_grid, to_uint8
+from .images import from_uint8, make_grid, png_bytes, save_png, to_uint8
 from .nullnet import NullNet
 from .samplers import SAMPLER_NAMES, SamplerKind, sampler_kind
-from .schedule import Schedule, cosine_betas, linear_betas, spaced_timesteps
+from .schedule import (
+    Schedule,
+    check_steps,
+    cosine_betas,
+    linear_betas,
+    repaint_plan,
+    spaced_timesteps,
+    start_timestep,
+)
 from .seeding import counter_normal, image_noise, image_seed
 from .unet import UNet, build_network, count_parameters, inference_memory_format
 
@@ -27,6 +37,7 @@ __all__ = [
     "ARCHS",
     "PRESETS",
     "SAMPLER_NAMES",
+    "BatchOptions",
     "Checkpoint",
     "CheckpointError",
     "ConfigError",
@@ -41,7 +52,9 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "atomic_write",
+    "batch_options",
     "build_network",
+    "check_steps",
     "cosine_betas",
     "count_parameters",
     "counter_normal",
@@ -53,16 +66,20 @@ __all__ = [
     "linear_betas",
     "load_checkpoint",
     "make_grid",
+    "png_bytes",
     "predict_x0",
     "preset",
     "q_sample",
     "read_config",
+    "repaint_plan",
     "resolve_device",
     "sample",
     "sample_progressive",
     "sampler_kind",
     "save_checkpoint",
+    "save_png",
     "spaced_timesteps",
+    "start_timestep",
     "to_uint8",
     "training_loss",
 ]

@@ -13,12 +13,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .batch import SlotBatch
 from .config import ConfigError, ModelConfig
 from .schedule import Schedule
 from .unet import build_network
@@ -30,6 +32,23 @@ WEIGHTS_FILE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, with the offending file named in the message."""
+
+
+class BatchOptions(TypedDict):
+    """What a model's configuration fixes about sampling it: the keyword arguments of
+    `SlotBatch`, `sample` and `sample_progressive` besides network, schedule and device."""
+
+    shape: tuple[int, int, int]     # (C, H, W)
+    num_classes: int
+    clip_denoised: bool
+
+
+def batch_options(config: ModelConfig) -> BatchOptions:
+    """`config`'s `BatchOptions`: every sampling call site takes them from here
+    (`Checkpoint.slot_batch` for a loaded checkpoint)."""
+    u = config.unet
+    return BatchOptions(shape=(u.in_channels, u.image_size, u.image_size),
+                        num_classes=u.num_classes, clip_denoised=config.diffusion.clip_denoised)
 
 
 @dataclass
@@ -44,6 +63,19 @@ class Checkpoint:
     @property
     def conditional(self) -> bool:
         return self.config.unet.num_classes > 0
+
+    @property
+    def batch_options(self) -> BatchOptions:
+        """`batch_options(self.config)`: `sample(ck.net, ck.schedule, specs, device=...,
+        **ck.batch_options)`."""
+        return batch_options(self.config)
+
+    def slot_batch(self, device: torch.device | str,
+                   net: Callable[..., Tensor] | None = None) -> SlotBatch:
+        """An empty `SlotBatch` of this model on `device`; `net` is the network as the batch
+        calls it, when not `self.net` itself (the worker's autocast and chunking wrapper)."""
+        return SlotBatch(self.net if net is None else net, self.schedule, device=device,
+                         **self.batch_options)
 
 
 def save_checkpoint(path: str | os.PathLike[str], net: nn.Module, config: ModelConfig) -> Path:

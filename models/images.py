@@ -1,9 +1,12 @@
-"""Model space ([-1, 1]) to 8-bit pixels."""
+"""Model space ([-1, 1]) to 8-bit pixels, and 8-bit pixels to PNG."""
 
 from __future__ import annotations
 
+import io
 import math
+import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,3 +34,24 @@ def make_grid(images: Tensor, ncol: int | None = None, pad: int = 2) -> Tensor:
         top, left = pad + r * (h + pad), pad + q * (w + pad)
         grid[top:top + h, left:left + w] = images[i]
     return grid
+
+
+def png_bytes(pixels: Tensor | np.ndarray, compress_level: int = 6) -> bytes:
+    """One `[H x W x C]` uint8 image as PNG: C = 1 is greyscale ("L"), C = 3 RGB. The one
+    place pixels become a PNG: the worker's frames and images, `ddpm sample`'s files and
+    the training grids. Pillow is imported here, not with models."""
+    from PIL import Image
+
+    arr = pixels.detach().cpu().numpy() if isinstance(pixels, Tensor) else np.asarray(pixels)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3) or arr.dtype != np.uint8:
+        raise ValueError(f"expected [H x W x 1|3] uint8 pixels, got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(
+        buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def save_png(pixels: Tensor | np.ndarray, file: str | os.PathLike[str]) -> None:
+    """Write `png_bytes(pixels)` to `file`."""
+    with open(file, "wb") as f:
+        f.write(png_bytes(pixels))

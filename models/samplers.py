@@ -14,7 +14,11 @@ t_prev, t and t_next:
 - DDIM (Song et al. 2021) with η, using ε re-derived from the clipped x̂0 so that η = 1
   coincides with DDPM fixed-small;
 - DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep second order; first order
-  on a sample's first step and on its last step (to σ = 0), as k-diffusion does.
+  on a sample's first step, on its last step (to σ = 0), as k-diffusion does, and on the
+  first step after an undo (the previous x̂0 belongs to another trajectory);
+- an "undo" (t_next > t, RePaint's jump back): a draw from the forward process
+  q(x_next | x_t) = N(√(ᾱ_n/ᾱ_t) x_t, (1 − ᾱ_n/ᾱ_t) I), i.e. a = √(ᾱ_n/ᾱ_t), b = c = 0,
+  σ = √(1 − ᾱ_n/ᾱ_t), whatever the sampler.
 
 Because the coefficients are gathered per sample, one batch can mix timesteps, step counts
 and samplers: what continuous batching needs (diffusers' schedulers have one timestep per
@@ -83,9 +87,9 @@ def step_coefficients(
 ) -> StepCoefficients:
     """Coefficients for samples at `t` going to `t_next`.
 
-    All arguments are `[N]` host tensors: `kind` (SamplerKind values), `t` ≥ 0,
-    `t_next` < t (−1 for the final step), `t_prev` > t or −1 on a sample's first step,
-    `eta` (DDIM only).
+    All arguments are `[N]` host tensors: `kind` (SamplerKind values), `t` ≥ −1,
+    `t_next` (−1 = the clean image; t_next > t is an undo, only there may t be −1),
+    `t_prev` the previous plan entry (−1 on a sample's first step), `eta` (DDIM only).
     """
     f64 = torch.float64
     ab_t = schedule.alpha_bar(t).to(f64)
@@ -112,8 +116,8 @@ def step_coefficients(
     exp_neg_h = (si_n / al_n) / (si_t / al_t)
     dpm_a = si_n / si_t
     dpm_b = al_n * (1.0 - exp_neg_h)
-    # Second order needs a previous step and a finite λ_next (σ_next > 0).
-    second = (t_prev >= 0) & ~last
+    # Second order needs a previous denoising step (it came down to t) and a finite λ_next.
+    second = (t_prev > t) & ~last
     ab_p = schedule.alpha_bar(torch.where(second, t_prev, t)).to(f64)
     lam_t, lam_p = _log_snr_half(ab_t), _log_snr_half(ab_p)
     lam_n = _log_snr_half(torch.where(second, ab_n, ab_p))   # finite stand-in where unused
@@ -130,6 +134,15 @@ def step_coefficients(
     var = torch.where(is_[SamplerKind.DDPM_SMALL], var_small,
                       torch.where(is_[SamplerKind.DDPM_LARGE], var_large, sigma_ddim**2))
     var = torch.where(is_[SamplerKind.DPMPP_2M] | last, zeros, var)
+
+    # Undo (RePaint): x_next ~ q(x_next | x_t); the terms above are unused (maybe NaN) there.
+    undo = t_next > t
+    if bool(undo.any()):
+        ratio = ab_n / ab_t
+        a = torch.where(undo, ratio.sqrt(), a)
+        b = torch.where(undo, zeros, b)
+        c = torch.where(undo, zeros, c)
+        var = torch.where(undo, 1.0 - ratio, var)
     return StepCoefficients(a=a, b=b, c=c, sigma=var.clamp(min=0).sqrt())
 
 

@@ -1,11 +1,17 @@
-"""Noise schedules and every table derived from them, in float64.
+"""Noise schedules, every table derived from them (float64), and timestep plans.
 
 Notation of Ho et al. 2020: β_t, α_t = 1 − β_t, ᾱ_t = ∏ α_s, posterior q(x_{t−1} | x_t, x_0)
 with variance β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t). Timesteps are 0-based: t ∈ 0..T−1.
+
+A plan is the list of timesteps a sample visits, −1 being the clean image. Plain sampling
+goes down from T−1 (`spaced_timesteps`); image-conditioned sampling starts lower, at
+`start_timestep(strength, T)` (SDEdit), and inpainting with resampling also goes back up
+(`repaint_plan`, RePaint), so plans are not monotonic in general.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -91,6 +97,15 @@ class Schedule:
         return Schedule(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
+def check_steps(num_steps: int, num_timesteps: int, name: str = "steps") -> None:
+    """The range of a step count, 1..T: a plan visits distinct timesteps. ValueError naming
+    `name` (the option or field) otherwise. `ddpm sample`, `ddpm eval` and plans check
+    here; `worker.contract.GenerationSpec.check_model` (torch-free) is tied to it by a test.
+    """
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"{name} must be in 1..{num_timesteps}, got {num_steps}")
+
+
 def spaced_timesteps(num_steps: int, num_timesteps: int) -> Tensor:
     """`num_steps` model timesteps from T−1 down, evenly spaced ("trailing" spacing).
 
@@ -101,7 +116,58 @@ def spaced_timesteps(num_steps: int, num_timesteps: int) -> Tensor:
     "respacing" of Nichol & Dhariwal without a second code path.
     Long `[num_steps]`, strictly decreasing.
     """
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps}, got {num_steps}")
+    check_steps(num_steps, num_timesteps)
     k = torch.arange(num_steps, dtype=torch.long)
     return (num_timesteps * (num_steps - k) + num_steps // 2) // num_steps - 1
+
+
+def start_timestep(strength: float, num_timesteps: int) -> int:
+    """t0 = ⌈strength · T⌉ − 1: the timestep an input image is noised to (SDEdit, Meng et al.
+    2022), so strength 1 starts from pure noise at T−1 and steps spread over t0…0.
+
+    Rounded to 6 decimals before the ceiling, so that 0.7 · 1000 is 700 (not 700.0000001);
+    `worker.contract.start_timestep` is the same arithmetic (a test ties them).
+    """
+    if not (math.isfinite(strength) and 0 < strength <= 1):
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    return max(0, math.ceil(round(strength * num_timesteps, 6)) - 1)
+
+
+def repaint_plan(num_steps: int, num_timesteps: int, jump_length: int = 10,
+                 jump_n_sample: int = 1) -> Tensor:
+    """RePaint's resampling plan (Lugmayr et al. 2022) on our spacing: the timesteps a sample
+    visits, long `[L]`, each entry followed by the next (and the last by −1, the clean image).
+
+    The walk is diffusers' `RePaintScheduler.set_timesteps` in units of steps: going down
+    from step S−1, at every step j in range(0, S − jump_length, jump_length) it goes back
+    up jump_length steps (a noising "undo" per step) and down again, jump_n_sample − 1 times.
+    After diffusers' entry v the sample is at step v − 1 (−1 = clean), which is mapped to
+    our `spaced_timesteps(num_steps, num_timesteps)` (step k ↦ its k-th smallest timestep).
+    The jump at j = 0 goes up from the clean image, so −1 also occurs inside the plan.
+    L = S + 2 · jump_length · (jump_n_sample − 1) · #jumps; jump_n_sample = 1 gives
+    `spaced_timesteps` itself.
+    """
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ValueError("jump_length and jump_n_sample must be >= 1")
+    ascending = spaced_timesteps(num_steps, num_timesteps).flip(0)
+    levels = torch.tensor(_repaint_levels(num_steps, jump_length, jump_n_sample),
+                          dtype=torch.long)
+    return torch.where(levels >= 0, ascending[levels.clamp(min=0)], -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _repaint_levels(n: int, jump_length: int, jump_n_sample: int) -> tuple[int, ...]:
+    """Step numbers visited (n−1 … then −1 excluded), diffusers' loop verbatim."""
+    jumps = {j: jump_n_sample - 1 for j in range(0, n - jump_length, jump_length)}
+    entries = []
+    t = n
+    while t >= 1:
+        t -= 1
+        entries.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] -= 1
+            for _ in range(jump_length):
+                t += 1
+                entries.append(t)
+    # The sample starts at step n−1 and is at step v−1 after entry v; drop the final −1.
+    return (n - 1, *(v - 1 for v in entries[:-1]))

@@ -18,6 +18,7 @@ import hypothesis
 import pytest
 import redis
 import torch
+from skip_report import pytest_terminal_summary  # noqa: F401  (the loud list of skips)
 
 from ddpm.redis_server import RedisServer, free_port
 from models import UNet, preset, save_checkpoint

@@ -91,6 +91,61 @@ def test_bad_options_give_a_clear_error(checkpoint: Path, tmp_path: Path, args: 
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+def _picture(file: Path, seed: int, size: int = 16) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(file)
+    return file
+
+
+def test_inpainting_and_interpolation_from_the_command_line(checkpoint: Path,
+                                                            tmp_path: Path) -> None:
+    image = _picture(tmp_path / "in.png", 1)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, 8:] = 255                                # generate the right half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    r = ddpm("sample", str(checkpoint), "--init-image", str(image), "--mask",
+             str(tmp_path / "mask.png"), "--steps", "4", "--num-images", "2",
+             "--jump-length", "2", "--jump-n-sample", "2", "--out", str(tmp_path / "inp"))
+    assert r.returncode == 0, r.stderr
+    want = pixels(image)
+    for name in ("0000.png", "0001.png"):
+        got = pixels(tmp_path / "inp" / name)
+        assert np.array_equal(got[:, :8], want[:, :8])          # kept exactly
+        assert not np.array_equal(got[:, 8:], want[:, 8:])
+    assert json.loads((tmp_path / "inp" / "sample.json").read_text())["strength"] == 1.0
+
+    b = _picture(tmp_path / "b.png", 2)
+    r = ddpm("sample", str(checkpoint), "--interpolate", str(image), str(b), "--frames", "3",
+             "--steps", "4", "--out", str(tmp_path / "interp"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "interp").glob("*.png")) == [
+        "0000.png", "0001.png", "0002.png"]
+    r = ddpm("sample", str(checkpoint), "--init-image", str(image), "--strength", "0.5",
+             "--steps", "4", "--out", str(tmp_path / "first"))
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(pixels(tmp_path / "interp" / "0000.png"),
+                          pixels(tmp_path / "first" / "0000.png"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--init-image", "{bad}"], "--init-image: "),
+    (["--init-image", "{img}", "--mask", "{big}"], "--mask: "),
+    (["--init-image", "{img}", "--strength", "0.001", "--steps", "5"], "do not fit"),
+    (["--mask", "{img}"], "need --init-image"),
+    (["--init-image", "{nope}"], "cannot read"),
+])
+def test_bad_images_give_a_clear_error(checkpoint: Path, tmp_path: Path, args: list[str],
+                                       message: str) -> None:
+    files = {"img": _picture(tmp_path / "img.png", 3), "big": _picture(tmp_path / "big.png",
+                                                                        4, 32),
+             "bad": tmp_path / "bad.png", "nope": tmp_path / "nope.png"}
+    files["bad"].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    r = ddpm("sample", str(checkpoint), *[a.format(**files) for a in args],
+             "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
     r = ddpm("sample", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and str(tmp_path / "nope") in r.stderr

@@ -1,4 +1,4 @@
-"""Training: the package that produces the checkpoints the workers serve (DESIGN.md §4).
+"""Training: the package that produces the checkpoints the workers serve (ARCHITECTURE.md).
 
 `ddpm train` reads a data set (`data`), runs the loop (`trainer`) with EMA, warm-up,
 clipping, bf16 and DDP, and writes a servable checkpoint directory plus the state that

@@ -34,6 +34,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from worker.inputs import fit_image
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
@@ -377,22 +379,9 @@ def _channels(x: Tensor, channels: int) -> Tensor:
 
 
 def _fit_one(im: Image.Image, size: int, channels: int) -> np.ndarray:
-    if im.mode.startswith("I"):  # 16-bit grey: scale to 8 bits (convert() would saturate)
-        wide = np.asarray(im, dtype=np.float64) / 257.0
-        im = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8))
-    im = im.convert("L" if channels == 1 else "RGB")
-    w, h = im.size
-    if w > size or h > size:
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=2.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    elif (w, h) != (size, size):
-        canvas = Image.new(im.mode, (size, size))
-        canvas.paste(im, ((size - w) // 2, (size - h) // 2))
-        im = canvas
-    arr = np.asarray(im)
+    """One image `[C, H, W]`, fitted by worker.inputs.fit_image: the function that fits a
+    served model's input images too. Alpha is dropped, as training always has."""
+    arr = np.asarray(fit_image(im, size=size, channels=channels, alpha="drop"))
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

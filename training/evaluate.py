@@ -21,6 +21,7 @@ from torch import Tensor
 
 from models import (
     SlotSpec,
+    check_steps,
     from_uint8,
     inference_memory_format,
     load_checkpoint,
@@ -107,8 +108,7 @@ def generate(opts: EvalOptions, device: torch.device) -> tuple[Tensor, Tensor | 
                          memory_format=inference_memory_format(device))
     u = ck.config.unet
     T = ck.config.diffusion.num_timesteps
-    if not 1 <= opts.steps <= T:
-        raise ValueError(f"--steps must be in 1..{T} for this model")
+    check_steps(opts.steps, T, "--steps")
     if opts.guidance_scale != 1.0 and not ck.conditional:
         raise ValueError("--guidance-scale needs a class-conditional model")
     kind = sampler_kind(opts.sampler, ck.config.diffusion.variance_type)
@@ -121,10 +121,7 @@ def generate(opts: EvalOptions, device: torch.device) -> tuple[Tensor, Tensor | 
                           guidance=opts.guidance_scale)
                  for i in range(first, min(first + opts.batch_size, opts.num_samples))]
         with torch.inference_mode():
-            x = sample(ck.net, ck.schedule, specs, shape=(u.in_channels, u.image_size,
-                                                          u.image_size),
-                       device=device, num_classes=u.num_classes,
-                       clip_denoised=ck.config.diffusion.clip_denoised)
+            x = sample(ck.net, ck.schedule, specs, device=device, **ck.batch_options)
         out.append(to_uint8(x).permute(0, 3, 1, 2))
     return torch.cat(out), labels, time.perf_counter() - start
 

@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -46,12 +45,14 @@ from models import (
     Schedule,
     SlotSpec,
     atomic_write,
+    batch_options,
     build_network,
     from_uint8,
     make_grid,
     preset,
     sample,
     save_checkpoint,
+    save_png,
     to_uint8,
     training_loss,
 )
@@ -521,14 +522,12 @@ class Run:
             specs = [SlotSpec(seed=self.hyper.seed, index=i, steps=self.opts.sample_steps,
                               kind=SamplerKind.DDIM) for i in range(64)]
         with torch.inference_mode():
-            x = sample(self.ema, self.schedule, specs, shape=(u.in_channels, u.image_size,
-                                                              u.image_size),
-                       device=self.d.device, num_classes=u.num_classes,
-                       clip_denoised=self.config.diffusion.clip_denoised)
-        grid = make_grid(to_uint8(x), ncol=8).numpy()
+            x = sample(self.ema, self.schedule, specs, device=self.d.device,
+                       **batch_options(self.config))
+        grid = make_grid(to_uint8(x), ncol=8)
         file = self.out / SAMPLES_DIR / f"step_{self.step:07d}.png"
         file.parent.mkdir(exist_ok=True)
-        Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(file)
+        save_png(grid, file)
         return file
 
 

@@ -1,1 +1,3 @@
-"""GPU worker: job contract, continuous-batching engine, RQ loop and its Redis writes."""
+"""The worker (`ddpm worker`) and the job contract it shares with the API: the RQ loop,
+the continuous-batching engine and the Redis writes between them (ARCHITECTURE.md).
+`contract` and `client` are torch-free: the API imports them."""

@@ -1,6 +1,8 @@
-"""Submitting and cancelling generation jobs: what the API (and tests, and benchmarks) call.
+"""Enqueueing, fetching and cancelling generation jobs as RQ jobs.
 
-Torch-free, like the contract: it needs only redis and rq.
+The API builds its one-command submission from `enqueue_commands` (run inside its
+admission script, app/jobs.py) and reads jobs with `fetch_job`; tests and benchmarks use
+`enqueue` and `cancel`. Torch-free, like the contract: it needs only redis and rq.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ rq and anything heavy: the API image has none of those at import time.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -25,11 +26,27 @@ MAX_GUIDANCE = 20.0
 MAX_CLASS_LABEL = 9999
 MAX_SEED = 2**63 - 1
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_JUMP_LENGTH = 100           # RePaint resampling: timesteps per jump back
+MAX_JUMP_N_SAMPLE = 20          # RePaint resampling: passes over each jump
 
 Sampler = Literal["ddpm", "ddim", "dpm++2m"]
 SnapshotKind = Literal["x0", "xt"]
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")   # dequeue order
+
+# Image-conditioned generation. The images travel beside the job, fitted to the model, as
+# PNGs under input_key(job, field) (worker/inputs.py fits them); the spec names each by its
+# digest, so the RQ payload stays small JSON.
+Kind = Literal["generate", "img2img", "inpaint", "interpolate"]
+InputField = Literal["init_image", "mask", "interpolate_to"]
+INPUT_FIELDS: tuple[InputField, ...] = get_args(InputField)
+INPUT_REF_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# strength when a request leaves it out: SDEdit's usual 0.75, the paper's t = 500 of 1000
+# for interpolation (Ho et al. 2020 §4.4), and pure noise for inpainting (RePaint).
+DEFAULT_STRENGTH: dict[Kind, float] = {"generate": 1.0, "img2img": 0.75, "inpaint": 1.0,
+                                       "interpolate": 0.5}
+InputRef = Annotated[str, Field(pattern=INPUT_REF_PATTERN,
+                                description="digest of the fitted input image")]
 
 
 class SpecError(ValueError):
@@ -62,6 +79,18 @@ class GenerationSpec(BaseModel):
     class_label: Annotated[int | None, Field(ge=0, le=MAX_CLASS_LABEL)] = None
     guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE)] = 1.0
     priority: Priority = "normal"
+    init_image: InputRef | None = None
+    mask: InputRef | None = None
+    interpolate_to: InputRef | None = None
+    strength: Annotated[float | None, Field(
+        gt=0.0, le=1.0, description="how far into the noise the input image goes "
+        "(SDEdit): 1 = pure noise; default by kind: img2img 0.75, interpolation 0.5, "
+        "inpainting 1")] = None
+    jump_length: Annotated[int, Field(ge=1, le=MAX_JUMP_LENGTH, description=(
+        "RePaint resampling (with a mask): timesteps of each jump back"))] = 10
+    jump_n_sample: Annotated[int, Field(ge=1, le=MAX_JUMP_N_SAMPLE, description=(
+        "RePaint resampling (with a mask): passes over each jump; 1 = none. Each extra "
+        "pass adds 2·jump_length steps per jump"))] = 1
 
     # Field validators (not one model validator) so an error names its field: the API
     # reports it as such. Each reads fields declared before it.
@@ -80,22 +109,92 @@ class GenerationSpec(BaseModel):
             raise ValueError("guidance_scale needs a class_label (classifier-free guidance)")
         return scale
 
+    @field_validator("mask", "interpolate_to", "strength")
+    @classmethod
+    def _needs_init_image(cls, value: object, info: ValidationInfo) -> object:
+        if value is not None and info.data.get("init_image") is None \
+                and "init_image" in info.data:
+            raise ValueError(f"{info.field_name} needs an init_image")
+        return value
+
+    @field_validator("interpolate_to")
+    @classmethod
+    def _interpolation(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            if info.data.get("mask") is not None:
+                raise ValueError("interpolate_to and mask exclude each other")
+            if info.data.get("num_images", 2) < 2:
+                raise ValueError("an interpolation needs num_images >= 2 (its frames)")
+        return value
+
+    @field_validator("jump_length", "jump_n_sample")
+    @classmethod
+    def _resampling_needs_mask(cls, value: int, info: ValidationInfo) -> int:
+        default = cls.model_fields[info.field_name or ""].default
+        if value != default and info.data.get("mask") is None and "mask" in info.data:
+            raise ValueError(f"{info.field_name} applies to inpainting (a mask) only")
+        return value
+
+    @property
+    def kind(self) -> Kind:
+        if self.init_image is None:
+            return "generate"
+        if self.mask is not None:
+            return "inpaint"
+        return "interpolate" if self.interpolate_to is not None else "img2img"
+
+    @property
+    def effective_strength(self) -> float:
+        return DEFAULT_STRENGTH[self.kind] if self.strength is None else self.strength
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        """The input images this job reads: field → digest."""
+        return {f: getattr(self, f) for f in INPUT_FIELDS if getattr(self, f) is not None}
+
+    @property
+    def resampling(self) -> bool:
+        return self.mask is not None and self.jump_n_sample > 1
+
+    @property
+    def steps_per_image(self) -> int:
+        """Network steps each image takes: `steps`, plus RePaint's jumps back and forth
+        (each of the jump_n_sample − 1 extra passes over a jump is jump_length steps up and
+        as many down; jumps start every jump_length steps, as diffusers'
+        RePaintScheduler)."""
+        if not self.resampling:
+            return self.steps
+        jumps = len(range(0, self.steps - self.jump_length, self.jump_length))
+        return self.steps + 2 * self.jump_length * (self.jump_n_sample - 1) * jumps
+
     @property
     def total_steps(self) -> int:
-        """Denoising steps over all images: what progress counts toward."""
-        return self.num_images * self.steps
+        """Network steps over all images: what progress counts toward."""
+        return self.num_images * self.steps_per_image
 
     def check_model(self, info: ModelInfo) -> None:
         """Raise SpecError (a ValueError naming the field) if this spec does not fit."""
         if self.steps > info.num_timesteps:
             raise SpecError("steps", f"{self.steps} exceeds the model's {info.num_timesteps} "
                             "diffusion timesteps")
+        start = start_timestep(self.effective_strength, info.num_timesteps)
+        if self.steps > start + 1:
+            raise SpecError("steps", f"{self.steps} steps do not fit in the {start + 1} "
+                            f"timesteps that strength {self.effective_strength} leaves "
+                            f"(ceil(strength × {info.num_timesteps})); ask for fewer steps or "
+                            "a higher strength")
         if self.class_label is not None:
             if not info.num_classes:
                 raise SpecError("class_label", f"model {info.name!r} is unconditional")
             if self.class_label >= info.num_classes:
                 raise SpecError("class_label", f"must be < {info.num_classes} for model "
                                 f"{info.name!r}")
+
+
+def start_timestep(strength: float, num_timesteps: int) -> int:
+    """t0 = ⌈strength · T⌉ − 1, the timestep an input image is noised to (SDEdit); models'
+    sampler uses the same (a test ties them). Rounded first so that 0.7 · 1000 is 700."""
+    return max(0, math.ceil(round(strength * num_timesteps, 6)) - 1)
 
 
 @dataclass(frozen=True)
@@ -130,6 +229,11 @@ def queue_name(model: str, priority: Priority = "normal") -> str:
 
 def events_key(job_id: str) -> str:
     return f"{PREFIX}:events:{job_id}"
+
+
+def input_key(job_id: str, field: str) -> str:
+    """A job's fitted input image (INPUT_FIELDS), written with the job, same TTL."""
+    return f"{PREFIX}:input:{job_id}:{field}"
 
 
 def image_key(job_id: str, index: int) -> str:
@@ -195,6 +299,10 @@ def live_worker_keys(redis: Any, now: float) -> list[str]:
 
 # ---------------------------------------------------------------------------------------
 # The event stream: one Redis Stream per job; each entry is {"type", "data" (JSON), "png"?}.
+
+# Entries a job's stream keeps (XADD MAXLEN ~): the default of DDPM_STREAM_MAXLEN, which
+# the workers' and the API's settings both read, so both trim alike.
+STREAM_MAXLEN = 2000
 
 
 class EventType(StrEnum):

@@ -9,18 +9,21 @@ sampler, and reports the frames that are due: snapshots every k steps and final 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from models import Checkpoint, SlotBatch, SlotSpec, sampler_kind, to_uint8
+from models import Checkpoint, SlotSpec, from_uint8, sampler_kind, to_uint8
 
 from .contract import GenerationSpec, ModelInfo
+from .inputs import decode_canonical
 
 
 @dataclass
@@ -49,6 +52,7 @@ class EngineJob:
     job_id: str
     spec: GenerationSpec
     waiting: deque[int]              # image indices not started yet
+    inputs: dict[str, Tensor] = field(default_factory=dict)   # input_tensors(...)
     running: int = 0
     finished: int = 0
     steps_done: int = 0              # summed over the job's images
@@ -67,9 +71,49 @@ class EngineJob:
     def image_steps(self) -> list[int]:
         """Steps each image has completed. Every running image of a model advances once per
         engine step, so a start tick per image is enough: no per-row bookkeeping per step."""
-        steps = self.spec.steps
+        steps = self.spec.steps_per_image
         return [min(steps, self.ticks - self.started_tick[i]) if i in self.started_tick else 0
                 for i in range(self.spec.num_images)]
+
+
+def input_tensors(spec: GenerationSpec, pngs: Mapping[str, bytes | None],
+                  info: ModelInfo) -> dict[str, Tensor]:
+    """A job's stored input images (field → fitted PNG) as model-space tensors `[C x H x W]`
+    (a mask: `[1 x H x W]`, 1 = generate); ValueError naming the field if one is missing,
+    is not the image the spec names, or does not fit the model."""
+    out: dict[str, Tensor] = {}
+    for name, digest in spec.inputs.items():
+        png = pngs.get(name)
+        if png is None:
+            raise ValueError(f"{name}: the input image is gone (expired, or never stored)")
+        if "sha256:" + hashlib.sha256(png).hexdigest() != digest:
+            raise ValueError(f"{name}: the stored input image is not the one the job names")
+        out[name] = input_tensor(name, png, info.image_size, info.in_channels)
+    return out
+
+
+def input_tensor(name: str, png: bytes, size: int, channels: int) -> Tensor:
+    """A fitted input PNG (worker/inputs.py) as the sampler takes it: an image in model
+    space `[C x H x W]`, a mask `[1 x H x W]` with 1 = generate."""
+    if name == "mask":
+        return torch.from_numpy(decode_canonical(png, size=size, channels=1) >= 128) \
+            .permute(2, 0, 1).float()
+    pixels = torch.from_numpy(decode_canonical(png, size=size, channels=channels))
+    return from_uint8(pixels.permute(2, 0, 1))
+
+
+def conditioning(inputs: Mapping[str, Tensor], index: int, num_images: int, *,
+                 strength: float, jump_length: int, jump_n_sample: int) -> dict[str, Any]:
+    """The SlotSpec fields of image `index` of a request with these input images (none: a
+    plain one). The frames of an interpolation share image 0's noise (the paper fixes
+    it), each at its own λ from 0 (init_image) to 1 (interpolate_to)."""
+    if "init_image" not in inputs:
+        return {"index": index}
+    b = inputs.get("interpolate_to")
+    return {"index": 0 if b is not None else index, "init": inputs["init_image"],
+            "strength": strength, "mask": inputs.get("mask"), "init_b": b,
+            "mix": index / max(1, num_images - 1) if b is not None else 0.0,
+            "jump_length": jump_length, "jump_n_sample": jump_n_sample}
 
 
 @dataclass(frozen=True)
@@ -159,6 +203,17 @@ class Forward:
         return out.float().contiguous()
 
 
+def slot_specs(job: EngineJob, indices: list[int], variance_type: str) -> list[SlotSpec]:
+    """The slots of these images of a job."""
+    s = job.spec
+    kind = sampler_kind(s.sampler, variance_type)  # type: ignore[arg-type]
+    return [SlotSpec(seed=s.seed, steps=s.steps, kind=kind, eta=s.eta, label=s.class_label,
+                     guidance=s.guidance_scale,
+                     **conditioning(job.inputs, i, s.num_images, strength=s.effective_strength,
+                                    jump_length=s.jump_length, jump_n_sample=s.jump_n_sample))
+            for i in indices]
+
+
 class _ModelBatch:
     """A model's SlotBatch plus which (job, image) each row belongs to."""
 
@@ -167,10 +222,7 @@ class _ModelBatch:
         ckpt = model.checkpoint
         self.model = model
         self.forward = Forward(ckpt.net, device, bf16=bf16, channels_last=channels_last)
-        u = ckpt.config.unet
-        self.batch = SlotBatch(self.forward, ckpt.schedule, shape=(u.in_channels, u.image_size,
-                               u.image_size), device=device, num_classes=u.num_classes,
-                               clip_denoised=ckpt.config.diffusion.clip_denoised)
+        self.batch = ckpt.slot_batch(device, net=self.forward)
         self.owner: list[tuple[str, int]] = []              # row → (job id, image index)
         self.every = torch.empty(0, dtype=torch.long)       # row → snapshot period (0 = none)
         self.use_xt = torch.empty(0, dtype=torch.bool)      # row → snapshot x_t instead of x̂0
@@ -183,14 +235,10 @@ class _ModelBatch:
         specs, every, use_xt = [], [], []
         vtype = self.model.checkpoint.config.diffusion.variance_type
         for job, indices in starts:
-            s = job.spec
-            kind = sampler_kind(s.sampler, vtype)
-            specs += [SlotSpec(seed=s.seed, index=i, steps=s.steps, kind=kind, eta=s.eta,
-                               label=s.class_label, guidance=s.guidance_scale)
-                      for i in indices]
+            specs += slot_specs(job, indices, vtype)
             self.owner += [(job.job_id, i) for i in indices]
-            every += [s.snapshot_every] * len(indices)
-            use_xt += [s.snapshot_kind == "xt"] * len(indices)
+            every += [job.spec.snapshot_every] * len(indices)
+            use_xt += [job.spec.snapshot_kind == "xt"] * len(indices)
         self.batch.add(specs)
         self.every = torch.cat([self.every, torch.tensor(every, dtype=torch.long)])
         self.use_xt = torch.cat([self.use_xt, torch.tensor(use_xt, dtype=torch.bool)])
@@ -245,15 +293,21 @@ class Engine:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def admit(self, job_id: str, spec: GenerationSpec) -> EngineJob:
-        """Queue a job's images for slots; ValueError (naming the field) if it cannot run."""
+    def admit(self, job_id: str, spec: GenerationSpec,
+              inputs: dict[str, Tensor] | None = None) -> EngineJob:
+        """Queue a job's images for slots (`inputs`: its input images, `input_tensors`);
+        ValueError (naming the field) if it cannot run."""
         if job_id in self.jobs:
             raise ValueError(f"job {job_id} is already running")
         model = self.models.get(spec.model)
         if model is None:
             raise ValueError(f"model: {spec.model!r} is not served by this worker")
         spec.check_model(model.info)
-        job = EngineJob(job_id=job_id, spec=spec, waiting=deque(range(spec.num_images)))
+        missing = set(spec.inputs) - set(inputs or {})
+        if missing:
+            raise ValueError(f"{sorted(missing)[0]}: the job's input image was not given")
+        job = EngineJob(job_id=job_id, spec=spec, waiting=deque(range(spec.num_images)),
+                        inputs={k: v.to(self.device) for k, v in (inputs or {}).items()})
         self.jobs[job_id] = job
         return job
 

@@ -14,7 +14,6 @@ says whether the writer has got that far (`error(job)` whether one of them faile
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import threading
@@ -22,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from redis import Redis
+
+from models import png_bytes
 
 from . import redis_batch
 from .contract import Event, EventType, events_key, image_key
@@ -34,11 +34,8 @@ log = logging.getLogger("ddpm.worker")
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
-    """`[H x W x C]` uint8 (C = 1 or 3) → PNG bytes."""
-    arr = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """`[H x W x C]` uint8 (C = 1 or 3) → PNG bytes, compressed fast (frames are many)."""
+    return png_bytes(pixels, compress_level=1)
 
 
 @dataclass

@@ -46,11 +46,12 @@ from .contract import (
     Event,
     EventType,
     advertise_worker,
+    input_key,
     queue_name,
     wake_key,
     withdraw_worker,
 )
-from .engine import Engine, StepOutOfMemory, StepReport
+from .engine import Engine, StepOutOfMemory, StepReport, input_tensors
 from .events import Batch, EventWriter
 from .live import JobError, LiveJob, LiveJobs, parse_spec
 from .metrics import WorkerMetrics
@@ -278,6 +279,7 @@ class BatchWorker(BaseWorker):
         for job in canceled:
             self.live.canceled_before_start(job)
         own = batch if batch is not None else Batch()
+        runs: list[LiveJob] = []
         for s in started:
             job = s.job
             run = LiveJob(job=job, queue=s.queue, execution=s.execution,
@@ -288,18 +290,46 @@ class BatchWorker(BaseWorker):
                 run.spec = parse_spec(job)
                 if run.spec.model in self.catalog.broken:
                     raise JobError(self.catalog.broken[run.spec.model])
-                self.engine.admit(job.id, run.spec)
-            except (JobError, ValueError) as e:
+            except JobError as e:
+                self.live.fail(run, str(e), retry=False)
+                continue
+            runs.append(run)
+        try:
+            pngs = self._input_images(runs)
+        except RedisError as e:             # RQ's Retry brings them back
+            for run in [r for r in runs if r.spec.inputs]:
+                runs.remove(run)
+                self.live.fail(run, f"input images could not be read: {e}", retry=True)
+            pngs = {}
+        for run in runs:
+            job = run.job
+            try:
+                model = self.engine.models.get(run.spec.model)
+                inputs = input_tensors(run.spec, pngs.get(job.id, {}), model.info) \
+                    if model is not None else None
+                self.engine.admit(job.id, run.spec, inputs)     # ValueError: not served
+            except ValueError as e:
                 self.live.fail(run, str(e), retry=False)
                 continue
             own.event(job.id, Event(EventType.STARTED, {
                 "worker": self.name, "model": run.spec.model,
-                "num_images": run.spec.num_images, "steps": run.spec.steps,
+                "num_images": run.spec.num_images, "steps": run.spec.steps_per_image,
                 "queue_wait_s": round(run.queue_wait, 3)}))
             log.info("job %s started: %s ×%d, %s %d steps", job.id, run.spec.model,
                      run.spec.num_images, run.spec.sampler, run.spec.steps)
         if batch is None:
             self._send(own)
+
+    def _input_images(self, runs: list[LiveJob]) -> dict[str, dict[str, bytes | None]]:
+        """The stored input images of these jobs (job → field → PNG): one MGET for all."""
+        wanted = [(run.job.id, f) for run in runs for f in run.spec.inputs]
+        if not wanted:
+            return {}
+        found = self.connection.mget([input_key(job_id, f) for job_id, f in wanted])
+        out: dict[str, dict[str, bytes | None]] = {}
+        for (job_id, f), png in zip(wanted, found, strict=True):
+            out.setdefault(job_id, {})[f] = png
+        return out
 
     def _fail_unreadable(self, bad: Unreadable) -> None:
         message = f"job cannot be read: {bad}"
@@ -348,7 +378,7 @@ class BatchWorker(BaseWorker):
             run = self.live.get(frame.job_id)
             if run is None or run.spec is None:
                 continue
-            batch.frame(frame, run.spec.steps, run.spec.snapshot_kind)
+            batch.frame(frame, run.spec.steps_per_image, run.spec.snapshot_kind)
             if frame.final:
                 m.images.labels(run.spec.model).inc()
         t = time.monotonic()

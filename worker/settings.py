@@ -9,6 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .contract import STREAM_MAXLEN
+
 
 class WorkerSettings(BaseSettings):
     """Everything a worker process is configured by; CLI flags override the environment."""
@@ -32,7 +34,7 @@ class WorkerSettings(BaseSettings):
     worker_ttl: Annotated[int, Field(ge=20, le=3600)] = 60
     # Results and events.
     result_ttl: Annotated[int, Field(ge=1)] = 24 * 3600   # images, streams, RQ results
-    stream_maxlen: Annotated[int, Field(ge=10)] = 2000
+    stream_maxlen: Annotated[int, Field(ge=10)] = STREAM_MAXLEN
     progress_interval: Annotated[float, Field(ge=0)] = 0.2   # seconds between progress events
     # Shutdown: on SIGTERM running jobs get this long to finish, then go back to the queue.
     grace_period: Annotated[float, Field(ge=0)] = 30.0

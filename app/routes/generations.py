@@ -16,7 +16,15 @@ from redis.exceptions import RedisError
 from rq.job import Job
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from worker.contract import Event, EventType, SpecError, events_key, image_key
+from worker.contract import (
+    Event,
+    EventType,
+    InputField,
+    SpecError,
+    events_key,
+    image_key,
+    input_key,
+)
 
 from .. import media
 from ..deps import Caller, Metrics, Settings, Store, StreamSlot
@@ -26,8 +34,10 @@ from ..schemas import SOLE_MODEL, Generation, GenerationRequest, NewGeneration
 from ..settings import ApiSettings
 from ..stream_slots import StreamSlots
 from ..streams import MAX_ID_PART, StreamEvent, check_event_id, follow
+from ..uploads import MULTIPART_SCHEMA, UploadRoute, fit_inputs
 
-router = APIRouter(prefix="/v1/generations", tags=["generations"])
+# UploadRoute: the POST's body may also be multipart/form-data with image files.
+router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=UploadRoute)
 log = logging.getLogger("ddpm.api")
 
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
@@ -74,7 +84,9 @@ async def _sole_model(store: Store) -> None:
 
 
 @router.post("", status_code=202, response_model=Generation, responses=ERROR_RESPONSES,
-             summary="Submit a generation", dependencies=[Depends(_sole_model)])
+             summary="Submit a generation", dependencies=[Depends(_sole_model)],
+             openapi_extra={"requestBody": {"content": {
+                 "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
 async def create_generation(
     body: NewGeneration, who: Caller, store: Store, settings: Settings, metrics: Metrics,
     idempotency_key: Annotated[str | None, Header(
@@ -85,7 +97,11 @@ async def create_generation(
 
     One Redis round-trip in the common case, made from the event loop: the idempotency
     record, the rate limit, the queue depth and RQ's enqueue are one Lua script; the served
-    models are read at most every `DDPM_MODELS_CACHE_S` seconds."""
+    models are read at most every `DDPM_MODELS_CACHE_S` seconds.
+
+    Input images (`init_image`, `mask`, `interpolate_to`) come as base64 in JSON, or as
+    file parts of a `multipart/form-data` body whose `request` part holds the rest:
+    `curl -F init_image=@digit.png -F 'request={"strength": 0.6}'`."""
     req: GenerationRequest = body       # its model filled in if left out (_sole_model)
     served = store.cached_models()
     if served is None or req.model not in served:
@@ -100,7 +116,8 @@ async def create_generation(
     except SpecError as e:
         raise ApiError(422, "invalid_request", str(e), field=e.field) from None
     _check_webhook(req.webhook, settings)
-    sub = await store.asubmit(req, who, idempotency_key)
+    inputs = await fit_inputs(req.images(), model.info)
+    sub = await store.asubmit(req, who, idempotency_key, inputs)
     if sub.replayed:                 # an earlier job: its status and position are read
         view = await run_in_threadpool(store.view, sub.job)
     else:
@@ -154,6 +171,20 @@ async def get_image(job: JobDep, index: int, store: Store) -> Response:
     png = await store.aredis.get(image_key(job.id, index))
     if png is None:
         raise not_found(f"image {index} (not produced yet)")
+    return Response(png, media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+
+@router.get("/{job_id}/inputs/{name}", response_class=Response,
+            responses=PNG | ERROR_RESPONSES,
+            summary="An input image as the model sees it (fitted to its size)")
+async def get_input(job: JobDep, name: InputField, store: Store) -> Response:
+    if getattr(store.spec_of(job), name) is None:
+        raise not_found(f"input {name!r}")
+    assert store.aredis is not None
+    png = await store.aredis.get(input_key(job.id, name))
+    if png is None:
+        raise not_found(f"input {name!r} (expired)")
     return Response(png, media_type="image/png",
                     headers={"Cache-Control": "private, max-age=86400, immutable"})
 

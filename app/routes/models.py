@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from fastapi import APIRouter
+
+from worker.contract import Sampler
 
 from ..deps import Caller, Store
 from ..errors import ERROR_RESPONSES, not_found
 from ..jobs import JobStore, Served
 from ..schemas import ModelCard, ModelList
+
+# The one definition is the contract's Literal: a sampler added there is listed here, and
+# the page (which reads this list) offers it without an edit.
+SAMPLERS: list[str] = list(get_args(Sampler))
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -23,7 +31,8 @@ def _card(store: JobStore, served: Served) -> ModelCard:
 @router.get("", response_model=ModelList, responses=ERROR_RESPONSES,
             summary="Models served by live workers")
 def list_models(_: Caller, store: Store) -> ModelList:
-    return ModelList(models=[_card(store, s) for s in store.served_models().values()])
+    return ModelList(models=[_card(store, s) for s in store.served_models().values()],
+                     samplers=SAMPLERS)
 
 
 @router.get("/{name}", response_model=ModelCard, responses=ERROR_RESPONSES,

@@ -1,6 +1,9 @@
 // The ddpm-serve page: submit a generation, watch every image denoise from the SSE stream.
 // Plain modern JavaScript, no build step. The stream is read with fetch() rather than
 // EventSource so that an API key can travel in the Authorization header.
+// The "Edit an image" panel adds an input image to the same request: img2img, inpainting
+// (a mask painted on a canvas) or interpolation to a second image; the job is then
+// followed like any other.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +11,13 @@ const HISTORY_KEY = "ddpm.history";
 const HISTORY_MAX = 20;
 const DRAW_INTERVAL_MS = 100;     // at most 10 redraws a second, however fast frames come
 const TERMINAL = new Set(["done", "error", "canceled"]);
+const INPUT_NAMES = ["init_image", "mask", "interpolate_to"];   // a job's input images
+// Friendlier names for the samplers /v1/models lists; an unknown one shows as its value.
+const SAMPLER_LABELS = { "dpm++2m": "DPM-Solver++ (2M)", ddim: "DDIM", ddpm: "DDPM (ancestral)" };
+const DEFAULT_SAMPLER = "dpm++2m";
+// The strength each edit mode starts at (the API's defaults), until the user moves it.
+const DEFAULT_STRENGTH = { img2img: 0.75, inpaint: 1.0, interpolate: 0.5 };
+const STAGE_PX = 336;             // the edit canvas is shown about this big on screen
 
 const state = {
   models: new Map(),   // name → model card
@@ -17,7 +27,10 @@ const state = {
   drawTimer: null,
   lastDraw: 0,
   objectUrls: [],
-  stats: { frames: 0, draws: 0 },  // read by the browser test: frames in, redraw passes
+  // Read by the browser test: frames in, redraw passes, images drawn, and the shortest
+  // time between two passes' starts (the throttle's own measure, not the job's speed).
+  stats: { frames: 0, draws: 0, drawn: 0, minGap: Infinity, interval: DRAW_INTERVAL_MS },
+  lastStart: -Infinity,
 };
 window.ddpmStats = state.stats;
 
@@ -59,7 +72,8 @@ async function api(path, options = {}) {
 async function loadModels() {
   try {
     const res = await api("/v1/models");
-    const { models } = await res.json();
+    const { models, samplers } = await res.json();
+    setSamplers(samplers || []);
     state.models = new Map(models.map((m) => [m.name, m]));
     const select = $("model");
     const previous = select.value;
@@ -79,6 +93,15 @@ async function loadModels() {
   }
 }
 
+// The sampler choices come from the API (one definition, in the worker contract).
+function setSamplers(names) {
+  const select = $("sampler");
+  const previous = select.value;
+  select.replaceChildren(...names.map((n) => new Option(SAMPLER_LABELS[n] || n, n)));
+  if (names.includes(previous)) select.value = previous;
+  else if (names.includes(DEFAULT_SAMPLER)) select.value = DEFAULT_SAMPLER;
+}
+
 function setHealth(text) {
   $("health").textContent = text;
 }
@@ -92,7 +115,7 @@ function onModelChange() {
     : Array.from({ length: classes }, (_, i) => String(i));
   $("class_label").replaceChildren(new Option("any (unconditional)", ""),
     ...names.map((n, i) => new Option(n, String(i))));
-  $("steps").max = Math.min(1000, m.num_timesteps);
+  updateStepsLimit();
   onClassChange();
 }
 
@@ -100,11 +123,10 @@ function onClassChange() {
   $("guidance-row").hidden = $("class-row").hidden || $("class_label").value === "";
 }
 
-function requestBody() {
+async function requestBody() {
   const num = (id) => Number($(id).value);
   const body = {
     model: $("model").value,
-    sampler: $("sampler").value,
     steps: num("steps"),
     num_images: num("num_images"),
     snapshot_every: num("snapshot_every"),
@@ -115,21 +137,27 @@ function requestBody() {
     body.class_label = num("class_label");
     body.guidance_scale = num("guidance_scale");
   }
+  if ($("sampler").value) body.sampler = $("sampler").value;
+  if (edit.init) Object.assign(body, await editFields());
   return body;
 }
 
 async function onSubmit(event) {
   event.preventDefault();
+  const problem = editProblem();
+  showEditNote(problem);
+  if (problem) return;
   $("generate").disabled = true;
   try {
     const res = await api("/v1/generations", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(requestBody()),
+      body: JSON.stringify(await requestBody()),
     });
     const job = await res.json();
     remember({ id: job.id, model: job.model, num_images: job.request.num_images,
-               seed: job.request.seed, created: Date.now(), status: job.status });
+               seed: job.request.seed, created: Date.now(), status: job.status,
+               kind: editKind(job.request), inputs: inputNames(job.request) });
     follow(job);
   } catch (e) {
     showJobSection();
@@ -177,6 +205,7 @@ function follow(job) {
   $("downloads").hidden = true;
   $("job-id").textContent = job.id;
   makeCanvases(n, state.models.get(job.model));
+  showInputs(job.id, job.request ? inputNames(job.request) : job.inputs || []);
   setStatus(job.status || "queued");
   setProgress(0, 1);
   const signal = state.abort.signal;
@@ -186,6 +215,8 @@ function follow(job) {
   });
 }
 
+// One canvas per image, in a figure that also holds the "edit" / "B" buttons: they appear
+// once the image is final and load it into the edit panel (as the image, or as image B).
 function makeCanvases(n, model) {
   const size = model ? model.image_size : 32;
   const frames = $("frames");
@@ -198,8 +229,21 @@ function makeCanvases(n, model) {
     c.dataset.index = String(i);
     c.dataset.step = "0";
     c.title = `image ${i}`;
-    frames.append(c);
+    const figure = document.createElement("figure");
+    figure.append(c, pickButton("edit", "edit this image", i, "init"),
+                  pickButton("B", "use as the second image of an interpolation", i, "b"));
+    frames.append(figure);
   }
+}
+
+function pickButton(text, title, index, slot) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = `pick pick-${slot}`;
+  b.textContent = text;
+  b.title = title;
+  b.addEventListener("click", () => pickResult(index, slot));
+  return b;
 }
 
 async function pollQueue(id, signal) {
@@ -331,10 +375,14 @@ function queueFrame(index, frame) {
 }
 
 async function drawPending() {
+  const start = performance.now();
   state.stats.draws++;
+  state.stats.minGap = Math.min(state.stats.minGap, start - state.lastStart);
+  state.lastStart = start;
   const batch = [...state.pending.entries()];
+  state.stats.drawn += batch.length;
   state.pending.clear();
-  const canvases = $("frames").children;
+  const canvases = $("frames").querySelectorAll("canvas");
   await Promise.all(batch.map(async ([index, frame]) => {
     const canvas = canvases[index];
     if (!canvas || !frame.png) return;
@@ -345,7 +393,10 @@ async function drawPending() {
     ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
     bitmap.close();
     canvas.dataset.step = String(frame.step ?? 0);
-    if (frame.final) canvas.dataset.final = "1";
+    if (frame.final) {
+      canvas.dataset.final = "1";
+      canvas.parentElement.classList.add("final");   // shows its edit buttons
+    }
   }));
   state.lastDraw = performance.now();
   state.drawTimer = null;
@@ -380,6 +431,390 @@ async function onCancel() {
   } catch (e) {
     showError(e.message);
   }
+}
+
+// -- edit: an input image, a painted mask, a second image ---------------------------------
+
+const edit = {
+  init: null,              // {dataUrl, width, height}: the image as picked (its own bytes)
+  b: null,                 // the second image of an interpolation, the same shape
+  mask: null,              // Uint8Array of init's width × height: 1 = generate, 0 = keep
+  strengthTouched: false,  // once the user moves the slider, a mode change leaves it alone
+  stroke: null,            // {id, x, y}: the pointer painting now, at image coordinates
+  renderQueued: false,
+};
+
+function editMode() {
+  return edit.init ? $("edit_mode").value : null;
+}
+
+function maskPainted() {
+  return edit.mask !== null && edit.mask.includes(1);
+}
+
+function strength() {
+  return Number($("strength").value);
+}
+
+function setStrength(value) {
+  $("strength").value = String(value);
+  $("strength-value").textContent = strength().toFixed(2);
+}
+
+function initEdit() {
+  $("init_file").addEventListener("change", () => pickFile("init"));
+  $("b_file").addEventListener("change", () => pickFile("b"));
+  $("edit_mode").addEventListener("change", onModeChange);
+  $("strength").addEventListener("input", () => {
+    edit.strengthTouched = true;
+    setStrength(strength());
+    updateStepsLimit();
+  });
+  $("brush").addEventListener("input", () => {
+    $("brush-value").textContent = $("brush").value;
+  });
+  $("mask-clear").addEventListener("click", () => changeMask(() => 0));
+  $("mask-invert").addEventListener("click", () => changeMask((m) => 1 - m));
+  $("edit-remove").addEventListener("click", removeImages);
+  const c = $("mask_canvas");
+  c.addEventListener("pointerdown", onPointerDown);
+  c.addEventListener("pointermove", onPointerMove);
+  c.addEventListener("pointerup", onPointerUp);
+  c.addEventListener("pointercancel", onPointerUp);
+  syncMode();
+}
+
+// The mode follows the mask: painting picks inpaint, clearing it goes back to img2img.
+// (Choosing img2img by hand keeps the painted mask on screen, dimmed, and does not send it.)
+function syncMode() {
+  const select = $("edit_mode");
+  const painted = maskPainted();
+  select.disabled = !edit.init;
+  select.querySelector("option[value=inpaint]").disabled = !painted;
+  if (painted && select.value === "img2img") select.value = "inpaint";
+  if (!painted && select.value === "inpaint") select.value = "img2img";
+  onModeChange();
+}
+
+function onModeChange() {
+  const mode = editMode();
+  $("mask-tools").hidden = !edit.init || mode === "interpolate";
+  $("mask_canvas").hidden = mode === "interpolate";
+  $("init-box").classList.toggle("mask-off", mode === "img2img");
+  $("resample-row").hidden = mode !== "inpaint";
+  $("b-row").hidden = mode !== "interpolate";
+  $("stage-b").hidden = mode !== "interpolate" || !edit.b;
+  // An interpolation's images are its frames, A first and B last: at least two.
+  $("num_images").min = mode === "interpolate" ? "2" : "1";
+  if (mode === "interpolate" && Number($("num_images").value) < 2) $("num_images").value = "2";
+  if (mode && !edit.strengthTouched) setStrength(DEFAULT_STRENGTH[mode]);
+  $("edit-summary").textContent = mode ? `(${mode})` : "(none: plain generation)";
+  updateStepsLimit();
+}
+
+// At strength s sampling starts at t0 = ceil(s·T) − 1, so at most t0 + 1 steps fit (s·T
+// rounded first, as the API does, so that 0.7 · 1000 is 700).
+function updateStepsLimit() {
+  const m = state.models.get($("model").value);
+  if (!m) return;
+  let max = Math.min(1000, m.num_timesteps);
+  if (edit.init) {
+    const fit = Math.ceil(Number((strength() * m.num_timesteps).toFixed(6)));
+    max = Math.min(max, Math.max(1, fit));
+  }
+  $("steps").max = String(max);
+}
+
+function pickFile(slot) {
+  const file = $(slot === "init" ? "init_file" : "b_file").files[0];
+  if (file) setImage(slot, file, file.name);
+}
+
+// A finished result ("edit" / "B" on its figure), fetched as the PNG the API stored.
+async function pickResult(index, slot) {
+  if (!state.job) return;
+  try {
+    const res = await api(`/v1/generations/${state.job.id}/images/${index}`);
+    await setImage(slot, await res.blob(), `image ${index} of job ${state.job.id.slice(0, 8)}`);
+    if (slot === "b") {
+      $("edit_mode").value = "interpolate";
+      onModeChange();
+    }
+    $("edit-box").scrollIntoView({ block: "nearest" });
+  } catch (e) {
+    showEditNote(`cannot load image ${index}: ${e.message}`);
+  }
+}
+
+// Loads an image into a slot ("init" or "b"). Its bytes are sent as they are, not redrawn,
+// so an inpainting keeps exactly the uploaded pixels outside the mask.
+async function setImage(slot, blob, caption) {
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(blob);
+  } catch (_) {
+    showEditNote(`${caption}: not an image this browser can read`);
+    return;
+  }
+  const image = { dataUrl: await blobToDataUrl(blob), width: bitmap.width,
+                  height: bitmap.height };
+  const canvas = $(slot === "init" ? "init_canvas" : "b_canvas");
+  canvas.width = image.width;
+  canvas.height = image.height;
+  canvas.getContext("2d").drawImage(bitmap, 0, 0);
+  bitmap.close();
+  sizeStage($(slot === "init" ? "init-box" : "b-box"), image.width, image.height);
+  $(slot === "init" ? "init-caption" : "b-caption").textContent =
+    `${caption} · ${image.width}×${image.height}`;
+  if (slot === "init") {
+    edit.init = image;
+    // A new image starts with an empty mask of its own size (what the API requires).
+    edit.mask = new Uint8Array(image.width * image.height);
+    $("mask_canvas").width = image.width;
+    $("mask_canvas").height = image.height;
+    const side = Math.max(image.width, image.height);
+    $("brush").max = String(Math.max(4, Math.ceil(side / 2)));
+    $("brush").value = String(Math.max(1, Math.round(side / 10)));
+    $("brush-value").textContent = $("brush").value;
+    $("stage").hidden = false;
+    renderMask();
+  } else {
+    edit.b = image;
+  }
+  $("edit-remove").disabled = false;
+  $("edit-box").open = true;
+  showEditNote("");
+  syncMode();
+}
+
+// Small images are shown scaled up by a whole factor (pixelated), big ones scaled down.
+function sizeStage(box, width, height) {
+  const side = Math.max(width, height);
+  const scale = side <= STAGE_PX ? Math.floor(STAGE_PX / side) : STAGE_PX / side;
+  box.style.width = `${Math.round(width * scale)}px`;
+  box.style.height = `${Math.round(height * scale)}px`;
+}
+
+// Back to plain generation.
+function removeImages() {
+  edit.init = edit.b = edit.mask = null;
+  $("init_file").value = "";
+  $("b_file").value = "";
+  $("stage").hidden = true;
+  $("stage-b").hidden = true;
+  $("edit-remove").disabled = true;
+  showEditNote("");
+  syncMode();
+}
+
+// -- painting the mask: pointer events (mouse, pen, touch) over the image ----------------
+
+// Image pixel coordinates (fractional) of a pointer event over the mask canvas.
+function maskPoint(e) {
+  const c = $("mask_canvas");
+  const r = c.getBoundingClientRect();
+  return { x: (e.clientX - r.left) * c.width / r.width,
+           y: (e.clientY - r.top) * c.height / r.height };
+}
+
+// Sets the mask under a round brush centred at (x, y), and always the pixel under it.
+function stamp(x, y) {
+  const { width: w, height: h } = edit.init;
+  const r = Number($("brush").value) / 2;
+  const value = $("erase").checked ? 0 : 1;
+  for (let py = Math.max(0, Math.floor(y - r)); py <= Math.min(h - 1, Math.floor(y + r)); py++) {
+    for (let px = Math.max(0, Math.floor(x - r)); px <= Math.min(w - 1, Math.floor(x + r)); px++) {
+      const dx = px + 0.5 - x;
+      const dy = py + 0.5 - y;
+      if (dx * dx + dy * dy <= r * r) edit.mask[py * w + px] = value;
+    }
+  }
+  const cx = Math.floor(x);
+  const cy = Math.floor(y);
+  if (cx >= 0 && cx < w && cy >= 0 && cy < h) edit.mask[cy * w + cx] = value;
+}
+
+// Stamps along the segment from the previous point, so a fast drag leaves no gaps.
+function strokeTo(p) {
+  const s = edit.stroke;
+  const gap = Math.max(0.5, Number($("brush").value) / 4);
+  const n = Math.max(1, Math.ceil(Math.hypot(p.x - s.x, p.y - s.y) / gap));
+  for (let i = 1; i <= n; i++) stamp(s.x + (p.x - s.x) * i / n, s.y + (p.y - s.y) * i / n);
+  s.x = p.x;
+  s.y = p.y;
+  queueMaskRender();
+}
+
+function onPointerDown(e) {
+  if (!edit.init || e.button !== 0) return;
+  e.preventDefault();
+  $("mask_canvas").setPointerCapture(e.pointerId);   // the stroke goes on outside the canvas
+  const p = maskPoint(e);
+  edit.stroke = { id: e.pointerId, ...p };
+  stamp(p.x, p.y);
+  queueMaskRender();
+}
+
+function onPointerMove(e) {
+  if (!edit.stroke || e.pointerId !== edit.stroke.id) return;
+  const events = e.getCoalescedEvents ? e.getCoalescedEvents() : [];
+  for (const ev of events.length ? events : [e]) strokeTo(maskPoint(ev));
+}
+
+function onPointerUp(e) {
+  if (!edit.stroke || e.pointerId !== edit.stroke.id) return;
+  edit.stroke = null;
+  syncMode();
+}
+
+function changeMask(f) {
+  if (!edit.mask) return;
+  edit.mask = edit.mask.map(f);
+  renderMask();
+  syncMode();
+}
+
+function queueMaskRender() {
+  if (edit.renderQueued) return;
+  edit.renderQueued = true;
+  requestAnimationFrame(() => {
+    edit.renderQueued = false;
+    renderMask();
+  });
+}
+
+// The overlay: painted pixels in translucent red over the image, the rest transparent.
+function renderMask() {
+  if (!edit.mask) return;
+  const c = $("mask_canvas");
+  const overlay = new ImageData(c.width, c.height);
+  edit.mask.forEach((m, i) => {
+    if (m) overlay.data.set([255, 32, 64, 180], i * 4);
+  });
+  c.getContext("2d").putImageData(overlay, 0, 0);
+}
+
+// -- the request fields of an edit ----------------------------------------------------------
+
+// What is missing before an edit can be sent ("" when nothing is).
+function editProblem() {
+  if (!edit.init) return edit.b ? "an interpolation needs a first image too" : "";
+  const mode = editMode();
+  if (mode === "inpaint" && !maskPainted()) return "paint the region to generate first";
+  if (mode === "interpolate" && !edit.b) {
+    return "choose the second image (a file, or “B” on a finished image)";
+  }
+  return "";
+}
+
+function showEditNote(message) {
+  $("edit-note").textContent = message;
+  $("edit-note").hidden = !message;
+  if (message) $("edit-box").open = true;
+}
+
+// Images as data: URLs; the mask as a greyscale PNG of the image's own size,
+// white (255) = generate, black (0) = keep.
+async function editFields() {
+  const mode = editMode();
+  const fields = { init_image: edit.init.dataUrl, strength: strength() };
+  if (mode === "inpaint") {
+    const grey = edit.mask.map((m) => (m ? 255 : 0));
+    const png = await greyPng(grey, edit.init.width, edit.init.height);
+    fields.mask = await blobToDataUrl(png);
+    fields.jump_length = Number($("jump_length").value);
+    fields.jump_n_sample = Number($("jump_n_sample").value);
+  } else if (mode === "interpolate") {
+    fields.interpolate_to = edit.b.dataUrl;
+  }
+  return fields;
+}
+
+function inputNames(request) {
+  return INPUT_NAMES.filter((name) => request && request[name]);
+}
+
+function editKind(request) {
+  if (request.interpolate_to) return "interpolate";
+  if (request.mask) return "inpaint";
+  return request.init_image ? "img2img" : undefined;
+}
+
+// A conditioned job's inputs as the worker got them (fitted to the model), above its images.
+async function showInputs(id, names) {
+  const box = $("inputs");
+  box.replaceChildren();
+  box.hidden = names.length === 0;
+  for (const name of names) {
+    try {
+      const blob = await (await api(`/v1/generations/${id}/inputs/${name}`)).blob();
+      if (state.job?.id !== id) return;   // another job is shown by now
+      const url = URL.createObjectURL(blob);
+      state.objectUrls.push(url);
+      const img = new Image();
+      img.src = url;
+      img.alt = name;
+      img.dataset.name = name;
+      const caption = document.createElement("figcaption");
+      caption.textContent = name.replace("_", " ");
+      const figure = document.createElement("figure");
+      figure.append(img, caption);
+      box.append(figure);
+    } catch (_) { /* expired: the results are what matter */ }
+  }
+}
+
+function blobToDataUrl(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => {
+      // A file of no known type travels as bare base64 (the API sniffs the format).
+      const url = reader.result;
+      resolve(url.startsWith("data:image/") ? url : url.slice(url.indexOf(",") + 1));
+    };
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
+}
+
+// A minimal PNG encoder for 8-bit greyscale: no canvas (which only writes RGBA).
+const PNG_SIGNATURE = new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]);
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+function pngChunk(type, data) {
+  const out = new Uint8Array(12 + data.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, data.length);
+  for (let i = 0; i < 4; i++) out[4 + i] = type.charCodeAt(i);
+  out.set(data, 8);
+  view.setUint32(8 + data.length, crc32(out.subarray(4, 8 + data.length)));
+  return out;
+}
+
+async function greyPng(pixels, width, height) {
+  const rows = new Uint8Array((width + 1) * height);   // each row: filter type 0, pixels
+  for (let y = 0; y < height; y++) {
+    rows.set(pixels.subarray(y * width, (y + 1) * width), y * (width + 1) + 1);
+  }
+  const zlib = new Blob([rows]).stream().pipeThrough(new CompressionStream("deflate"));
+  const idat = new Uint8Array(await new Response(zlib).arrayBuffer());
+  const ihdr = new Uint8Array(13);   // width, height, depth 8, colour type 0 (grey), 0, 0, 0
+  const view = new DataView(ihdr.buffer);
+  view.setUint32(0, width);
+  view.setUint32(4, height);
+  ihdr[8] = 8;
+  return new Blob([PNG_SIGNATURE, pngChunk("IHDR", ihdr), pngChunk("IDAT", idat),
+                   pngChunk("IEND", new Uint8Array(0))], { type: "image/png" });
 }
 
 // -- history (this browser only) ---------------------------------------------------------
@@ -419,10 +854,12 @@ function renderHistory() {
     button.textContent = `${h.model} × ${h.num_images}`;
     button.addEventListener("click", () => follow({ id: h.id, model: h.model,
                                                     num_images: h.num_images,
-                                                    status: h.status }));
+                                                    status: h.status, inputs: h.inputs }));
     const meta = document.createElement("span");
     meta.className = "muted";
-    meta.textContent = ` ${h.status} · seed ${h.seed} · ${new Date(h.created).toLocaleString()}`;
+    const kind = h.kind ? ` · ${h.kind}` : "";
+    meta.textContent = ` ${h.status}${kind} · seed ${h.seed} · `
+      + new Date(h.created).toLocaleString();
     li.append(button, meta);
     return li;
   }));
@@ -449,6 +886,7 @@ function init() {
   $("class_label").addEventListener("change", onClassChange);
   $("form").addEventListener("submit", onSubmit);
   $("cancel").addEventListener("click", onCancel);
+  initEdit();
   renderHistory();
   loadModels().then(checkReady);
 }

@@ -250,7 +250,8 @@ def served(spawn_worker: Callable[..., Any], start_api: Callable[..., Any],
     """A worker (`tiny`, `tinycond`) and an API without a rate limit, so accepted bodies run,
     and with room for 256 KiB bodies, so that deep nesting reaches the JSON parser."""
     worker = spawn_worker()
-    api = start_api(env={"DDPM_RATE_LIMIT": "0", "DDPM_MAX_BODY_BYTES": str(MAX_BODY)})
+    api = start_api(env={"DDPM_RATE_LIMIT": "0", "DDPM_MAX_BODY_BYTES": str(MAX_BODY),
+                         "DDPM_MAX_UPLOAD_BYTES": str(MAX_BODY)})
     http = Http(api.url)
     wait_for(lambda: http.client.get("/readyz").status_code == 200, 120, "a worker",
              worker=worker)
@@ -357,8 +358,9 @@ HOSTILE_BODIES: list[tuple[str, bytes, str, int, str | None]] = [
     ("trailing garbage", b'{"model":"tiny"} x', "application/json", 422, None),
     ("text/plain", b'{"model":"tiny"}', "text/plain", 422, None),
     ("form-encoded", b"model=tiny&steps=1", "application/x-www-form-urlencoded", 422, None),
+    # A form's fields go in its `request` part (JSON); its files are the input images.
     ("multipart", b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\ntiny\r\n--x--',
-     "multipart/form-data; boundary=x", 422, None),
+     "multipart/form-data; boundary=x", 422, "model"),
     ("XML", b"<model>tiny</model>", "application/xml", 422, None),
     ("sampler in another case", b'{"model":"tiny","sampler":"DDIM"}', "application/json",
      422, "sampler"),

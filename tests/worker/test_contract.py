@@ -273,3 +273,25 @@ def test_contract_imports_no_torch_or_rq() -> None:
     heavy = [m for m in proc.stdout.strip().split(",") if m]
     assert "torch" not in heavy
     assert "rq" not in heavy
+
+
+def test_the_contract_counts_the_steps_the_sampler_takes() -> None:
+    """The API reports progress from the contract's arithmetic (torch-free); the sampler's
+    plan is what runs. A RePaint jump miscounted, or a start timestep rounded differently,
+    shows here."""
+    from models import repaint_plan
+    from models import start_timestep as models_start
+    from worker.contract import GenerationSpec, start_timestep
+
+    ref = "sha256:" + "0" * 64
+    for steps in (1, 2, 5, 9, 10, 11, 20, 33):
+        for jump_length in (1, 3, 10):
+            for jump_n_sample in (1, 2, 4):
+                spec = GenerationSpec(model="m", steps=steps, init_image=ref, mask=ref,
+                                      jump_length=jump_length, jump_n_sample=jump_n_sample)
+                plan = repaint_plan(steps, 1000, jump_length, jump_n_sample)
+                assert spec.steps_per_image == len(plan), (steps, jump_length, jump_n_sample)
+    for T in (10, 100, 1000):
+        for k in range(1, 1001):
+            s = k / 1000
+            assert start_timestep(s, T) == models_start(s, T), (s, T)
