@@ -6,14 +6,15 @@ PY := $(VENV)/bin/python
 # PyTorch: with a GPU, the default CUDA build; without one, the pinned CPU build (on this
 # project's machines `pip install torch==2.13.0` takes a local CPU wheel). Override freely.
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml | sha1sum | cut -c1-12)
 
 .PHONY: install browser lint test reliability run clean gpu-check gpu-wheels
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ./client
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -58,4 +59,4 @@ gpu-wheels: install
 	$(PY) -m bench.gpu_wheels $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info client/*.egg-info

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
+from .openai_compat import openai_error
 
 
 class BodyTooLarge(HTTPException):
@@ -19,19 +20,34 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds {limit} bytes")
 
 
+# The POSTs whose bodies may carry input images, and get the larger limit.
+UPLOAD_PATHS = frozenset({"/v1/generations", "/v1/images/edits", "/v1/images/variations"})
+OPENAI_PATHS = "/v1/images/"    # their errors in OpenAI's shape (app/openai_compat.py)
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = max(max_bytes, upload_bytes or max_bytes)
+
+    def limit(self, scope: Scope) -> int:
+        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") in UPLOAD_PATHS:
+            return self.upload_bytes
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit(scope)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            response = error_response(413, "payload_too_large",
-                                      f"request body exceeds {self.max_bytes} bytes")
+        if declared is not None and declared > limit:
+            message = f"request body exceeds {limit} bytes"
+            if scope.get("path", "").startswith(OPENAI_PATHS):
+                response = openai_error(413, message, code="payload_too_large")
+            else:
+                response = error_response(413, "payload_too_large", message)
             await response(scope, receive, send)
             return
         seen = 0
@@ -41,8 +57,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if seen > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, limited, send)

@@ -18,7 +18,7 @@ from .body_limit import BodyLimitMiddleware
 from .disconnects import ClientGoneMiddleware
 from .jobs import JobStore
 from .metrics import ApiMetrics, MetricsMiddleware
-from .routes import generations, health, listing, models, page
+from .routes import generations, health, listing, models, openai_images, page
 from .settings import ApiSettings
 from .stream_slots import StreamSlots
 
@@ -101,11 +101,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     docs.install_document(app, keys_required=not auth.open)   # no key needed when open
     docs.install_pages(app)      # /docs and /redoc from the package's files, no CDN
     redact.install()            # no Authorization header in DEBUG logs of /ws
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,  # type: ignore[arg-type]
+                       upload_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     app.add_middleware(ClientGoneMiddleware)  # type: ignore[arg-type]
     app.include_router(generations.router)
     app.include_router(listing.router)
+    app.include_router(openai_images.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(page.router)

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.contract import STREAM_MAXLEN
+
 
 def _split(value: object) -> object:
     """`a,b` or a JSON list: comma lists are what people type into an environment."""
@@ -55,8 +57,16 @@ class ApiSettings(BaseSettings):
     # the last `result_ttl` seconds (a sorted set per caller, written by the submit script).
     max_listed_jobs: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
+    # A POST that may carry input images (UPLOAD_PATHS): three images of at most 4 MiB
+    # (worker/inputs.py), base64 in JSON, with room to spare.
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 20 * 1024 * 1024
+    # The OpenAI-compatible routes (/v1/images/*) wait for their job at most this long,
+    # then cancel it and answer 504.
+    images_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
     # Streams: an XREAD blocks this long before the job's status is looked at again.
     stream_poll_ms: Annotated[int, Field(ge=50, le=30000)] = 2000
+    # Entries a job's event stream keeps: the workers' setting of the same name.
+    stream_maxlen: Annotated[int, Field(ge=10)] = STREAM_MAXLEN
     # Open SSE + WebSocket streams: past `max_streams` per process a new one is 503, past
     # `max_streams_per_caller` (per key, or per client address when open) it is 429. Each
     # open stream may hold a Redis connection: keep max_streams × API processes well under

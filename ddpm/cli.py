@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -19,13 +20,35 @@ def _bounded_int(lo: int, hi: int | None = None):  # type: ignore[no-untyped-def
     return parse
 
 
+def _samplers() -> tuple[str, ...]:
+    """The sampler names a request may give: worker.contract's (torch-free, so building
+    the parser imports no torch; a test ties them to models.SAMPLER_NAMES)."""
+    from typing import get_args
+
+    from worker.contract import Sampler
+
+    return get_args(Sampler)
+
+
+class _PresetHelp(str):
+    """`--preset`'s help, filled with models.PRESETS only when help is printed (argparse
+    formats every help with `%`): models imports torch, which `ddpm api` must never load."""
+
+    __slots__ = ()
+
+    def __mod__(self, params: object) -> str:
+        from models import PRESETS
+
+        return f"model preset: {', '.join(PRESETS)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpm", description="Train, convert, sample and serve DDPMs.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("sample", help="generate images offline into PNG files")
     s.add_argument("checkpoint", type=Path, help="checkpoint directory")
-    s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddim")
+    s.add_argument("--sampler", choices=_samplers(), default="ddim")
     s.add_argument("--steps", type=_bounded_int(1), default=50, help="denoising steps (1..T)")
     s.add_argument("--num-images", type=_bounded_int(1, 100_000), default=16)
     s.add_argument("--seed", type=_bounded_int(0, 2**63 - 1), default=0)
@@ -37,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (1 = none)")
     s.add_argument("--out", type=Path, required=True, help="output directory")
     s.add_argument("--grid", action="store_true", help="also write grid.png")
+    c = s.add_argument_group(
+        "image-conditioned", "start from an image (img2img), repaint a region of it "
+        "(inpainting) or interpolate between two images; images are fitted to the model")
+    c.add_argument("--init-image", type=Path, help="input image (img2img; inpainting with "
+                   "--mask)")
+    c.add_argument("--mask", type=Path, help="white (>= 128) marks the region to generate; "
+                   "with an alpha channel, alpha 0 marks it")
+    c.add_argument("--interpolate", type=Path, nargs=2, metavar=("A", "B"),
+                   help="interpolate from image A to image B (--frames images)")
+    c.add_argument("--frames", type=_bounded_int(2, 1000), default=8,
+                   help="interpolation frames (with --interpolate)")
+    c.add_argument("--strength", type=float, help="(0, 1]: how far into the noise the input "
+                   "goes; default: img2img 0.75, interpolation 0.5, inpainting 1")
+    c.add_argument("--jump-length", type=_bounded_int(1, 100), default=10,
+                   help="RePaint resampling: timesteps per jump back (with --mask)")
+    c.add_argument("--jump-n-sample", type=_bounded_int(1, 20), default=1,
+                   help="RePaint resampling: passes over each jump; 1 = none (with --mask)")
 
     t = sub.add_parser(
         "train", help="train a DDPM; the output folder is a servable checkpoint",
@@ -44,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "torchrun --nproc-per-node N -m ddpm train ... (the same flags).")
     t.add_argument("--data", type=Path,
                    help="image folder or .tar(.gz), .npz/.npy, CIFAR-10 batches, MNIST IDX")
-    t.add_argument("--preset", help="model preset: cifar10, mnist, tiny, celebahq256, lsun256")
+    t.add_argument("--preset", help=_PresetHelp("model preset: %(presets)s"))
     t.add_argument("--out", type=Path, required=True, help="run / checkpoint directory")
     t.add_argument("--steps", type=_bounded_int(1), help="total optimizer steps")
     t.add_argument("--batch-size", type=_bounded_int(1, 65536), help="global batch size")
@@ -82,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--real", type=Path, help="also score real images of this data set")
     e.add_argument("--real-split", default="test", choices=["train", "test"])
     e.add_argument("--num-samples", type=_bounded_int(2, 100_000), default=2000)
-    e.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddim")
+    e.add_argument("--sampler", choices=_samplers(), default="ddim")
     e.add_argument("--steps", type=_bounded_int(1), default=50)
     e.add_argument("--eta", type=float, default=0.0)
     e.add_argument("--guidance-scale", type=float, default=1.0)
@@ -143,7 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "free; 0 = off); the API's metrics are at /metrics")
 
     sub.add_parser("api-key", help="make an API key and the digest to put in DDPM_API_KEYS")
+    _generate_parser(sub)
     return p
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`ddpm generate`: a running server does the work (the ddpm_client package). Values are
+    checked by the server, so a bad one is its 422 in one line and the limits are its own."""
+    g = sub.add_parser(
+        "generate", help="generate on a running server (ddpm serve / ddpm api) into PNG files",
+        description="Submits to the server's native API with the ddpm_client package "
+                    "(pip install ./client), shows the progress from its events and downloads "
+                    "the images into --out as 0000.png, 0001.png…, with generation.json.")
+    g.add_argument("--server", required=True, help="the API's base URL, e.g. "
+                   "http://127.0.0.1:8000")
+    g.add_argument("--api-key", default=None,
+                   help="the server's API key (default: $DDPM_API_KEY, if set)")
+    g.add_argument("--model", help="served model (default: the only one served)")
+    g.add_argument("--num-images", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--sampler", help=f"{', '.join(_samplers())} (default dpm++2m)")
+    g.add_argument("--seed", type=int, help="default: random, written to generation.json")
+    g.add_argument("--class-label", type=int, help="class of conditional models")
+    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance (needs a "
+                   "class label)")
+    g.add_argument("--init-image", type=Path, help="input image (img2img; inpainting with "
+                   "--mask; interpolation with --interpolate-to)")
+    g.add_argument("--mask", type=Path, help="white (>= 128) or transparent: the region to "
+                   "generate")
+    g.add_argument("--interpolate-to", type=Path, help="second image of an interpolation "
+                   "(--num-images frames)")
+    g.add_argument("--strength", type=float, help="(0, 1]: how far into the noise the input "
+                   "image goes")
+    g.add_argument("--out", type=Path, default=Path("out"), help="output directory (out)")
+    g.add_argument("--stream", action="store_true", help="also write the denoising frames "
+                   "as they arrive, into OUT/frames/ (IMAGE-STEP.png)")
+    g.add_argument("--snapshot-every", type=int, default=5,
+                   help="with --stream: a frame every N steps (5)")
+    g.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
 
 
 def _listen_flags(p: argparse.ArgumentParser) -> None:
@@ -167,11 +244,19 @@ def _sample(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.eta <= 1.0:
         raise ValueError("--eta must be in [0, 1]")
+    if args.interpolate and (args.init_image or args.mask):
+        raise ValueError("--interpolate takes its two images; not with --init-image or --mask")
+    if (args.mask or args.strength is not None) and not (args.init_image or args.interpolate):
+        raise ValueError("--mask and --strength need --init-image (or --interpolate)")
     files = run_sample(SampleOptions(
         checkpoint=args.checkpoint, out=args.out, sampler=args.sampler, steps=args.steps,
-        num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, eta=args.eta, class_label=args.class_label,
-        guidance_scale=args.guidance_scale, grid=args.grid,
+        num_images=args.frames if args.interpolate else args.num_images, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, eta=args.eta,
+        class_label=args.class_label, guidance_scale=args.guidance_scale, grid=args.grid,
+        init_image=args.interpolate[0] if args.interpolate else args.init_image,
+        mask=args.mask, interpolate_to=args.interpolate[1] if args.interpolate else None,
+        strength=args.strength, jump_length=args.jump_length,
+        jump_n_sample=args.jump_n_sample,
     ))
     print(f"wrote {len(files)} files to {args.out}")
     return 0
@@ -341,6 +426,59 @@ def _api_key(_: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    """Submit, follow the events (progress on stderr, frames with --stream), download.
+    Every failure is one line and exit 2 (main prints ValueErrors); Ctrl-C cancels the
+    job."""
+    import os
+
+    try:
+        import ddpm_client as dc
+    except ImportError:
+        raise ValueError("needs the ddpm-client package: pip install ./client") from None
+    from tqdm import tqdm
+
+    fields = {k: getattr(args, k) for k in (
+        "model", "num_images", "steps", "sampler", "seed", "class_label", "guidance_scale",
+        "init_image", "mask", "interpolate_to", "strength")}
+    if args.stream:
+        fields["snapshot_every"] = args.snapshot_every
+    key = args.api_key or os.environ.get("DDPM_API_KEY") or None
+    job = None
+    try:
+        with dc.Client(args.server, api_key=key) as client:
+            try:
+                job = client.submit(**fields)
+                print(f"{job.id}: {job.model}, {job.num_images} image(s), seed {job.seed}",
+                      file=sys.stderr)
+                frames = args.out / "frames"
+                with tqdm(total=job.progress.total_steps or None, unit="step",
+                          desc=job.status, file=sys.stderr) as bar:
+                    for ev in client.events(job.id, timeout=args.timeout):
+                        if ev.type == dc.EventType.PROGRESS:
+                            bar.set_description("running")
+                            bar.update(int(ev.data.get("steps_done", 0)) - bar.n)
+                        elif ev.type == dc.EventType.SNAPSHOT and ev.png is not None:
+                            frames.mkdir(parents=True, exist_ok=True)
+                            (frames / f"{ev.index or 0:04d}-{ev.step or 0:04d}.png"
+                             ).write_bytes(ev.png)
+                        elif ev.terminal:
+                            bar.set_description(str(ev.type))
+                done = client.wait(job.id)
+                result = client.result(done.id)
+            except (KeyboardInterrupt, dc.WaitTimeout):   # nobody will take the images
+                if job is not None:
+                    with contextlib.suppress(dc.ClientError):
+                        client.cancel(job.id)
+                raise
+    except (dc.ClientError, OSError) as e:
+        raise ValueError(" ".join(str(e).split())) from None    # one line
+    paths = result.save(args.out)
+    (args.out / "generation.json").write_text(json.dumps(done.raw, indent=2) + "\n")
+    print(f"wrote {len(paths)} images to {args.out}")
+    return 0
+
+
 _COMMANDS = {"train": _train, "eval": _eval, "train-classifier": _train_classifier,
              "sample": _sample, "convert": _convert, "info": _info, "worker": _worker,
-             "api": _api, "serve": _serve, "api-key": _api_key}
+             "api": _api, "serve": _serve, "api-key": _api_key, "generate": _generate}

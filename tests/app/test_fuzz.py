@@ -20,6 +20,7 @@ a webhook host off the allow-list, an Idempotency-Key reused with another body).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import secrets
@@ -38,6 +39,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import strategies as st
+from PIL import Image
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import Failure
@@ -52,6 +54,7 @@ from schemathesis.specs.openapi.checks import (
 
 from app.auth import new_key
 from app.routes.generations import EVENT_ID_PATTERN
+from worker.contract import INPUT_FIELDS
 
 EXCEPTION_LINE = re.compile(r"^[ |+-]*([A-Za-z_][\w.]*(?:Error|Exception)(?:: .*)?)$",
                             re.MULTILINE)
@@ -68,21 +71,37 @@ def stream_ends(ctx: object, response: schemathesis.Response, case: Case) -> Non
 
 # 422s that depend on state the schema cannot describe.
 STATEFUL_REFUSALS = {("webhook", "not allowed"), ("Idempotency-Key", "different request body"),
-                     ("model", "is required")}   # optional only while one model is served
+                     ("model", "is required"),   # optional only while one model is served
+                     # /v1/images (400s): a prompt is a class of the model it names, the
+                     # size the model's own, guidance needs such a prompt
+                     ("prompt", "is not a class"), ("prompt", "is unconditional"),
+                     ("size", "must be"), ("guidance_scale", "needs a prompt")}
+
+
+# 422s for content a JSON Schema cannot describe: an image's bytes (base64 or a file part),
+# the multipart `request` part's JSON, a field sent both ways; and steps that do not fit
+# in what the strength leaves of the model's T.
+CONTENT_FIELDS = {"request", *INPUT_FIELDS, "image"}   # /v1/images: `image` and `mask`
+MODEL_REFUSALS = {("steps", "timesteps that strength")}
 
 
 def schema_accepts(ctx: object, response: schemathesis.Response, case: Case) -> None:
     """A request the schema allows is not refused as invalid (schemathesis's own
-    positive_data_acceptance also counts 404s of unknown ids and models, which are right)."""
-    if response.status_code != 422:
+    positive_data_acceptance also counts 404s of unknown ids and models, which are right).
+    The OpenAI-compatible routes refuse with OpenAI's 400 naming the `param`."""
+    openai = case.operation.path.startswith("/v1/images/")
+    if response.status_code != (400 if openai else 422):
         return
     try:
         error = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         error = {}
-    field, message = error.get("field"), str(error.get("message", ""))
-    assert any(field == f and m in message for f, m in STATEFUL_REFUSALS), (
-        f"a request the schema allows was refused: 422 {field}: {message}")
+    field = error.get("param" if openai else "field")
+    message = str(error.get("message", ""))
+    if field in CONTENT_FIELDS or "given twice" in message:
+        return
+    assert any(field == f and m in message for f, m in STATEFUL_REFUSALS | MODEL_REFUSALS), (
+        f"a request the schema allows was refused: {response.status_code} {field}: {message}")
 
 
 # Every response must pass these; responses to invalid requests must also be refusals, and
@@ -109,9 +128,11 @@ EDGE_EVENT_IDS = ["0", "0-0", "18446744073709551615-18446744073709551615",
 KNOWN = {
     "POST /v1/generations", "GET /v1/generations/{job_id}",
     "DELETE /v1/generations/{job_id}", "GET /v1/generations/{job_id}/images/{index}",
+    "GET /v1/generations/{job_id}/inputs/{name}",
     "GET /v1/generations/{job_id}/grid.png", "GET /v1/generations/{job_id}/animation.gif",
     "GET /v1/generations/{job_id}/events", "GET /v1/models", "GET /v1/models/{name}",
     "GET /healthz", "GET /readyz", "GET /metrics",
+    "POST /v1/images/generations", "POST /v1/images/edits", "POST /v1/images/variations",
 }
 
 
@@ -211,6 +232,8 @@ class Stack:
         strategy = op.as_strategy(generation_mode=mode, **fixed)
         if op.label == "POST /v1/generations" and mode.is_positive:
             strategy = st.one_of(strategy, strategy.map(_served))
+        elif op.label.startswith("POST /v1/images/") and mode.is_positive:
+            strategy = st.one_of(strategy, strategy.map(_served_images))
         desc = f"{mode.value}{what}"
 
         @_settings(examples, seed)
@@ -313,6 +336,31 @@ def _served(case: Case) -> Case:
     return case
 
 
+def _tiny_png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (seed % 256, 80, 160)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _served_images(case: Case) -> Case:
+    """The same for the OpenAI-compatible routes: a served model, a prompt it takes, real
+    images of one size, few steps and images; so their waits and answers are fuzzed too."""
+    body = case.body
+    if isinstance(body, dict) and "model" in body:
+        prompt = str(body.get("prompt", ""))
+        conditional = prompt.strip() or body.get("guidance_scale") not in (None, 1)
+        body["model"] = "tinycond" if conditional else "tiny"
+        if "prompt" in body or conditional:
+            body["prompt"] = str(len(prompt) % 10) if conditional else ""
+        body.pop("size", None)
+        body["steps"] = min(body.get("steps") or 2, 3)
+        body["n"] = min(body.get("n") or 1, 2)
+        for part in ("image", "mask"):
+            if part in body:
+                body[part] = _tiny_png(len(part))
+    return case
+
+
 def _headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}"}
 
@@ -329,6 +377,8 @@ def test_every_operation_survives_fuzzing(stack: Stack) -> None:
     assert not unreached, f"the fuzz sent nothing to {unreached}"
     # The valid submissions got past validation to the queue (202, or 429 once it is full).
     assert stack.statuses["POST /v1/generations"] & {202, 429}, stack.statuses
+    for path in ("generations", "edits", "variations"):    # waited for real jobs
+        assert stack.statuses[f"POST /v1/images/{path}"] & {200, 429}, stack.statuses
     assert 401 in stack.statuses["GET /v1/models"], "no case went without the key"
     stack.assert_clean()
 
@@ -359,12 +409,13 @@ def test_job_operations_survive_fuzzing_on_real_jobs(
     wait_for(lambda: _status(stack.url, canceled) == "canceled", 30, f"job {canceled} canceled")
 
     ops = {label: op for label, op in stack.operations().items() if "{job_id}" in label}
-    assert len(ops) == 6, sorted(ops)
+    assert len(ops) == 7, sorted(ops)
     for job_id, what in ((done, "succeeded job"), (canceled, "canceled job")):
         for label, op in ops.items():
             stack.fuzz(op, GenerationMode.POSITIVE, JOB_EXAMPLES, f", {what}",
                        path_parameters={"job_id": job_id})
-            params = {"job_id": job_id, **({"index": 0} if "{index}" in label else {})}
+            params = {"job_id": job_id, **({"index": 0} if "{index}" in label else {}),
+                      **({"name": "init_image"} if "{name}" in label else {})}
             stack.check(op.Case(path_parameters=params, headers=_headers()),
                         GenerationMode.POSITIVE, f"{what}, explicit")
         # Resume points at the edges of what an event id can be (Redis: two u64 parts);
