@@ -167,10 +167,16 @@ async def get_image(job: JobDep, index: int, store: Store) -> Response:
     spec = store.spec_of(job)
     if not 0 <= index < spec.num_images:
         raise not_found(f"image {index}")
+    return await _stored_png(store, image_key(job.id, index),
+                             f"image {index} (not produced yet)")
+
+
+async def _stored_png(store: JobStore, key: str, missing: str) -> Response:
+    """A PNG the job wrote once and never changes (cacheable), or 404 `missing`."""
     assert store.aredis is not None
-    png = await store.aredis.get(image_key(job.id, index))
+    png = await store.aredis.get(key)
     if png is None:
-        raise not_found(f"image {index} (not produced yet)")
+        raise not_found(missing)
     return Response(png, media_type="image/png",
                     headers={"Cache-Control": "private, max-age=86400, immutable"})
 
@@ -181,12 +187,7 @@ async def get_image(job: JobDep, index: int, store: Store) -> Response:
 async def get_input(job: JobDep, name: InputField, store: Store) -> Response:
     if getattr(store.spec_of(job), name) is None:
         raise not_found(f"input {name!r}")
-    assert store.aredis is not None
-    png = await store.aredis.get(input_key(job.id, name))
-    if png is None:
-        raise not_found(f"input {name!r} (expired)")
-    return Response(png, media_type="image/png",
-                    headers={"Cache-Control": "private, max-age=86400, immutable"})
+    return await _stored_png(store, input_key(job.id, name), f"input {name!r} (expired)")
 
 
 @router.get("/{job_id}/grid.png", response_class=Response,

@@ -8,6 +8,8 @@ waiting itself: `app/openai_compat.py`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -19,7 +21,6 @@ from ..deps import Caller, Metrics, Settings, Store
 from ..jobs import JobStore, Served
 from ..metrics import ApiMetrics
 from ..openai_compat import (
-    CLIENT_GONE,
     EDIT_FORM,
     OPENAI_ERROR_RESPONSES,
     STREAM_RESPONSE,
@@ -29,17 +30,15 @@ from ..openai_compat import (
     ImageGenerationRequest,
     ImagesResponse,
     ImageVariationRequest,
-    JobStream,
     OpenAIRoute,
     Output,
-    Waiter,
     check_size,
     class_label,
     native_request,
     read_form,
     served_model,
-    unless_gone,
 )
+from ..openai_wait import CLIENT_GONE, JobStream, Waiter, unless_gone
 from ..schemas import GenerationRequest
 from ..settings import ApiSettings
 from ..stream_slots import StreamSlots
@@ -100,12 +99,16 @@ async def create_images(body: ImageGenerationRequest, request: Request, who: Cal
     check_size(body.size, model.info)
     label = class_label(body.prompt, model.info)
     partial = (body.partial_images or 0) if body.stream else 0
-    req = native_request(model.info, {
-        "model": model.info.name, "num_images": body.n, "class_label": label,
-        "guidance_scale": body.guidance_scale, "steps": body.steps, "sampler": body.sampler,
-        "seed": body.seed, "priority": body.priority}, partial)
+    req = native_request(model.info, _knobs(body, model.info.name, label), partial)
     return await _answer(request, store, who, settings, metrics, model, req, out,
                          stream=bool(body.stream), partial_images=partial)
+
+
+def _knobs(body: Any, model: str, label: int | None) -> dict[str, Any]:
+    """The native request fields every route fills the same way."""
+    return {"model": model, "num_images": body.n, "class_label": label,
+            "guidance_scale": body.guidance_scale, "steps": body.steps,
+            "sampler": body.sampler, "seed": body.seed, "priority": body.priority}
 
 
 @router.post("/edits", response_model=ImagesResponse, summary="Edit an image (OpenAI)",
@@ -124,10 +127,8 @@ async def edit_image(request: Request, who: Caller, store: Store, settings: Sett
     label = class_label(body.prompt, model.info)
     partial = (body.partial_images or 0) if body.stream else 0
     req = native_request(model.info, {
-        "model": model.info.name, "num_images": body.n, "class_label": label,
-        "guidance_scale": body.guidance_scale, "steps": body.steps, "sampler": body.sampler,
-        "seed": body.seed, "priority": body.priority, "init_image": body.image,
-        "mask": body.mask, "strength": body.strength, "jump_length": body.jump_length,
+        **_knobs(body, model.info.name, label), "init_image": body.image, "mask": body.mask,
+        "strength": body.strength, "jump_length": body.jump_length,
         "jump_n_sample": body.jump_n_sample}, partial)
     return await _answer(request, store, who, settings, metrics, model, req, out,
                          stream=bool(body.stream), partial_images=partial)

@@ -29,6 +29,7 @@ from models import (
 )
 from models.batch import KNOWN_NOISE_OFFSET
 from models.samplers import step_coefficients
+from tests.models.test_batch import run_mixed  # the same SCHED and SHAPE
 
 SCHED = Schedule.from_config(DiffusionConfig())
 T = SCHED.num_timesteps
@@ -190,26 +191,6 @@ def test_interpolation_ends_are_img2img_of_each_image(net, kind: SamplerKind) ->
 
 
 # -- batch invariance --------------------------------------------------------------------
-
-
-def run_mixed(net, specs, admit_at, **kw) -> dict[int, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Admit spec i before step admit_at[i], retire slots as they finish; final x per spec."""
-    batch = SlotBatch(net, SCHED, shape=SHAPE, **kw)
-    owner: list[int] = []
-    done: dict[int, torch.Tensor] = {}
-    step = 0
-    while len(done) < len(specs):
-        new = [i for i, a in enumerate(admit_at) if a == step]
-        batch.add([specs[i] for i in new])
-        owner += new
-        if len(batch):
-            out = batch.step()
-            for row in torch.nonzero(out.finished).flatten().tolist():
-                done[owner[row]] = out.x_t[row]
-            batch.keep(~out.finished)
-            owner = [o for o, f in zip(owner, out.finished.tolist(), strict=True) if not f]
-        step += 1
-    return done
 
 
 def test_mixed_conditioned_batch_equals_each_image_alone(make_net) -> None:
