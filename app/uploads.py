@@ -22,7 +22,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from worker.contract import INPUT_FIELDS, ModelInfo, SpecError
-from worker.inputs import MAX_INPUT_BYTES, decode_base64, image_input, mask_input
+from worker.inputs import MAX_INPUT_BYTES, decode_base64
+from worker.inputs import fit_inputs as fit_images  # this module's fit_inputs is async
 
 from .errors import ApiError
 
@@ -123,16 +124,5 @@ async def fit_inputs(images: dict[str, str], info: ModelInfo) -> dict[str, bytes
 
 
 def _fit(images: dict[str, str], info: ModelInfo) -> dict[str, bytes]:
-    size, channels = info.image_size, info.in_channels
-    out: dict[str, bytes] = {}
-    init = decode_base64(images["init_image"], "init_image")
-    out["init_image"], init_size = image_input(init, field="init_image", size=size,
-                                               channels=channels)
-    if "mask" in images:
-        out["mask"] = mask_input(decode_base64(images["mask"], "mask"), like=init_size,
-                                 size=size, field="mask")
-    if "interpolate_to" in images:
-        out["interpolate_to"], _ = image_input(
-            decode_base64(images["interpolate_to"], "interpolate_to"), field="interpolate_to",
-            size=size, channels=channels)
-    return out
+    raw = {f: decode_base64(text, f) for f, text in images.items()}
+    return fit_images(raw, size=info.image_size, channels=info.in_channels)

@@ -25,7 +25,7 @@ from models import (
 )
 from worker.contract import DEFAULT_STRENGTH, SpecError, start_timestep
 from worker.engine import conditioning, input_tensor
-from worker.inputs import image_input, mask_input
+from worker.inputs import fit_inputs
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,9 @@ def _inputs(opts: SampleOptions, size: int, channels: int, T: int,
                          "leaves; ask for fewer steps or a higher strength")
     if opts.interpolate_to is not None and opts.num_images < 2:
         raise UsageError("an interpolation needs at least 2 frames")
-    pngs: dict[str, bytes] = {}
     try:
-        pngs["init_image"], like = image_input(_read(opts.init_image), field="init_image",
-                                               size=size, channels=channels)
-        if opts.mask is not None:
-            pngs["mask"] = mask_input(_read(opts.mask), like=like, size=size, field="mask")
-        if opts.interpolate_to is not None:
-            pngs["interpolate_to"], _ = image_input(_read(opts.interpolate_to),
-                                                    field="interpolate_to", size=size,
-                                                    channels=channels)
+        pngs = fit_inputs({k: _read(p) for k, p in paths.items()}, size=size,
+                          channels=channels)
     except SpecError as e:
         flag = {"init_image": "--init-image", "mask": "--mask",
                 "interpolate_to": "--interpolate"}.get(e.field, e.field)
@@ -94,8 +87,7 @@ def _inputs(opts: SampleOptions, size: int, channels: int, T: int,
         strength
 
 
-def _read(path: Path | None) -> bytes:
-    assert path is not None
+def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:

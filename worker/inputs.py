@@ -17,6 +17,7 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -317,6 +318,22 @@ def mask_input(data: bytes, *, like: tuple[int, int], size: int, field: str = "m
         raise SpecError(field, "is too large to convert") from None
     except Exception as e:  # the boundary: nothing but SpecError escapes
         raise SpecError(field, f"could not be converted ({type(e).__name__}: {e})") from None
+
+
+def fit_inputs(images: Mapping[str, bytes], *, size: int, channels: int) -> dict[str, bytes]:
+    """A request's input images (field → upload bytes: `init_image`, and `mask` or
+    `interpolate_to`) fitted to a model of `size` and `channels`, as PNGs; SpecError naming
+    the field at fault. The API and `ddpm sample` both fit through here."""
+    out: dict[str, bytes] = {}
+    out["init_image"], like = image_input(images["init_image"], field="init_image",
+                                          size=size, channels=channels)
+    if "mask" in images:
+        out["mask"] = mask_input(images["mask"], like=like, size=size)
+    if "interpolate_to" in images:
+        out["interpolate_to"], _ = image_input(images["interpolate_to"],
+                                               field="interpolate_to", size=size,
+                                               channels=channels)
+    return out
 
 
 def _mask_bits(im: Image.Image) -> Image.Image:

@@ -194,15 +194,23 @@ def test_inpainting_with_images_as_pil_path_and_bytes(client: dc.Client,
 Cut = Callable[[bytes], "int | None"]
 
 
+def _nth_line(buf: bytes, prefix: bytes, n: int) -> int | None:
+    """Where the n-th body line starting with `prefix` begins (its preceding newline)."""
+    pos = buf.find(b"\r\n\r\n")
+    for _ in range(n):
+        pos = buf.find(b"\n" + prefix, pos + 1)
+        if pos < 0:
+            return None
+    return pos
+
+
 def after_id_line(n: int) -> Cut:
     """Cut right after the n-th event's `id:` line, before the blank line that ends it: the
     client has seen the id of an event it must not count as received."""
     def cut(buf: bytes) -> int | None:
-        pos = buf.find(b"\r\n\r\n")
-        for _ in range(n):
-            pos = buf.find(b"\nid: ", pos + 1)
-            if pos < 0:
-                return None
+        pos = _nth_line(buf, b"id: ", n)
+        if pos is None:
+            return None
         end = buf.find(b"\n", pos + 1)
         return end + 1 if end > 0 else None
     return cut
@@ -211,12 +219,8 @@ def after_id_line(n: int) -> Cut:
 def inside_data(n: int) -> Cut:
     """Cut 20 bytes into the n-th `data:` line of the response."""
     def cut(buf: bytes) -> int | None:
-        pos = buf.find(b"\r\n\r\n")
-        for _ in range(n):
-            pos = buf.find(b"\ndata: ", pos + 1)
-            if pos < 0:
-                return None
-        return pos + 20 if pos + 20 <= len(buf) else None
+        pos = _nth_line(buf, b"data: ", n)
+        return pos + 20 if pos is not None and pos + 20 <= len(buf) else None
     return cut
 
 
