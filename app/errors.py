@@ -1,7 +1,8 @@
 """One error shape everywhere: `{"error": {"code", "message", "field"?}}`.
 
 Every exception a request can cause ends here with its status, never as a bare 500:
-validation errors name the field, HTTP errors keep their status, Redis outages are 503.
+validation errors name the field, HTTP errors keep their status, Redis outages are 503, and
+so is a Redis that is full (at `maxmemory`, it refuses writes): both with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.client import redis_full
 
 log = logging.getLogger("ddpm.api")
 
@@ -98,10 +101,27 @@ async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 
-async def _on_redis(_: Request, exc: RedisError) -> JSONResponse:
-    log.error("redis error: %s", exc)
-    return error_response(503, "unavailable", "the job store is unreachable; retry shortly",
-                          headers={"Retry-After": "5"})
+FULL_MESSAGE = "the job store is full (Redis is out of memory); retry shortly"
+UNREACHABLE_MESSAGE = "the job store is unreachable; retry shortly"
+
+
+def redis_error(exc: RedisError, retry_after: int = 5) -> ApiError:
+    """The 503 a Redis error answers, logged as one line (no traceback): "full" when Redis
+    refused a write at its `maxmemory` (compose runs it with `noeviction`: it refuses
+    writes rather than evict our keys; reads, deletes and expiries still work), else
+    "unreachable". In the OpenAI routes' shape: `from_api_error(redis_error(exc))`."""
+    if redis_full(exc):
+        log.warning("redis is full (maxmemory, noeviction), answering 503: %s", exc)
+        message = FULL_MESSAGE
+    else:
+        log.error("redis error: %s", exc)
+        message = UNREACHABLE_MESSAGE
+    return ApiError(503, "unavailable", message, headers={"Retry-After": str(retry_after)})
+
+
+async def _on_redis(request: Request, exc: RedisError) -> JSONResponse:
+    settings = getattr(request.app.state, "settings", None)
+    return await _on_api_error(request, redis_error(exc, getattr(settings, "retry_after", 5)))
 
 
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -119,7 +139,8 @@ def install(app: FastAPI) -> None:
 
 _ERRORS = {401: "missing or unknown API key", 404: "unknown job or model",
            413: "request body too large", 422: "invalid request; `field` names the culprit",
-           429: "queue full or rate limit reached; see Retry-After", 503: "Redis unreachable"}
+           429: "queue full or rate limit reached; see Retry-After",
+           503: "Redis unreachable, or full (out of memory); see Retry-After"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in _ERRORS.items()}
 # For routes whose response class is not JSON (SSE): FastAPI would document their errors

@@ -35,13 +35,20 @@ class RedisServer:
     `appendonly=True` logs every write to an append-only file, as docker-compose runs Redis,
     so that `restart()` (same port, same data dir) comes back with the data: what fault
     tests need to show that queued jobs survive a Redis restart.
+
+    `maxmemory` (bytes, or Redis's units: `"8mb"`, `"2gb"`) caps its memory, as
+    docker-compose does; past it, `maxmemory_policy` applies (`noeviction`, compose's and
+    Redis's default: writes are refused with `OOM command not allowed`, nothing is evicted).
     """
 
     def __init__(self, *, appendonly: bool = False,
-                 appendfsync: Literal["always", "everysec", "no"] = "everysec") -> None:
+                 appendfsync: Literal["always", "everysec", "no"] = "everysec",
+                 maxmemory: str | int | None = None,
+                 maxmemory_policy: str = "noeviction") -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.appendonly, self.appendfsync = appendonly, appendfsync
+        self.maxmemory, self.maxmemory_policy = maxmemory, maxmemory_policy
         self._dir = tempfile.TemporaryDirectory(prefix="ddpm-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -49,9 +56,11 @@ class RedisServer:
         """Start (or start again, after `kill()`) and wait until it answers PING."""
         persistence = (["--appendonly", "yes", "--appendfsync", self.appendfsync]
                        if self.appendonly else ["--appendonly", "no"])
+        memory = ["--maxmemory", str(self.maxmemory)] if self.maxmemory is not None else []
         self.proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", *persistence, "--dir", self._dir.name],
+             "--save", "", *persistence, "--dir", self._dir.name, *memory,
+             "--maxmemory-policy", self.maxmemory_policy],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
             **child_kwargs())
         deadline = time.monotonic() + 10

@@ -11,6 +11,7 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import OutOfMemoryError, ResponseError
 from rq import Queue, Retry
 from rq.job import Job
 from rq.webhook import Webhook
@@ -70,3 +71,10 @@ def fetch_job(redis: Redis, job_id: str) -> Job:
 def cancel(redis: Redis, job_id: str) -> None:
     """Cancel a queued or running job; a worker frees its slots at its next step."""
     fetch_job(redis, job_id).cancel()
+
+
+def redis_full(error: BaseException) -> bool:
+    """Whether `error` is Redis refusing a write at its `maxmemory` (noeviction): raised
+    as OutOfMemoryError by a command, as a script error (`-OOM ...`) inside a Lua script."""
+    return isinstance(error, OutOfMemoryError) or (
+        isinstance(error, ResponseError) and "OOM command not allowed" in str(error))

@@ -7,6 +7,7 @@ rq and anything heavy: the API image has none of those at import time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import secrets
@@ -31,6 +32,10 @@ MAX_JUMP_N_SAMPLE = 20          # RePaint resampling: passes over each jump
 
 Sampler = Literal["ddpm", "ddim", "dpm++2m"]
 SnapshotKind = Literal["x0", "xt"]
+SnapshotFormat = Literal["png", "webp", "jpeg"]
+SNAPSHOT_FORMATS: tuple[SnapshotFormat, ...] = get_args(SnapshotFormat)
+LOSSY_FORMATS: frozenset[str] = frozenset({"webp", "jpeg"})
+MIN_SNAPSHOT_SIZE = 8           # pixels a side of a preview frame
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")   # dequeue order
 
@@ -47,6 +52,58 @@ DEFAULT_STRENGTH: dict[Kind, float] = {"generate": 1.0, "img2img": 0.75, "inpain
                                        "interpolate": 0.5}
 InputRef = Annotated[str, Field(pattern=INPUT_REF_PATTERN,
                                 description="digest of the fitted input image")]
+
+
+# Snapshot frames ("previews") cost what they are worth: lossless at the image's own size
+# for small images, downscaled lossy frames for large ones (a 256x256 RGB frame is 196 KB of
+# pixels, ~175 KB as PNG and ~8 KB as a 128x128 JPEG; BENCHMARKS.md). Final images are
+# always lossless PNG.
+LOSSLESS_PREVIEW_MAX = 64       # images up to this side get PNG frames at full size
+DEFAULT_PREVIEW_SIZE = 128      # larger ones: frames this big, lossy
+DEFAULT_PREVIEW_FORMAT: SnapshotFormat = "jpeg"   # 10x faster to encode than WebP, as small
+DEFAULT_PREVIEW_QUALITY = 75
+MAX_PREVIEW_SIDE = 1024
+# Bytes per pixel of a lossy frame by quality, measured on uniform noise (the costliest
+# content: x_t frames are mostly noise) at 64x64, the larger of grey and RGB; interpolated.
+# PNG is estimated at its raw pixels plus 4 %.
+LOSSY_BYTES_PER_PIXEL: dict[str, tuple[tuple[int, float], ...]] = {
+    "jpeg": ((10, 0.27), (25, 0.39), (50, 0.57), (75, 0.75), (90, 1.05), (100, 2.13)),
+    "webp": ((10, 0.36), (25, 0.48), (50, 0.60), (75, 0.72), (90, 0.96), (100, 2.67)),
+}
+FRAME_HEADER_BYTES = 1024       # a frame's container overhead (JPEG tables, PNG chunks)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """How a job's snapshot frames are made: side in pixels, format, quality (lossy only)."""
+
+    size: int
+    format: SnapshotFormat
+    quality: int = 0
+
+    @classmethod
+    def default(cls, image_size: int) -> Preview:
+        if image_size <= LOSSLESS_PREVIEW_MAX:
+            return cls(image_size, "png")
+        return cls(min(image_size, DEFAULT_PREVIEW_SIZE), DEFAULT_PREVIEW_FORMAT,
+                   DEFAULT_PREVIEW_QUALITY)
+
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.format}"
+
+    def frame_bytes(self, channels: int) -> int:
+        """An upper estimate of one encoded frame's bytes (noise is the worst case)."""
+        pixels = self.size * self.size
+        if self.format == "png":
+            return int(pixels * channels * 1.04) + FRAME_HEADER_BYTES
+        points = LOSSY_BYTES_PER_PIXEL[self.format]
+        q = min(max(self.quality, points[0][0]), points[-1][0])
+        for (q0, b0), (q1, b1) in itertools.pairwise(points):
+            if q <= q1:
+                return int(pixels * (b0 + (b1 - b0) * (q - q0) / (q1 - q0))) \
+                    + FRAME_HEADER_BYTES
+        raise AssertionError("unreachable")
 
 
 class SpecError(ValueError):
@@ -76,6 +133,16 @@ class GenerationSpec(BaseModel):
     snapshot_every: Annotated[int, Field(ge=0, le=MAX_SNAPSHOT_EVERY,
                                          description="emit a frame every k steps; 0 = none")] = 0
     snapshot_kind: SnapshotKind = "x0"
+    snapshot_size: Annotated[int | None, Field(
+        ge=MIN_SNAPSHOT_SIZE, le=MAX_PREVIEW_SIDE, description=(
+            "side in pixels of the snapshot frames (downscaled; at most the model's image "
+            f"size); default: the image size up to {LOSSLESS_PREVIEW_MAX}, else "
+            f"{DEFAULT_PREVIEW_SIZE}"))] = None
+    snapshot_format: Annotated[SnapshotFormat | None, Field(description=(
+        f"snapshot frames as png, webp or jpeg; default: png up to {LOSSLESS_PREVIEW_MAX} "
+        "pixels a side, else jpeg. Final images are always lossless PNG"))] = None
+    snapshot_quality: Annotated[int | None, Field(ge=1, le=100, description=(
+        f"quality of webp and jpeg snapshot frames (default {DEFAULT_PREVIEW_QUALITY})"))] = None
     class_label: Annotated[int | None, Field(ge=0, le=MAX_CLASS_LABEL)] = None
     guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE)] = 1.0
     priority: Priority = "normal"
@@ -108,6 +175,13 @@ class GenerationSpec(BaseModel):
         if scale != 1.0 and info.data.get("class_label") is None and "class_label" in info.data:
             raise ValueError("guidance_scale needs a class_label (classifier-free guidance)")
         return scale
+
+    @field_validator("snapshot_quality")
+    @classmethod
+    def _quality_lossy_only(cls, quality: int | None, info: ValidationInfo) -> int | None:
+        if quality is not None and info.data.get("snapshot_format") == "png":
+            raise ValueError("snapshot_quality applies to webp and jpeg frames, not png")
+        return quality
 
     @field_validator("mask", "interpolate_to", "strength")
     @classmethod
@@ -172,8 +246,44 @@ class GenerationSpec(BaseModel):
         """Network steps over all images: what progress counts toward."""
         return self.num_images * self.steps_per_image
 
+    @property
+    def snapshot_frames(self) -> int:
+        """Snapshot frames the job emits: every `snapshot_every` steps of each image, except
+        at its last step (the final image)."""
+        if not self.snapshot_every:
+            return 0
+        return self.num_images * ((self.steps_per_image - 1) // self.snapshot_every)
+
+    def preview(self, image_size: int) -> Preview:
+        """The snapshot frames' size, format and quality for a model of `image_size`: what
+        the request asked for, the rest by default (`Preview.default`)."""
+        d = Preview.default(image_size)
+        fmt = self.snapshot_format or d.format
+        quality = (self.snapshot_quality or DEFAULT_PREVIEW_QUALITY) if fmt in LOSSY_FORMATS \
+            else 0
+        return Preview(size=min(self.snapshot_size or d.size, image_size), format=fmt,
+                       quality=quality)
+
+    def check_stream_budget(self, info: ModelInfo, budget: int) -> None:
+        """SpecError if this job's snapshot frames alone would exceed `budget` bytes (a job
+        stream's byte budget), estimated at their size and format (`Preview.frame_bytes`)."""
+        frames = self.snapshot_frames
+        if not frames:
+            return
+        p = self.preview(info.image_size)
+        need = frames * p.frame_bytes(info.in_channels)
+        if need > budget:
+            raise SpecError("snapshot_every", (
+                f"{frames} snapshot frames of {p.size}x{p.size} {p.format} need about "
+                f"{need / 2**20:.1f} MiB, over the {budget / 2**20:.1f} MiB a job's event "
+                "stream holds: raise snapshot_every, or lower num_images, snapshot_size or "
+                "snapshot_quality, or use snapshot_format jpeg/webp"))
+
     def check_model(self, info: ModelInfo) -> None:
         """Raise SpecError (a ValueError naming the field) if this spec does not fit."""
+        if self.snapshot_size is not None and self.snapshot_size > info.image_size:
+            raise SpecError("snapshot_size", f"{self.snapshot_size} exceeds the model's "
+                            f"{info.image_size}-pixel images")
         if self.steps > info.num_timesteps:
             raise SpecError("steps", f"{self.steps} exceeds the model's {info.num_timesteps} "
                             "diffusion timesteps")
@@ -303,6 +413,21 @@ def live_worker_keys(redis: Any, now: float) -> list[str]:
 # Entries a job's stream keeps (XADD MAXLEN ~): the default of DDPM_STREAM_MAXLEN, which
 # the workers' and the API's settings both read, so both trim alike.
 STREAM_MAXLEN = 2000
+# Bytes of snapshot frames a job's stream keeps (DDPM_STREAM_MAX_BYTES, both sides): past
+# it the oldest frames are deleted as new ones arrive, and the API refuses a request whose
+# frames alone would exceed it (GenerationSpec.check_stream_budget).
+STREAM_MAX_BYTES = 8 * 2**20
+
+
+def frames_key(job_id: str) -> str:
+    """The job's snapshot ledger: a list of "<stream id> <bytes>", oldest first, and a
+    counter of their bytes (`frames_key(job) + ":bytes"`), so frames are trimmed by bytes."""
+    return f"{PREFIX}:frames:{job_id}"
+
+
+# Ended jobs whose snapshot frames are deleted at their score (epoch seconds): snapshot
+# entries expire `snapshot_ttl` after the job ends, sooner than its results.
+FRAMES_EXPIRING = f"{PREFIX}:frames:expiring"
 
 
 class EventType(StrEnum):
@@ -325,13 +450,13 @@ class Event:
 
     type: EventType
     data: dict[str, Any] = field(default_factory=dict)
-    png: bytes | None = None     # snapshot frames only
+    image: bytes | None = None   # snapshot frames only: the encoded frame (data["format"])
 
     def to_fields(self) -> dict[str, str | bytes]:
         fields: dict[str, str | bytes] = {"type": str(self.type),
                                           "data": json.dumps(self.data, separators=(",", ":"))}
-        if self.png is not None:
-            fields["png"] = self.png
+        if self.image is not None:
+            fields["image"] = self.image
         return fields
 
     @classmethod
@@ -340,9 +465,9 @@ class Event:
             return v.decode() if isinstance(v, bytes) else v
 
         f = {text(k): v for k, v in fields.items()}
-        png = f.get("png")
+        image = f.get("image", f.get("png"))       # "png": written before frame formats
         return cls(type=EventType(text(f["type"])), data=json.loads(text(f.get("data", "{}"))),
-                   png=png.encode() if isinstance(png, str) else png)
+                   image=image.encode() if isinstance(image, str) else image)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from models import Checkpoint, SlotSpec, from_uint8, sampler_kind, to_uint8
@@ -214,6 +215,22 @@ def slot_specs(job: EngineJob, indices: list[int], variance_type: str) -> list[S
             for i in indices]
 
 
+def frame_pixels(x: Tensor, sizes: list[int]) -> list[Tensor]:
+    """Rows of `x` (`[N x C x H x W]` in model space) as uint8 `[s x s x C]` CPU pixels,
+    row k at side `sizes[k]`: downscaled on the device (area: the mean of each block), so a
+    preview costs its own pixels, not the image's, from the copy to the host onwards."""
+    full = x.shape[-1]
+    out: list[Tensor] = [x] * len(sizes)
+    for side in set(sizes):
+        rows = [k for k, s in enumerate(sizes) if s == side]
+        sel = x if len(rows) == len(sizes) else x[rows]
+        if side != full:
+            sel = F.interpolate(sel, size=(side, side), mode="area")
+        for k, px in zip(rows, to_uint8(sel), strict=True):
+            out[k] = px
+    return out
+
+
 class _ModelBatch:
     """A model's SlotBatch plus which (job, image) each row belongs to."""
 
@@ -226,27 +243,32 @@ class _ModelBatch:
         self.owner: list[tuple[str, int]] = []              # row → (job id, image index)
         self.every = torch.empty(0, dtype=torch.long)       # row → snapshot period (0 = none)
         self.use_xt = torch.empty(0, dtype=torch.bool)      # row → snapshot x_t instead of x̂0
+        self.preview = torch.empty(0, dtype=torch.long)     # row → snapshot side in pixels
 
     def __len__(self) -> int:
         return len(self.owner)
 
     def add(self, starts: list[tuple[EngineJob, list[int]]]) -> None:
         """Start these images of these jobs: one append to the batch for all of them."""
-        specs, every, use_xt = [], [], []
+        specs, every, use_xt, preview = [], [], [], []
         vtype = self.model.checkpoint.config.diffusion.variance_type
+        size = self.model.info.image_size
         for job, indices in starts:
             specs += slot_specs(job, indices, vtype)
             self.owner += [(job.job_id, i) for i in indices]
             every += [job.spec.snapshot_every] * len(indices)
             use_xt += [job.spec.snapshot_kind == "xt"] * len(indices)
+            preview += [job.spec.preview(size).size] * len(indices)
         self.batch.add(specs)
         self.every = torch.cat([self.every, torch.tensor(every, dtype=torch.long)])
         self.use_xt = torch.cat([self.use_xt, torch.tensor(use_xt, dtype=torch.bool)])
+        self.preview = torch.cat([self.preview, torch.tensor(preview, dtype=torch.long)])
 
     def keep(self, mask: Tensor) -> None:
         self.batch.keep(mask)
         self.owner = [o for o, k in zip(self.owner, mask.tolist(), strict=True) if k]
         self.every, self.use_xt = self.every[mask], self.use_xt[mask]
+        self.preview = self.preview[mask]
 
 
 class Engine:
@@ -383,7 +405,9 @@ class Engine:
         if len(emit):
             rows = emit.to(self.device)
             use_xt = (mb.use_xt | finished)[emit].to(self.device).view(-1, 1, 1, 1)
-            pixels = to_uint8(torch.where(use_xt, out.x_t[rows], out.x0[rows]))
+            sizes = torch.where(finished, mb.model.info.image_size, mb.preview)[emit]
+            pixels = frame_pixels(torch.where(use_xt, out.x_t[rows], out.x0[rows]),
+                                  sizes.tolist())
             for k, row in enumerate(emit.tolist()):
                 job_id, index = mb.owner[row]
                 report.frames.append(Frame(job_id, index, int(steps[row]), pixels[k],

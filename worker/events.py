@@ -1,11 +1,18 @@
 """Writes the jobs' events, images and progress to Redis from one background thread.
 
-The step loop never waits on Redis or on a PNG encoder for what a step produced: it
+The step loop never waits on Redis or on an image encoder for what a step produced: it
 collects the step's writes (events, frames, progress metadata) in a `Batch` and hands the
 whole batch over at once. The writer thread takes every batch that is waiting, encodes the
-frames (Pillow releases the GIL while it compresses), and sends everything as one command
-(redis_batch.py), refreshing each touched stream's TTL once. Batches are written in order, so
-each job's events keep their order.
+frames on a small thread pool (Pillow's encoders release the GIL; BENCHMARKS.md §9), and
+sends everything as one command (redis_batch.py), refreshing each touched stream's TTL
+once. Batches are written in order, so each job's events keep their order.
+
+Memory between the step loop and Redis is bounded (`max_pending_bytes`): past half of it
+the writer is behind, and a snapshot superseded by a newer one of the same image before it
+was taken is dropped (latest wins; the newer one says how many were dropped; final images
+and events are never dropped); past all of it `behind` is true and the loop stops stepping
+until the writer catches up. While Redis refuses writes for want of memory (maxmemory), the
+writer keeps the batches and retries them, and the loop, soon behind, waits with its jobs.
 
 A job is reported done only once its writes are in Redis: every batch has a sequence
 number, the loop remembers the last batch that carried a job's writes, and `flushed(seq)`
@@ -15,34 +22,52 @@ says whether the writer has got that far (`error(job)` whether one of them faile
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from redis import Redis
 
-from models import png_bytes
-
 from . import redis_batch
-from .contract import Event, EventType, events_key, image_key
+from .client import redis_full
+from .contract import (
+    TERMINAL_EVENTS,
+    Event,
+    EventType,
+    Preview,
+    events_key,
+    image_key,
+)
 from .engine import Frame
+from .frames import encode_frame, frame_command, schedule_expiry
 from .redis_batch import WriteBatch
 
 log = logging.getLogger("ddpm.worker")
 
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    """`[H x W x C]` uint8 (C = 1 or 3) → PNG bytes, compressed fast (frames are many)."""
-    return png_bytes(pixels, compress_level=1)
+EVENT_BYTES = 256            # what an event (not a frame) is counted as, pending
+FULL_RETRY = (0.1, 2.0)      # seconds between retries while Redis is full: first, most
 
 
-@dataclass
+def default_encode_threads() -> int:
+    """Encoder threads: one per core, at most 4 (more gains nothing at a step's frames)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(eq=False)
 class _FrameWrite:
     frame: Frame
     total_steps: int
     kind: str
+    preview: Preview
+    nbytes: int
+    dropped: bool = False     # superseded before it was taken: not written
+    skipped: int = 0          # frames of this image dropped just before this one
+    encoded: bytes | None = None
 
 
 @dataclass
@@ -52,6 +77,7 @@ class Batch:
     ops: list[tuple[str, Any]] = field(default_factory=list)
     jobs: set[str] = field(default_factory=set)
     seq: int = 0
+    nbytes: int = 0           # counted against the writer's pending bytes
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -59,43 +85,85 @@ class Batch:
     def event(self, job_id: str, event: Event) -> None:
         self.ops.append(("event", (job_id, event)))
         self.jobs.add(job_id)
+        self.nbytes += EVENT_BYTES
 
-    def frame(self, frame: Frame, total_steps: int, kind: str) -> None:
-        """A snapshot goes into the stream; a final image is stored, then announced."""
-        self.ops.append(("frame", _FrameWrite(frame, total_steps, kind)))
+    def frame(self, frame: Frame, total_steps: int, kind: str, preview: Preview) -> None:
+        """A snapshot goes into the stream (encoded as `preview` says); a final image is
+        stored (always PNG), then announced."""
+        n = frame.pixels.numel()
+        self.ops.append(("frame", _FrameWrite(frame, total_steps, kind, preview, n)))
         self.jobs.add(frame.job_id)
+        self.nbytes += n
 
     def hset(self, job_id: str, key: str, field_name: str, value: bytes | str) -> None:
         """A hash field of the job's (RQ's `meta`, say), written in order with its events."""
         self.ops.append(("hset", (key, field_name, value)))
         self.jobs.add(job_id)
+        self.nbytes += EVENT_BYTES + len(value)
+
+    def snapshots(self) -> list[_FrameWrite]:
+        return [op for kind, op in self.ops if kind == "frame" and not op.frame.final]
 
 
 class EventWriter:
-    """Appends to `ddpm:events:{job}` (a capped Stream) and stores `ddpm:image:{job}:{i}`."""
+    """Appends to `ddpm:events:{job}` (a capped Stream, its snapshots held to
+    `stream_max_bytes`) and stores `ddpm:image:{job}:{i}`."""
 
-    def __init__(self, redis: Redis, *, ttl: int, maxlen: int) -> None:
+    def __init__(self, redis: Redis, *, ttl: int, maxlen: int,
+                 stream_max_bytes: int = 8 * 2**20, snapshot_ttl: int = 3600,
+                 max_pending_bytes: int = 64 * 2**20, encode_threads: int | None = None,
+                 on_drop: Callable[[int], None] | None = None,
+                 on_full: Callable[[], None] | None = None) -> None:
         self.redis = redis
         self.ttl = ttl           # every key expires; refreshed while the job runs
         self.maxlen = maxlen
+        self.stream_max_bytes = stream_max_bytes
+        self.snapshot_ttl = snapshot_ttl
+        self.max_pending_bytes = max_pending_bytes
+        self.encode_threads = encode_threads or default_encode_threads()
+        self._on_drop = on_drop
+        self._on_full = on_full
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._written_cond = threading.Condition()
         self._sent = 0                         # sequence number of the last batch handed over
         self._written = 0                      # ... and of the last one the thread finished
         self._errors: dict[str, BaseException] = {}
+        self._pending_bytes = 0                # sent, not yet written
+        self._waiting: dict[tuple[str, int], _FrameWrite] = {}   # newest untaken snapshots
+        self._framed: set[str] = set()         # jobs with frames, whose ending expires them
+        self._closing = False
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._run_script = redis.register_script(redis_batch.SCRIPT)
+
+    # -- the loop's side ---------------------------------------------------------------
 
     def send(self, batch: Batch) -> int:
         """Hand `batch` to the writer thread; its sequence number (0: it was empty)."""
         if not batch:
             return 0
         if self._thread is None:
+            self._closing = False
             self._thread = threading.Thread(target=self._run, name="ddpm-events", daemon=True)
             self._thread.start()
-        self._sent += 1
-        batch.seq = self._sent
+        dropped = 0
+        with self._written_cond:
+            coalesce = self._pending_bytes + batch.nbytes > self.max_pending_bytes // 2
+            for op in batch.snapshots():
+                key = (op.frame.job_id, op.frame.index)
+                older = self._waiting.get(key)
+                if coalesce and older is not None and not older.dropped:
+                    older.dropped = True       # its batch, not yet taken, skips it
+                    self._pending_bytes -= older.nbytes
+                    op.skipped = older.skipped + 1
+                    dropped += 1
+                self._waiting[key] = op
+            self._pending_bytes += batch.nbytes
+            self._sent += 1
+            batch.seq = self._sent
         self._queue.put(batch)
+        if dropped and self._on_drop is not None:
+            self._on_drop(dropped)
         return batch.seq
 
     def event(self, job_id: str, event: Event) -> int:
@@ -103,6 +171,16 @@ class EventWriter:
         b = Batch()
         b.event(job_id, event)
         return self.send(b)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of pixels and events sent to the writer and not yet in Redis."""
+        return self._pending_bytes
+
+    @property
+    def behind(self) -> bool:
+        """Whether the loop should wait for the writer before it makes more frames."""
+        return self._pending_bytes > self.max_pending_bytes
 
     def flushed(self, seq: int) -> bool:
         """Whether every batch up to `seq` has been written (or has failed)."""
@@ -114,6 +192,11 @@ class EventWriter:
         with self._written_cond:
             return self._written_cond.wait_for(lambda: self._written >= seq, timeout)
 
+    def wait_until_caught_up(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for `behind` to clear."""
+        with self._written_cond:
+            return self._written_cond.wait_for(lambda: not self.behind, timeout)
+
     def error(self, job_id: str) -> BaseException | None:
         """The first error met writing this job's batches since the last call, if any."""
         with self._written_cond:
@@ -124,11 +207,16 @@ class EventWriter:
             self._errors.pop(job_id, None)
 
     def close(self) -> None:
-        """Write what is queued, then stop the thread (a later `send` starts another)."""
+        """Write what is queued, then stop the thread (a later `send` starts another); while
+        Redis is full, what it refuses is given up (its jobs come back through RQ)."""
         if self._thread is not None:
+            self._closing = True
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     # -- the thread --------------------------------------------------------------------
 
@@ -149,46 +237,99 @@ class EventWriter:
                 else:
                     batches.append(more)
             if batches:
+                self._take(batches)
                 self._write(batches)
             if stop:
                 return
 
-    def _write(self, batches: list[Batch]) -> None:
-        try:
-            writes = WriteBatch(self.redis)
-            p = writes.group()
-            streams: set[str] = set()
+    def _take(self, batches: list[Batch]) -> None:
+        """From here on these batches' snapshots are written: no newer one can drop them."""
+        with self._written_cond:
             for batch in batches:
-                for kind, op in batch.ops:
-                    self._queue_op(p, kind, op, streams)
-            for key in streams:
-                p.expire(key, self.ttl)
-            writes.run(self._run_script)
-        except Exception as e:     # Redis down, or a bug: the jobs concerned fail or retry
-            log.error("writing events failed: %s", e)
-            with self._written_cond:
+                for op in batch.snapshots():
+                    key = (op.frame.job_id, op.frame.index)
+                    if self._waiting.get(key) is op:
+                        del self._waiting[key]
+
+    def _encode(self, batches: list[Batch]) -> None:
+        todo = [op for b in batches for kind, op in b.ops
+                if kind == "frame" and not op.dropped and op.encoded is None]
+        if not todo:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="ddpm-encode")
+        for op, data in zip(todo, self._pool.map(_encode_op, todo), strict=True):
+            op.encoded = data
+
+    def _write(self, batches: list[Batch]) -> None:
+        delay = FULL_RETRY[0]
+        while True:
+            try:
+                self._encode(batches)
+                writes = WriteBatch(self.redis)
+                p = writes.group()
+                streams: set[str] = set()
                 for batch in batches:
-                    for job_id in batch.jobs:
-                        self._errors.setdefault(job_id, e)
+                    for kind, op in batch.ops:
+                        self._queue_op(p, kind, op, streams)
+                for key in streams:
+                    p.expire(key, self.ttl)
+                writes.run(self._run_script)
+            except Exception as e:     # Redis down or full, or a bug
+                if redis_full(e) and not self._closing:
+                    # Nothing of the script ran: keep these writes and try again; the loop,
+                    # soon behind, waits with its jobs.
+                    if delay == FULL_RETRY[0]:
+                        log.warning("Redis is full (maxmemory): holding the writes of %d "
+                                    "jobs until it has room", len({j for b in batches
+                                                                   for j in b.jobs}))
+                    if self._on_full is not None:
+                        self._on_full()
+                    time.sleep(delay)
+                    delay = min(FULL_RETRY[1], delay * 2)
+                    continue
+                log.error("writing events failed: %s", e)   # the jobs concerned fail or retry
+                with self._written_cond:
+                    for batch in batches:
+                        for job_id in batch.jobs:
+                            self._errors.setdefault(job_id, e)
+            break
+        if delay != FULL_RETRY[0]:
+            log.warning("Redis has room again: writes resumed")
+        self._framed -= {job_id for b in batches for kind, op in b.ops if kind == "event"
+                         for job_id, event in [op] if event.type in TERMINAL_EVENTS}
         with self._written_cond:
             self._written = batches[-1].seq
+            self._pending_bytes -= sum(b.nbytes for b in batches) - sum(
+                op.nbytes for b in batches for op in b.snapshots() if op.dropped)
             self._written_cond.notify_all()
 
     def _queue_op(self, p: Any, kind: str, op: Any, streams: set[str]) -> None:
         if kind == "event":
             job_id, event = op
             self._xadd(p, job_id, event, streams)
+            if event.type in TERMINAL_EVENTS and job_id in self._framed:
+                schedule_expiry(p, job_id, time.time() + self.snapshot_ttl)
         elif kind == "frame":
             fw: _FrameWrite = op
+            if fw.dropped:
+                return
             f = fw.frame
-            png = encode_png(f.pixels.numpy())
-            data = {"index": f.index, "step": f.step, "total_steps": fw.total_steps}
+            data: dict[str, Any] = {"index": f.index, "step": f.step,
+                                    "total_steps": fw.total_steps}
             if f.final:
-                p.set(image_key(f.job_id, f.index), png, ex=self.ttl)
+                p.set(image_key(f.job_id, f.index), fw.encoded, ex=self.ttl)
                 self._xadd(p, f.job_id, Event(EventType.IMAGE, data), streams)
-            else:
-                self._xadd(p, f.job_id, Event(EventType.SNAPSHOT, {**data, "kind": fw.kind},
-                                              png=png), streams)
+                return
+            data.update(kind=fw.kind, format=fw.preview.format, size=int(f.pixels.shape[0]))
+            if fw.skipped:
+                data["dropped"] = fw.skipped
+            assert fw.encoded is not None
+            frame_command(p, f.job_id, Event(EventType.SNAPSHOT, data,
+                                             image=fw.encoded).to_fields(),
+                          budget=self.stream_max_bytes, maxlen=self.maxlen, ttl=self.ttl)
+            self._framed.add(f.job_id)
+            streams.add(events_key(f.job_id))
         else:
             key, name, value = op
             p.hset(key, name, value)
@@ -197,3 +338,12 @@ class EventWriter:
         key = events_key(job_id)
         p.xadd(key, event.to_fields(), maxlen=self.maxlen, approximate=True)
         streams.add(key)
+
+
+def _encode_op(op: _FrameWrite) -> bytes:
+    """A frame's bytes: a final image as lossless PNG, a snapshot as its preview says."""
+    pixels = op.frame.pixels.numpy()
+    return encode_frame(pixels, FINAL if op.frame.final else op.preview)
+
+
+FINAL = Preview(size=0, format="png")      # final images: lossless, full size

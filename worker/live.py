@@ -19,7 +19,15 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now
 
-from .contract import JOB_FUNC, Event, EventType, GenerationSpec, JobResult, image_key
+from .contract import (
+    JOB_FUNC,
+    Event,
+    EventType,
+    GenerationSpec,
+    JobResult,
+    Preview,
+    image_key,
+)
 from .engine import Engine
 from .events import Batch, EventWriter
 from .metrics import WorkerMetrics
@@ -59,6 +67,7 @@ class LiveJob:
     queue: Queue
     execution: Execution
     spec: GenerationSpec | None = None      # None until its payload is read
+    preview: Preview | None = None          # its snapshot frames, once its model is known
     started: float = field(default_factory=time.monotonic)
     queue_wait: float = 0.0
     last_seq: int = 0             # the last writer batch that carries this job's writes

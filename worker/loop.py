@@ -39,6 +39,7 @@ from rq.utils import now
 from rq.worker.base import BaseWorker, WorkerStatus
 
 from .catalog import Catalog
+from .client import redis_full
 from .contract import (
     PRIORITIES,
     SERIALIZER,
@@ -53,6 +54,7 @@ from .contract import (
 )
 from .engine import Engine, StepOutOfMemory, StepReport, input_tensors
 from .events import Batch, EventWriter
+from .frames import FrameExpiry
 from .live import JobError, LiveJob, LiveJobs, parse_spec
 from .metrics import WorkerMetrics
 from .rq_jobs import BatchJob, RqJobs, Unreadable, enqueued_wait
@@ -61,6 +63,7 @@ from .settings import WorkerSettings
 log = logging.getLogger("ddpm.worker")
 
 CONTROL_INTERVAL = 0.25     # seconds between checks for canceled jobs
+FULL_PAUSE = 0.5            # seconds a pass waits after Redis refused a write (maxmemory)
 
 
 class BatchWorker(BaseWorker):
@@ -81,14 +84,21 @@ class BatchWorker(BaseWorker):
                          maintenance_interval=settings.maintenance_interval,
                          job_monitoring_interval=int(settings.heartbeat_interval),
                          default_result_ttl=settings.result_ttl)
-        self.writer = EventWriter(connection, ttl=settings.result_ttl,
-                                  maxlen=settings.stream_maxlen)
+        self.writer = EventWriter(
+            connection, ttl=settings.result_ttl, maxlen=settings.stream_maxlen,
+            stream_max_bytes=settings.stream_max_bytes, snapshot_ttl=settings.snapshot_ttl,
+            max_pending_bytes=settings.writer_max_pending_bytes,
+            encode_threads=settings.encode_threads,
+            on_drop=self.metrics.snapshots_dropped.inc, on_full=self._redis_full)
+        self._expire_frames = FrameExpiry(connection)
         self.rq = RqJobs(self)
         self.live = LiveJobs(self.rq, engine, self.writer, self.metrics)
         self._stop_exec: set[str] = set()       # execution ids `rq` asked to stop
         self._beat_stop = threading.Event()
         self._drain_deadline: float | None = None
         self._last_control = 0.0
+        self._beats_missed = False              # a heartbeat failed since the last one worked
+        self._full_since: float | None = None   # when Redis began refusing writes (maxmemory)
         self._unstarted: list[tuple[Job, Queue]] = []   # taken as Redis went away
         self._wake_keys = [wake_key(m) for m in catalog.names]
         for name, m in catalog.loaded.items():
@@ -168,11 +178,12 @@ class BatchWorker(BaseWorker):
                         idle = not self.engine.busy and not self.live
                         if self._admit(batch, block=idle and not burst):
                             worked = True
-                    stepped = self.engine.busy
+                    stepped = self.engine.busy and not self.writer.behind
                     if stepped:
                         self._emit(self._step(batch), batch)
                     self._send(batch)
                     self._retire()
+                    self.metrics.writer_pending.set(self.writer.pending_bytes)
                     if not self.live:
                         if self._stop_requested:
                             break
@@ -185,8 +196,14 @@ class BatchWorker(BaseWorker):
                         break
                     elif not stepped and not self.engine.busy:
                         self._wait_for_writes()     # nothing to take, nothing to compute
+                    elif not stepped:               # the writer is behind: let it catch up
+                        self.metrics.writer_waits.inc()
+                        self.writer.wait_until_caught_up(timeout=0.05)
                 except RedisError as e:
-                    if not self._wait_for_redis(e):
+                    if redis_full(e):               # writes wait for room; reads still work
+                        self._redis_full()
+                        time.sleep(FULL_PAUSE)
+                    elif not self._wait_for_redis(e):
                         break
         finally:
             self._beat_stop.set()
@@ -208,6 +225,20 @@ class BatchWorker(BaseWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         self.rq.clean_canceled(self.queues, self.settings.result_ttl)
+        self._expire_frames(time.time())
+
+    def _redis_full(self) -> None:
+        """Redis refused a write for want of memory (maxmemory, noeviction). Nothing is
+        dropped: the writer holds its writes and retries them, the loop soon waits for it,
+        no job is taken. Executions are not renewed meanwhile, so maintenance waits one
+        interval past the next successful heartbeat before any job can look abandoned
+        (_heartbeat_loop). Called from the loop and the writer's and heartbeat threads."""
+        self.metrics.redis_full.inc()
+        self._beats_missed = True
+        if self._full_since is None:
+            self._full_since = time.monotonic()
+            log.warning("Redis is full (maxmemory): %d running jobs wait for room, no new "
+                        "jobs are taken", len(self.live))
 
     # -- Redis outages ---------------------------------------------------------------
 
@@ -251,7 +282,10 @@ class BatchWorker(BaseWorker):
             try:
                 taken, bad = self.rq.take(self._ordered_queues, self.engine.room)
             except RedisError as e:
-                log.error("dequeue failed: %s; retrying", e)
+                if redis_full(e):
+                    self._redis_full()
+                else:
+                    log.error("dequeue failed: %s; retrying", e)
                 time.sleep(1)
                 return took
             for b in bad:
@@ -311,6 +345,7 @@ class BatchWorker(BaseWorker):
             except ValueError as e:
                 self.live.fail(run, str(e), retry=False)
                 continue
+            run.preview = run.spec.preview(model.info.image_size)   # type: ignore[union-attr]
             own.event(job.id, Event(EventType.STARTED, {
                 "worker": self.name, "model": run.spec.model,
                 "num_images": run.spec.num_images, "steps": run.spec.steps_per_image,
@@ -378,7 +413,8 @@ class BatchWorker(BaseWorker):
             run = self.live.get(frame.job_id)
             if run is None or run.spec is None:
                 continue
-            batch.frame(frame, run.spec.steps_per_image, run.spec.snapshot_kind)
+            assert run.preview is not None
+            batch.frame(frame, run.spec.steps_per_image, run.spec.snapshot_kind, run.preview)
             if frame.final:
                 m.images.labels(run.spec.model).inc()
         t = time.monotonic()
@@ -469,8 +505,21 @@ class BatchWorker(BaseWorker):
                 with self.live.lock:
                     self.rq.heartbeat(self.live.executions())
                 self.advertise()
+                if self._beats_missed:
+                    # Executions were not renewed while Redis refused writes: now they are,
+                    # the other workers' too within an interval; no maintenance before that.
+                    self._beats_missed = False
+                    self.last_cleaned_at = now()
+                if self._full_since is not None:
+                    log.warning("Redis has room again after %.1fs",
+                                time.monotonic() - self._full_since)
+                    self._full_since = None
             except RedisError as e:
-                log.error("heartbeat failed: %s", e)
+                self._beats_missed = True
+                if redis_full(e):
+                    self._redis_full()
+                else:
+                    log.error("heartbeat failed: %s", e)
             except Exception:  # the side thread must outlive any one failure
                 log.exception("heartbeat thread error")
 

@@ -42,6 +42,18 @@ class WorkerMetrics:
         self.webhook_attempts = Counter(
             "ddpm_worker_webhook_attempts", "Webhook HTTP attempts, by result "
             "(2xx, 3xx, 4xx, 5xx, timeout, error)", ["result"], registry=r)
+        self.snapshots_dropped = Counter(
+            "ddpm_worker_snapshots_dropped", "Snapshot frames dropped (a newer frame of the "
+            "same image replaced them) because the event writer fell behind", registry=r)
+        self.writer_pending = Gauge(
+            "ddpm_worker_writer_pending_bytes", "Frames and events on their way to Redis",
+            registry=r)
+        self.writer_waits = Counter(
+            "ddpm_worker_writer_waits", "Loop passes that waited for the writer instead of "
+            "stepping (it was behind)", registry=r)
+        self.redis_full = Counter(
+            "ddpm_worker_redis_full", "Writes Redis refused for want of memory (maxmemory), "
+            "held and retried", registry=r)
         self.gpu_memory = Gauge("ddpm_worker_gpu_memory_bytes", "CUDA memory, by kind",
                                 ["kind"], registry=r)
 

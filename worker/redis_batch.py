@@ -7,7 +7,8 @@ methods write into a `pipeline` as usual, which is never executed: its commands 
 the arguments of a single EVALSHA of `_RUN`, which replays them inside Redis. That is one
 command to pack and one reply to parse, and atomic (a script runs alone), which also gives
 the guarded groups that replace WATCH: a group of commands runs only if its guard holds
-when the script runs (the job was not canceled; it has no dependents).
+when the script runs (the job was not canceled; it has no dependents). One pseudo-command,
+`ddpm.frame` (frames.py), appends a snapshot within its job's byte budget.
 
 Scripts touch keys they are not given in KEYS, so this needs a standalone Redis (or one
 Redis Cluster slot), as the rest of RQ's multi-key transactions do.
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from redis import Redis
+
+from .frames import FRAME_COMMAND, FRAME_LUA
 
 Guard = Literal["", "not-canceled", "absent"]
 
@@ -39,7 +42,10 @@ while i <= #ARGV do
   out[#out + 1] = ok and 1 or 0
   for _ = 1, ncmds do
     local n = tonumber(ARGV[i])
-    if ok then redis.call(unpack(ARGV, i + 1, i + n)) end
+    if ok then
+      if ARGV[i + 1] == 'ddpm.frame' then ddpm_frame(i + 2, i + n)
+      else redis.call(unpack(ARGV, i + 1, i + n)) end
+    end
     i = i + n + 1
   end
 end
@@ -87,4 +93,6 @@ class WriteBatch:
         return [bool(flag) for flag in script(keys=[], args=argv)]
 
 
-SCRIPT = _RUN
+assert f"'{FRAME_COMMAND}'" in _RUN
+SCRIPT = FRAME_LUA + _RUN
+"""The script to register: `_RUN`, which also runs frames.FRAME_LUA for `ddpm.frame`."""

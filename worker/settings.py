@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .contract import STREAM_MAXLEN
+from .contract import STREAM_MAX_BYTES, STREAM_MAXLEN
 
 
 class WorkerSettings(BaseSettings):
@@ -35,6 +35,16 @@ class WorkerSettings(BaseSettings):
     # Results and events.
     result_ttl: Annotated[int, Field(ge=1)] = 24 * 3600   # images, streams, RQ results
     stream_maxlen: Annotated[int, Field(ge=10)] = STREAM_MAXLEN
+    # Bytes of snapshot frames a job's stream keeps (oldest dropped first; the API's
+    # setting of the same name refuses requests that would need more), and how long after a
+    # job ends its frames are kept (its results stay `result_ttl`).
+    stream_max_bytes: Annotated[int, Field(ge=1024)] = STREAM_MAX_BYTES
+    snapshot_ttl: Annotated[int, Field(ge=1)] = 3600
+    # The writer (worker/events.py): bytes of frames and events on their way to Redis before
+    # snapshots are coalesced (half of it) and the step loop waits (all of it); threads
+    # encoding frames (None: one per core, at most 4).
+    writer_max_pending_bytes: Annotated[int, Field(ge=2**20)] = 64 * 2**20
+    encode_threads: Annotated[int, Field(ge=1, le=64)] | None = None
     progress_interval: Annotated[float, Field(ge=0)] = 0.2   # seconds between progress events
     # Shutdown: on SIGTERM running jobs get this long to finish, then go back to the queue.
     grace_period: Annotated[float, Field(ge=0)] = 30.0

@@ -324,6 +324,34 @@ def test_redis_persists_and_the_services_wait_for_it(compose: dict[str, Any]) ->
         assert (url.scheme, url.host, url.port) == ("redis", "redis", 6379), name
 
 
+def _redis_command(compose: dict[str, Any]) -> list[str]:
+    command = compose["services"]["redis"]["command"]
+    return command if isinstance(command, list) else shlex.split(command)
+
+
+def _flag(command: list[str], name: str) -> str:
+    assert command.count(name) == 1, f"{name} given {command.count(name)} times: {command}"
+    return command[command.index(name) + 1]
+
+
+def test_redis_caps_its_memory_and_never_evicts(compose: dict[str, Any],
+                                               compose_cpu: dict[str, Any]) -> None:
+    """At its memory cap Redis must refuse writes (the API answers 503, the workers wait),
+    never evict: every key of ours has a TTL, so any other policy, volatile-* included,
+    could silently drop a live job's hash, queue entry or results."""
+    command = _redis_command(compose)
+    assert _flag(command, "--maxmemory-policy") == "noeviction"
+    maxmemory = _flag(command, "--maxmemory")
+    assert maxmemory == "${DDPM_REDIS_MAXMEMORY:-2gb}", "the cap is DDPM_REDIS_MAXMEMORY"
+    assert _redis_command(compose_cpu) == command, "the CPU override keeps Redis as it is"
+    # The default as Redis itself reads it (a real redis-server given the same flags).
+    with RedisServer(maxmemory=interpolate(maxmemory), maxmemory_policy="noeviction") as srv, \
+            redis.Redis.from_url(srv.url) as client:
+        config = client.config_get("maxmemory*")
+    assert int(config["maxmemory"]) == 2 * 2**30, config
+    assert config["maxmemory-policy"] == "noeviction", config
+
+
 def test_workers_scale_and_reserve_a_gpu_each(compose: dict[str, Any]) -> None:
     worker = compose["services"]["worker"]
     assert "ports" not in worker, "a published port stops --scale worker=N"

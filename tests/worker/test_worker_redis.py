@@ -77,7 +77,8 @@ def test_jobs_finish_with_pngs_events_and_ttls(r, redis_url, models_dir) -> None
     snaps = [e for e in evs if e.type == EventType.SNAPSHOT]
     assert sorted((e.data["index"], e.data["step"]) for e in snaps) == \
         [(i, s) for i in range(3) for s in (2, 4)]
-    assert all(Image.open(io.BytesIO(e.png)).size == (16, 16) for e in snaps)
+    assert all(Image.open(io.BytesIO(e.image)).size == (16, 16) and e.data["format"] == "png"
+               for e in snaps)
     last = [e for e in evs if e.type == EventType.PROGRESS][-1]
     assert last.data["steps_done"] == last.data["total_steps"] == 18
     assert job.meta["progress"] == 1.0

@@ -1,0 +1,220 @@
+"""The event writer's bounds, against a real Redis: snapshots coalesce (latest wins) while
+it is behind and nothing else is dropped; a job's frames stay within the stream's byte
+budget, oldest first; frames expire after the job ends; a full Redis holds the writes
+until it has room again."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+
+from worker.contract import (
+    FRAMES_EXPIRING,
+    Event,
+    EventType,
+    Preview,
+    events_key,
+    frames_key,
+    image_key,
+)
+from worker.engine import Frame
+from worker.events import Batch, EventWriter
+from worker.frames import FrameExpiry
+
+PNG16 = Preview(16, "png")
+
+
+def noise(side: int, seed: int, channels: int = 3) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 256, (side, side, channels), dtype=np.uint8))
+
+
+def entries(r: redis.Redis, job: str) -> list[tuple[str, Event]]:
+    return [(i.decode(), Event.from_fields(f)) for i, f in r.xrange(events_key(job))]
+
+
+def step_batch(job: str, images: int, step: int, total: int, *, final: bool = False,
+               side: int = 16) -> Batch:
+    """What one step of a job makes: a frame per image and a progress event."""
+    b = Batch()
+    for i in range(images):
+        b.frame(Frame(job, i, step, noise(side, step * 100 + i), final), total, "xt", PNG16)
+    b.event(job, Event(EventType.PROGRESS, {"steps_done": step * images}))
+    return b
+
+
+def test_behind_writer_coalesces_snapshots_latest_wins_and_keeps_the_rest(
+        r: redis.Redis) -> None:
+    """With writes paused, a run of steps piles up: past half the pending bound, an untaken
+    snapshot is replaced by the next one of its image, which counts it; finals, progress
+    events and their order all survive, and pending bytes return to zero."""
+    dropped: list[int] = []
+    frame_bytes = 16 * 16 * 3
+    w = EventWriter(r, ttl=60, maxlen=10_000, max_pending_bytes=2**20,
+                    on_drop=dropped.append)
+    w.max_pending_bytes = 8 * frame_bytes          # below the setting's floor, for the test
+    job, images, steps = "j1", 3, 20
+    r.client_pause(1500, all=False)                 # writes wait; the writer blocks on one
+    try:
+        w.send(step_batch(job, images, 1, steps))
+        while not w._queue.empty():                 # the writer took it, and is blocked
+            time.sleep(0.01)
+        time.sleep(0.2)
+        for s in range(2, steps):
+            w.send(step_batch(job, images, s, steps))
+        seq = w.send(step_batch(job, images, steps, steps, final=True))
+        assert w.pending_bytes <= 8 * frame_bytes + images * frame_bytes * 2 + 4096, \
+            "coalescing kept the queued frames bounded"
+    finally:
+        r.client_unpause()
+    assert w.wait(seq, timeout=30)
+    w.close()
+    assert w.pending_bytes == 0
+    evs = [e for _, e in entries(r, job)]
+    progress = [e.data["steps_done"] for e in evs if e.type == EventType.PROGRESS]
+    assert progress == [s * images for s in range(1, steps + 1)], "events kept, in order"
+    finals = [e for e in evs if e.type == EventType.IMAGE]
+    assert sorted(e.data["index"] for e in finals) == list(range(images))
+    for i in range(images):
+        assert r.get(image_key(job, i)) is not None
+        snaps = [e for e in evs if e.type == EventType.SNAPSHOT and e.data["index"] == i]
+        got = [e.data["step"] for e in snaps]
+        assert got == sorted(got) and got[-1] == steps - 1, "the latest frame always wins"
+        # every frame made is written or counted by the next written frame of its image
+        assert sum(1 + e.data.get("dropped", 0) for e in snaps) == steps - 1
+        last = evs.index(snaps[-1])
+        assert evs.index(next(e for e in finals if e.data["index"] == i)) > last
+    assert sum(dropped) > 0, "the writer was behind: something was coalesced"
+    assert sum(dropped) == sum(e.data.get("dropped", 0) for e in evs
+                               if e.type == EventType.SNAPSHOT)
+
+
+def test_a_writer_that_keeps_up_drops_nothing(r: redis.Redis) -> None:
+    w = EventWriter(r, ttl=60, maxlen=10_000)
+    seq = 0
+    for s in range(1, 11):
+        seq = w.send(step_batch("j2", 2, s, 10, final=s == 10))
+    assert w.wait(seq, timeout=30)
+    w.close()
+    snaps = [e for _, e in entries(r, "j2") if e.type == EventType.SNAPSHOT]
+    assert len(snaps) == 2 * 9 and not any("dropped" in e.data for e in snaps)
+
+
+def test_stream_keeps_its_byte_budget_trimming_oldest_snapshots_first(
+        r: redis.Redis) -> None:
+    """Frames past the budget delete the oldest frames, never another event; the ledger
+    counts exactly the frames kept."""
+    budget = 20_000
+    w = EventWriter(r, ttl=60, maxlen=10_000, stream_max_bytes=budget)
+    job, seq = "j3", 0
+    seq = w.event(job, Event(EventType.STARTED, {}))
+    for s in range(1, 31):
+        seq = w.send(step_batch(job, 2, s, 31))
+    assert w.wait(seq, timeout=30)
+    w.close()
+    kept = entries(r, job)
+    snaps = [(i, e) for i, e in kept if e.type == EventType.SNAPSHOT]
+    sizes = [sum(len(v) for v in r.xrange(events_key(job), i, i)[0][1].values())
+             for i, _ in snaps]
+    assert 0 < sum(sizes) <= budget
+    assert int(r.get(frames_key(job) + ":bytes")) == sum(sizes)
+    assert [e.data["step"] for _, e in snaps][-2:] == [30, 30], "the newest frames are kept"
+    oldest_kept = min(e.data["step"] for _, e in snaps)
+    assert oldest_kept > 1, "the oldest were trimmed"
+    assert all(e.data["step"] >= oldest_kept for _, e in snaps)
+    assert [e.data["steps_done"] for _, e in kept if e.type == EventType.PROGRESS] == \
+        [2 * s for s in range(1, 31)], "no other event was trimmed"
+    assert kept[0][1].type == EventType.STARTED
+
+
+def test_frames_expire_after_the_job_ends_results_stay(r: redis.Redis) -> None:
+    w = EventWriter(r, ttl=600, maxlen=10_000, snapshot_ttl=5)
+    job = "j4"
+    w.send(step_batch(job, 2, 1, 2))
+    w.send(step_batch(job, 2, 2, 2, final=True))
+    seq = w.event(job, Event(EventType.DONE, {"num_images": 2}))
+    assert w.wait(seq, timeout=30)
+    w.close()
+    due = r.zscore(FRAMES_EXPIRING, job)
+    assert due is not None and 0 < due - time.time() <= 5
+    expire = FrameExpiry(r)
+    assert expire(time.time()) == 0, "not due yet"
+    assert any(e.type == EventType.SNAPSHOT for _, e in entries(r, job))
+    assert expire(due + 1) == 1
+    left = [e.type for _, e in entries(r, job)]
+    assert EventType.SNAPSHOT not in left
+    assert left.count(EventType.IMAGE) == 2 and left[-1] == EventType.DONE
+    assert r.get(image_key(job, 0)) is not None and r.ttl(events_key(job)) > 500
+    assert not r.exists(frames_key(job), frames_key(job) + ":bytes")
+    assert r.zscore(FRAMES_EXPIRING, job) is None
+
+
+def test_preview_formats_are_encoded_as_asked_and_finals_stay_png(r: redis.Redis) -> None:
+    w = EventWriter(r, ttl=60, maxlen=100)
+    b = Batch()
+    for i, p in enumerate([Preview(8, "jpeg", 50), Preview(8, "webp", 80), Preview(8, "png")]):
+        b.frame(Frame("j5", i, 1, noise(8, i), False), 2, "x0", p)
+    b.frame(Frame("j5", 0, 2, noise(16, 9), True), 2, "x0", Preview(8, "jpeg", 50))
+    assert w.wait(w.send(b), timeout=30)
+    w.close()
+    snaps = [e for _, e in entries(r, "j5") if e.type == EventType.SNAPSHOT]
+    assert [(e.data["format"], Image.open(io.BytesIO(e.image)).format, e.data["size"])
+            for e in snaps] == [("jpeg", "JPEG", 8), ("webp", "WEBP", 8), ("png", "PNG", 8)]
+    final = Image.open(io.BytesIO(r.get(image_key("j5", 0))))
+    assert final.format == "PNG" and np.array_equal(np.asarray(final), noise(16, 9).numpy())
+
+
+@pytest.fixture
+def small_redis():  # type: ignore[no-untyped-def]
+    from ddpm.redis_server import RedisServer
+
+    with RedisServer() as srv:
+        yield redis.Redis.from_url(srv.url)
+
+
+def test_a_full_redis_holds_the_writes_until_it_has_room(small_redis: redis.Redis) -> None:
+    """Redis at maxmemory refuses the writer's script: the writes are kept (no error for
+    the job, not flushed), retried, and land once memory frees."""
+    r = small_redis
+    r.set("filler", b"x" * 3_000_000)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 2 * 2**20)
+    full: list[int] = []
+    w = EventWriter(r, ttl=60, maxlen=100, on_full=lambda: full.append(1))
+    b = step_batch("j6", 2, 1, 1, final=True)
+    seq = w.send(b)
+    deadline = time.monotonic() + 20
+    while len(full) < 2:                 # refused and retried at least once
+        assert time.monotonic() < deadline, "the writer never met the full Redis"
+        time.sleep(0.05)
+    assert not w.flushed(seq) and w.error("j6") is None
+    r.delete("filler")                   # memory frees
+    assert w.wait(seq, timeout=30)
+    w.close()
+    assert w.error("j6") is None
+    assert r.get(image_key("j6", 0)) is not None and r.get(image_key("j6", 1)) is not None
+    assert [e.type for _, e in entries(r, "j6")] == [EventType.IMAGE, EventType.IMAGE,
+                                                     EventType.PROGRESS]
+
+
+def test_closing_while_redis_is_full_gives_up_with_an_error(small_redis: redis.Redis) -> None:
+    """Shutdown must not hang on a full Redis: what is held fails (RQ brings it back)."""
+    r = small_redis
+    r.set("filler", b"x" * 3_000_000)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 2 * 2**20)
+    w = EventWriter(r, ttl=60, maxlen=100)
+    seq = w.send(step_batch("j7", 1, 1, 1, final=True))
+    time.sleep(0.3)
+    closer = threading.Thread(target=w.close)
+    closer.start()
+    closer.join(timeout=20)
+    assert not closer.is_alive(), "close() hung on a full Redis"
+    assert w.flushed(seq) and w.error("j7") is not None
