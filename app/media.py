@@ -1,5 +1,10 @@
-"""Pictures made from a job's stored PNGs with Pillow (no torch): a grid of the final
-images and an animated GIF of the denoising, one frame per snapshot step."""
+"""Pictures made from a job's stored images with Pillow (no torch): a grid of the final
+images and an animated GIF of the denoising, one frame per snapshot step.
+
+Final images are PNGs at the model's size; snapshot frames are PNG, WebP or JPEG, and may
+be smaller (a preview size, `snapshot_size`). Everything is decoded the same way (Pillow
+reads the format from the bytes) and tiled at one common cell size.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,25 @@ GIF_FRAME_MS = 120
 GIF_LAST_MS = 1500   # hold the final images
 
 
-def _open(png: bytes) -> Image.Image:
-    im = Image.open(io.BytesIO(png))
+def _open(data: bytes) -> Image.Image:
+    """PNG, WebP or JPEG bytes as an L or RGB image."""
+    im = Image.open(io.BytesIO(data))
     im.load()
     return im.convert("RGB") if im.mode not in ("L", "RGB") else im
 
 
+def _fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`im` at `size`: blocky when enlarged (the pixels a person should see), averaged when
+    shrunk (a final image down to the preview size)."""
+    if im.size == size:
+        return im
+    up = size[0] >= im.size[0] and size[1] >= im.size[1]
+    return im.resize(size, Image.Resampling.NEAREST if up else Image.Resampling.BOX)
+
+
 def tile(images: Sequence[Image.Image | None], size: tuple[int, int], mode: str) -> Image.Image:
-    """Images (None: not there yet, left dark) in a near-square grid, scaled up if tiny."""
+    """Images (None: not there yet, left dark) in a near-square grid, each fitted to `size`
+    (scaled up if tiny)."""
     n = max(1, len(images))
     ncol = max(1, math.ceil(math.sqrt(n)))
     nrow = math.ceil(n / ncol)
@@ -32,39 +48,50 @@ def tile(images: Sequence[Image.Image | None], size: tuple[int, int], mode: str)
     for i, im in enumerate(images):
         if im is None:
             continue
-        if scale > 1:
-            im = im.resize((w, h), Image.Resampling.NEAREST)
         r, c = divmod(i, ncol)
-        grid.paste(im.convert(mode), (PAD + c * (w + PAD), PAD + r * (h + PAD)))
+        grid.paste(_fit(im, (w, h)).convert(mode), (PAD + c * (w + PAD), PAD + r * (h + PAD)))
     return grid
 
 
-def _frame_geometry(pngs: Sequence[Image.Image]) -> tuple[tuple[int, int], str]:
-    first = pngs[0]
-    return first.size, "L" if all(p.mode == "L" for p in pngs) else "RGB"
+def _mode(images: Sequence[Image.Image]) -> str:
+    return "L" if all(p.mode == "L" for p in images) else "RGB"
 
 
 def grid_png(pngs: Sequence[bytes]) -> bytes:
     images = [_open(p) for p in pngs]
-    size, mode = _frame_geometry(images)
+    size = max(im.size for im in images)
     buf = io.BytesIO()
-    tile(images, size, mode).save(buf, format="PNG")
+    tile(images, size, _mode(images)).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def animation_gif(num_images: int, snapshots: Sequence[tuple[int, int, bytes]],
                   finals: Sequence[bytes | None]) -> bytes:
-    """`snapshots`: (step, image index, PNG) in stream order. Each frame shows every image
-    at its latest snapshot up to that step; the last frame shows the final images."""
+    """`snapshots`: (step, image index, encoded frame: PNG, WebP or JPEG) in stream order.
+    Each GIF frame shows every image at its latest snapshot up to that step; the last one
+    shows the final images. Frames that cannot be decoded are skipped.
+
+    Every tile is drawn at one cell size: the snapshot frames' own size when there are
+    frames (the largest, should they differ), else the final images'. Frames of a large
+    model are previews (e.g. 128 px of a 256 px image): enlarging every frame to the image
+    size would make the GIF several times bigger with no detail the frames do not have, so
+    the final images are shrunk to the frames' size instead (the full-size images are at
+    `images/{i}` and `grid.png`)."""
     by_step: dict[int, dict[int, Image.Image]] = {}
-    for step, index, png in snapshots:
+    for step, index, data in snapshots:
         if 0 <= index < num_images:
-            by_step.setdefault(step, {})[index] = _open(png)
+            try:
+                im = _open(data)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue                    # not an image: skipped, not a failed GIF
+            by_step.setdefault(step, {})[index] = im
     final = {i: _open(p) for i, p in enumerate(finals) if p is not None}
-    every = [im for frame in by_step.values() for im in frame.values()] + list(final.values())
+    shots = [im for frame in by_step.values() for im in frame.values()]
+    every = shots + list(final.values())
     if not every:
         raise ValueError("nothing to animate yet")
-    size, mode = _frame_geometry(every)
+    size = max(im.size for im in (shots or every))
+    mode = _mode(every)
     latest: list[Image.Image | None] = [None] * num_images
     frames = []
     for step in sorted(by_step):

@@ -39,13 +39,14 @@ from worker.contract import (
     MAX_SEED,
     MAX_STEPS,
     MODEL_NAME_PATTERN,
+    STREAM_MAX_BYTES,
     ModelInfo,
     Priority,
     Sampler,
     SpecError,
 )
 
-from .errors import ApiError, _field, _validation_message
+from .errors import ApiError, _field, _validation_message, redis_error
 from .jobs import Served
 from .schemas import GenerationRequest
 
@@ -150,9 +151,7 @@ def error_for(exc: Exception) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "request refused"
         return openai_error(exc.status_code, detail, headers=getattr(exc, "headers", None))
     if isinstance(exc, RedisError):
-        log.error("redis error: %s", exc)
-        return openai_error(503, "the job store is unreachable; retry shortly",
-                            code="unavailable", headers={"Retry-After": "5"})
+        return from_api_error(redis_error(exc))
     log.exception("unhandled error", exc_info=exc)
     return openai_error(500, "internal error", code="internal_error")
 
@@ -177,9 +176,9 @@ _OPENAI_ERRORS = {
     400: "invalid parameter; `param` names it (OpenAI's 400 where the native API says 422)",
     401: "missing or unknown API key", 404: "unknown model", 409: "the job was canceled",
     413: "request body too large", 429: "rate limit, queue full or too many open waits; "
-    "see Retry-After", 500: "the generation failed", 503: "Redis unreachable or the server "
-    "holds too many open waits", 504: "the job did not end within DDPM_IMAGES_TIMEOUT_S; "
-    "it is canceled"}
+    "see Retry-After", 500: "the generation failed", 503: "Redis unreachable or full (out of "
+    "memory), or the server holds too many open waits",
+    504: "the job did not end within DDPM_IMAGES_TIMEOUT_S; it is canceled"}
 OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": OpenAIErrorBody, "description": d} for s, d in _OPENAI_ERRORS.items()}
 
@@ -442,11 +441,17 @@ def check_size(size: str | None, info: ModelInfo) -> None:
                        field="size")
 
 
-def native_request(info: ModelInfo, fields: dict[str, Any], partial_images: int
-                   ) -> GenerationRequest:
+def native_request(info: ModelInfo, fields: dict[str, Any], partial_images: int,
+                   stream_max_bytes: int = STREAM_MAX_BYTES) -> GenerationRequest:
     """The native request (unset fields left to its defaults), checked against the
     model; with `partial_images`, x̂0 snapshots spaced so that each image has at least
-    that many before its last step (when it has enough steps)."""
+    that many before its last step (when it has enough steps).
+
+    Those snapshots are at most 2 × partial_images per image (every ⌊s / (p + 1)⌋ of s
+    steps), at the default preview size and format: at most 6 × 64 frames of ~14 KB,
+    ~5 MB, within the default stream byte budget (`STREAM_MAX_BYTES`, 8 MiB) for any
+    model. A service configured with a smaller `stream_max_bytes` refuses what would not
+    fit, naming `partial_images`."""
     fields = {k: v for k, v in fields.items() if v is not None}
     req = GenerationRequest(**fields)
     if partial_images:
@@ -456,6 +461,16 @@ def native_request(info: ModelInfo, fields: dict[str, Any], partial_images: int
         req.check_model(info)
     except SpecError as e:
         raise ApiError(400, "invalid_request", str(e), field=e.field) from None
+    try:
+        req.check_stream_budget(info, stream_max_bytes)
+    except SpecError:               # the snapshots are the partial images'
+        need = req.snapshot_frames * req.preview(info.image_size).frame_bytes(info.in_channels)
+        raise ApiError(400, "invalid_request", f"partial_images: {partial_images} per image "
+                       f"for {req.num_images} images make {req.snapshot_frames} previews of "
+                       f"about {need / 2**20:.1f} MiB in all, over the "
+                       f"{stream_max_bytes / 2**20:.1f} MiB this server's event streams "
+                       "hold; ask for fewer partial_images or a smaller n",
+                       field="partial_images") from None
     return req
 
 
@@ -555,21 +570,27 @@ def usage(steps: int) -> dict[str, Any]:
             "output_tokens": steps, "total_tokens": steps}
 
 
-def encode(png: bytes, output_format: str, compression: int | None) -> bytes:
-    """A stored PNG in the asked format (Pillow; `compression` is the quality)."""
-    if output_format == "png":
-        return png
+def encode(image: bytes, output_format: str, compression: int | None,
+           source_format: str = "png") -> bytes:
+    """An image (a stored PNG, or a snapshot frame in `source_format`: png, webp or jpeg)
+    in the asked format (Pillow; `compression` is the quality of jpeg and webp). An image
+    already in that format is passed on as it is."""
+    if output_format == source_format:
+        return image
     from PIL import Image
 
-    im = Image.open(io.BytesIO(png))
+    im = Image.open(io.BytesIO(image))
     im.load()
     if im.mode not in ("L", "RGB"):
         im = im.convert("RGB")
     if output_format == "webp" and im.mode == "L":
         im = im.convert("RGB")
     buf = io.BytesIO()
-    im.save(buf, format="JPEG" if output_format == "jpeg" else "WEBP",
-            quality=100 if compression is None else compression)
+    if output_format == "png":
+        im.save(buf, format="PNG")
+    else:
+        im.save(buf, format="JPEG" if output_format == "jpeg" else "WEBP",
+                quality=100 if compression is None else compression)
     return buf.getvalue()
 
 
@@ -587,8 +608,9 @@ class Output:
             raise ApiError(400, "invalid_request", "url images are PNG: ask for b64_json "
                            f"to get {self.format}", field="output_format")
 
-    def b64(self, png: bytes) -> str:
-        return base64.b64encode(encode(png, self.format, self.compression)).decode()
+    def b64(self, image: bytes, source_format: str = "png") -> str:
+        return base64.b64encode(encode(image, self.format, self.compression,
+                                       source_format)).decode()
 
     def url(self, job_id: str, index: int) -> str:
         return f"{self.base_url}/v1/generations/{job_id}/images/{index}"
@@ -599,8 +621,12 @@ class Output:
         return {"created": int(time.time()), "data": data, "background": BACKGROUND,
                 "output_format": self.format, "size": self.size, "usage": usage(steps)}
 
-    def event(self, kind: str, png: bytes, **extra: Any) -> bytes:
-        doc = {"type": f"{self.kind}.{kind}", "b64_json": self.b64(png),
+    def event(self, kind: str, image: bytes, source_format: str = "png", **extra: Any
+              ) -> bytes:
+        """An SSE event of `image` (a final PNG, or a snapshot frame in `source_format`) in
+        the requested `output_format`; `extra` adds or overrides fields (a partial image's
+        `size` is its own: a preview can be smaller than the model's images)."""
+        doc = {"type": f"{self.kind}.{kind}", "b64_json": self.b64(image, source_format),
                "background": BACKGROUND, "created_at": int(time.time()),
                "output_format": self.format, "quality": QUALITY, "size": self.size, **extra}
         return sse(doc["type"], doc)

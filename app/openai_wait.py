@@ -10,7 +10,7 @@ import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
@@ -137,10 +137,9 @@ class Waiter:
                 if ev.event == EventType.SNAPSHOT and partial_images:
                     data = json.loads(ev.data)
                     i = int(data.get("index", -1))
-                    if 0 <= i < n and partials[i] < partial_images and data.get("png"):
-                        png = base64.b64decode(data["png"])
-                        yield out.event("partial_image", png, partial_image_index=partials[i],
-                                        image_index=i)
+                    if 0 <= i < n and partials[i] < partial_images and data.get("image"):
+                        yield await partial_event(out, data, partial_image_index=partials[i],
+                                                  image_index=i)
                         partials[i] += 1
                 elif ev.event == EventType.IMAGE:
                     i = int(json.loads(ev.data).get("index", -1))
@@ -166,6 +165,21 @@ class Waiter:
             yield _error_event(ApiError(503, "unavailable", "the job store is unreachable"))
         if not done and not self.ended:
             log.debug("images stream of %s ended before the job", self.job.id)
+
+
+async def partial_event(out: Output, data: dict[str, Any], **extra: Any) -> bytes:
+    """OpenAI's partial-image event of a snapshot (`data` as `follow` relays it: the frame
+    as base64 `image` in its `format`), in the request's `output_format`: a frame in
+    another format is re-encoded (in a thread: Pillow's work is not for the event loop).
+    Its `size` is the frame's own, which a preview of a large model is smaller than."""
+    frame = base64.b64decode(data["image"])
+    fmt = str(data.get("format") or "png")
+    side = data.get("size")
+    if isinstance(side, int) and side > 0:
+        extra["size"] = f"{side}x{side}"
+    if fmt == out.format:
+        return out.event("partial_image", frame, fmt, **extra)
+    return await run_in_threadpool(lambda: out.event("partial_image", frame, fmt, **extra))
 
 
 def _error_event(e: ApiError) -> bytes:

@@ -59,6 +59,11 @@ CROSS_FIELD_RULES = [
     {"description": "eta other than 0 needs the ddim sampler",
      "if": {"required": ["eta"], "properties": {"eta": {"not": {"const": 0}}}},
      "then": {"required": ["sampler"], "properties": {"sampler": {"const": "ddim"}}}},
+    {"description": "snapshot_quality applies to webp and jpeg frames: with snapshot_format "
+                    "png it is null",
+     "if": {"required": ["snapshot_format"],
+            "properties": {"snapshot_format": {"const": "png"}}},
+     "then": {"properties": {"snapshot_quality": {"type": "null"}}}},
     *({"description": f"{f} needs an init_image",
        "if": {"required": [f], "properties": {f: {"not": {"type": "null"}}}},
        "then": {"required": ["init_image"],

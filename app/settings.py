@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.contract import STREAM_MAXLEN
+from worker.contract import STREAM_MAX_BYTES, STREAM_MAXLEN
 
 
 def _split(value: object) -> object:
@@ -67,6 +67,11 @@ class ApiSettings(BaseSettings):
     stream_poll_ms: Annotated[int, Field(ge=50, le=30000)] = 2000
     # Entries a job's event stream keeps: the workers' setting of the same name.
     stream_maxlen: Annotated[int, Field(ge=10)] = STREAM_MAXLEN
+    # Bytes of snapshot frames a job's event stream holds: the workers' setting of the same
+    # name (they trim the oldest frames past it). A request whose frames alone would need
+    # more, at its preview size and format, is a 422 naming `snapshot_every`, before it is
+    # queued (GenerationSpec.check_stream_budget).
+    stream_max_bytes: Annotated[int, Field(ge=1024)] = STREAM_MAX_BYTES
     # Open SSE + WebSocket streams: past `max_streams` per process a new one is 503, past
     # `max_streams_per_caller` (per key, or per client address when open) it is 429. Each
     # open stream may hold a Redis connection: keep max_streams × API processes well under

@@ -58,7 +58,7 @@ class StreamEvent:
 
 def _with(data: str, **extra: str | None) -> str:
     """The JSON object `data` plus `extra` fields, spliced in without parsing `data` (a
-    snapshot's base64 PNG is the bulk of its event: it is encoded once and copied once)."""
+    snapshot's base64 frame is the bulk of its event: it is encoded once and copied once)."""
     if any(f'"{k}"' in data for k in extra):          # not what workers write: the slow way
         return json.dumps({**json.loads(data), **extra}, separators=(",", ":"))
     fields = ",".join(f'"{k}":' + ("null" if v is None else f'"{v}"')
@@ -67,8 +67,8 @@ def _with(data: str, **extra: str | None) -> str:
     return f"{data[:-1]},{fields}}}" if data[1:-1].strip() else f"{{{fields}}}"
 
 
-def _b64(png: bytes | None) -> str | None:
-    return base64.b64encode(png).decode("ascii") if png else None
+def _b64(blob: bytes | None) -> str | None:
+    return base64.b64encode(blob).decode("ascii") if blob else None
 
 
 def _text(value: bytes | str) -> str:
@@ -76,12 +76,15 @@ def _text(value: bytes | str) -> str:
 
 
 async def _client_data(redis: AsyncRedis, job_id: str, kind: EventType, data: str,
-                       png: bytes | None, inline_images: bool) -> str:
-    """What a client gets for an entry: frames as base64 PNG, image URLs (and the final PNG
-    as base64 when asked for)."""
+                       image: bytes | None, inline_images: bool) -> str:
+    """What a client gets for an entry: a snapshot's frame as base64 `image` (in the
+    `format` its data names: png, webp or jpeg), image URLs (and the final PNG as base64
+    `png` when asked for)."""
     root = f"/v1/generations/{job_id}"
     if kind == EventType.SNAPSHOT:
-        return _with(data, png=_b64(png))
+        if '"format"' not in data:          # written before frame formats: always PNG
+            return _with(data, format="png", image=_b64(image))
+        return _with(data, image=_b64(image))
     if kind == EventType.IMAGE:
         index = int(json.loads(data).get("index", 0))
         url = f"{root}/images/{index}"
@@ -98,15 +101,16 @@ async def _client_data(redis: AsyncRedis, job_id: str, kind: EventType, data: st
 
 
 def _entry(fields: dict[bytes | str, bytes | str]) -> tuple[EventType, str, bytes | None]:
-    """An entry's type, data (JSON object text, not parsed) and PNG; ValueError or KeyError
-    if it is not an event (`worker.contract.Event.to_fields` is the format)."""
+    """An entry's type, data (JSON object text, not parsed) and encoded frame (field
+    `image`; `png` as written before frame formats); ValueError or KeyError if it is not an
+    event (`worker.contract.Event.to_fields` is the format)."""
     f = {_text(k): v for k, v in fields.items()}
     kind = EventType(_text(f["type"]))
     data = _text(f.get("data", "{}"))
     if not (data.startswith("{") and data.endswith("}")):
         raise ValueError("event data is not a JSON object")
-    png = f.get("png")
-    return kind, data, png.encode() if isinstance(png, str) else png
+    image = f.get("image", f.get("png"))
+    return kind, data, image.encode() if isinstance(image, str) else image
 
 
 async def follow(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
@@ -123,8 +127,8 @@ async def follow(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
         for entry_id, fields in entries:
             cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             try:
-                kind, data, png = _entry(fields)
-                data = await _client_data(redis, job_id, kind, data, png, inline_images)
+                kind, data, image = _entry(fields)
+                data = await _client_data(redis, job_id, kind, data, image, inline_images)
             except (KeyError, ValueError, TypeError, AttributeError):
                 continue                       # not ours: skip rather than end the stream
             yield StreamEvent(str(kind), data, cursor)

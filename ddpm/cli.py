@@ -217,9 +217,17 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                    "image goes")
     g.add_argument("--out", type=Path, default=Path("out"), help="output directory (out)")
     g.add_argument("--stream", action="store_true", help="also write the denoising frames "
-                   "as they arrive, into OUT/frames/ (IMAGE-STEP.png)")
+                   "as they arrive, into OUT/frames/ (IMAGE-STEP.png, .webp or .jpg: as "
+                   "the server encodes them)")
     g.add_argument("--snapshot-every", type=int, default=5,
                    help="with --stream: a frame every N steps (5)")
+    g.add_argument("--snapshot-size", type=int, help="with --stream: frames this many pixels "
+                   "a side (default: the image size up to 64, else 128)")
+    g.add_argument("--snapshot-format", choices=("png", "webp", "jpeg"),
+                   help="with --stream: the frames' format (default: png up to 64 pixels, "
+                   "else jpeg)")
+    g.add_argument("--snapshot-quality", type=int, help="with --stream: quality 1-100 of "
+                   "webp and jpeg frames (75)")
     g.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
 
 
@@ -426,6 +434,16 @@ def _api_key(_: argparse.Namespace) -> int:
     return 0
 
 
+# File extensions of the snapshot frame formats (`ddpm generate --stream`).
+FRAME_EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+
+
+def _frame_extension(fmt: str) -> str:
+    """A frame file's extension; a format this CLI does not know is its own (or `bin`
+    when it is not a plain word: it becomes part of a file name)."""
+    return FRAME_EXTENSIONS.get(fmt, fmt if fmt.isascii() and fmt.isalnum() else "bin")
+
+
 def _generate(args: argparse.Namespace) -> int:
     """Submit, follow the events (progress on stderr, frames with --stream), download.
     Every failure is one line and exit 2 (main prints ValueErrors); Ctrl-C cancels the
@@ -443,6 +461,9 @@ def _generate(args: argparse.Namespace) -> int:
         "init_image", "mask", "interpolate_to", "strength")}
     if args.stream:
         fields["snapshot_every"] = args.snapshot_every
+        for k in ("snapshot_size", "snapshot_format", "snapshot_quality"):
+            if getattr(args, k) is not None:
+                fields[k] = getattr(args, k)
     key = args.api_key or os.environ.get("DDPM_API_KEY") or None
     job = None
     try:
@@ -458,10 +479,11 @@ def _generate(args: argparse.Namespace) -> int:
                         if ev.type == dc.EventType.PROGRESS:
                             bar.set_description("running")
                             bar.update(int(ev.data.get("steps_done", 0)) - bar.n)
-                        elif ev.type == dc.EventType.SNAPSHOT and ev.png is not None:
+                        elif ev.type == dc.EventType.SNAPSHOT and ev.image is not None:
                             frames.mkdir(parents=True, exist_ok=True)
-                            (frames / f"{ev.index or 0:04d}-{ev.step or 0:04d}.png"
-                             ).write_bytes(ev.png)
+                            ext = _frame_extension(ev.format or "png")
+                            (frames / f"{ev.index or 0:04d}-{ev.step or 0:04d}.{ext}"
+                             ).write_bytes(ev.image)
                         elif ev.terminal:
                             bar.set_description(str(ev.type))
                 done = client.wait(job.id)

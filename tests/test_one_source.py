@@ -7,7 +7,8 @@ first (the torch-free contract cannot import models), a test ties them here.
 - the range of a step count: models.check_steps; the contract's check agrees with it;
 - PNG encoding: models.png_bytes (the worker's frames, `ddpm sample`, training grids);
 - what a model fixes about sampling it: models.batch_options / Checkpoint.slot_batch;
-- a job's event stream length: worker.contract.STREAM_MAXLEN, through both settings.
+- a job's event stream length: worker.contract.STREAM_MAXLEN, through both settings, and
+  its snapshot byte budget: STREAM_MAX_BYTES.
 """
 
 from __future__ import annotations
@@ -129,12 +130,14 @@ def test_no_other_step_range_check_is_spelled_out() -> None:
 @pytest.mark.parametrize(("channels", "mode"), [(1, "L"), (3, "RGB")])
 def test_every_png_writer_is_the_one_encoder(tmp_path: Path, channels: int, mode: str) -> None:
     from ddpm import sample
-    from worker.events import encode_png
+    from worker.contract import Preview
+    from worker.frames import encode_frame
 
     pixels = torch.randint(0, 256, (5, 7, channels), dtype=torch.uint8)
     sample.save_png(pixels, tmp_path / "cli.png")
     save_png(pixels, tmp_path / "models.png")
-    written = {"worker": encode_png(pixels.numpy()), "models": png_bytes(pixels),
+    written = {"worker": encode_frame(pixels.numpy(), Preview(7, "png")),
+               "models": png_bytes(pixels),
                "cli": (tmp_path / "cli.png").read_bytes(),
                "file": (tmp_path / "models.png").read_bytes()}
     for name, png in written.items():
@@ -184,6 +187,17 @@ def test_api_and_workers_keep_streams_equally_long(monkeypatch: pytest.MonkeyPat
         contract.STREAM_MAXLEN
     monkeypatch.setenv("DDPM_STREAM_MAXLEN", "321")
     assert ApiSettings().stream_maxlen == WorkerSettings().stream_maxlen == 321
+
+
+def test_api_and_workers_share_the_stream_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the API refuses up front (422) is what the workers trim to."""
+    from app.settings import ApiSettings
+    from worker.settings import WorkerSettings
+
+    assert ApiSettings().stream_max_bytes == WorkerSettings().stream_max_bytes == \
+        contract.STREAM_MAX_BYTES
+    monkeypatch.setenv("DDPM_STREAM_MAX_BYTES", "123456")
+    assert ApiSettings().stream_max_bytes == WorkerSettings().stream_max_bytes == 123456
 
 
 def test_the_api_trims_a_stream_to_the_shared_length(r: redis.Redis, redis_url: str) -> None:

@@ -113,6 +113,7 @@ async def create_generation(
                        f"{names}", field="model")
     try:
         req.check_model(model.info)
+        req.check_stream_budget(model.info, settings.stream_max_bytes)
     except SpecError as e:
         raise ApiError(422, "invalid_request", str(e), field=e.field) from None
     _check_webhook(req.webhook, settings)
@@ -215,9 +216,9 @@ def get_animation(job: JobDep, store: Store) -> Response:
             ev = Event.from_fields(fields)
         except (KeyError, ValueError):
             continue
-        if ev.type == EventType.SNAPSHOT and ev.png:
+        if ev.type == EventType.SNAPSHOT and ev.image:
             snapshots.append((int(ev.data.get("step", 0)), int(ev.data.get("index", -1)),
-                              ev.png))
+                              ev.image))
     finals = store.fetch_images(job, range(spec.num_images))
     try:
         gif = media.animation_gif(spec.num_images, snapshots, finals)
@@ -267,8 +268,9 @@ async def stream_events(request: Request, job: JobDep, settings: Settings,
                         after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot,
                         images: Annotated[ImageMode, _IMAGES_QUERY] = "url",
                         ) -> AsyncIterator[ServerSentEvent]:
-    """`started`, `progress`, `snapshot` (PNG as base64), `image` (its URL; the PNG as
-    base64 too with `?images=inline`), then one of `done`, `error` or `canceled`, which
+    """`started`, `progress`, `snapshot` (the frame as base64 `image` in its `format`,
+    png/webp/jpeg, `size` pixels a side), `image` (its URL; the PNG as base64 too with
+    `?images=inline`), then one of `done`, `error` or `canceled`, which
     closes the stream. Ids are the job's Redis Stream ids: a reconnect with `Last-Event-ID`
     resumes exactly after the last one seen. Past the open stream limits: `503` (this
     server) or `429` (this caller), with `Retry-After`."""

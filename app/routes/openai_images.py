@@ -99,7 +99,8 @@ async def create_images(body: ImageGenerationRequest, request: Request, who: Cal
     check_size(body.size, model.info)
     label = class_label(body.prompt, model.info)
     partial = (body.partial_images or 0) if body.stream else 0
-    req = native_request(model.info, _knobs(body, model.info.name, label), partial)
+    req = native_request(model.info, _knobs(body, model.info.name, label), partial,
+                         settings.stream_max_bytes)
     return await _answer(request, store, who, settings, metrics, model, req, out,
                          stream=bool(body.stream), partial_images=partial)
 
@@ -129,7 +130,7 @@ async def edit_image(request: Request, who: Caller, store: Store, settings: Sett
     req = native_request(model.info, {
         **_knobs(body, model.info.name, label), "init_image": body.image, "mask": body.mask,
         "strength": body.strength, "jump_length": body.jump_length,
-        "jump_n_sample": body.jump_n_sample}, partial)
+        "jump_n_sample": body.jump_n_sample}, partial, settings.stream_max_bytes)
     return await _answer(request, store, who, settings, metrics, model, req, out,
                          stream=bool(body.stream), partial_images=partial)
 

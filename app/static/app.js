@@ -18,12 +18,14 @@ const DEFAULT_SAMPLER = "dpm++2m";
 // The strength each edit mode starts at (the API's defaults), until the user moves it.
 const DEFAULT_STRENGTH = { img2img: 0.75, inpaint: 1.0, interpolate: 0.5 };
 const STAGE_PX = 336;             // the edit canvas is shown about this big on screen
+// Media types of the snapshot frame formats (a snapshot event's `format`).
+const FRAME_TYPES = { png: "image/png", webp: "image/webp", jpeg: "image/jpeg" };
 
 const state = {
   models: new Map(),   // name → model card
   job: null,           // {id, model, num_images}
   abort: null,         // AbortController of the current stream and polling
-  pending: new Map(),  // image index → latest undrawn frame {png, step, final}
+  pending: new Map(),  // image index → latest undrawn frame {b64, format, step, final}
   drawTimer: null,
   lastDraw: 0,
   objectUrls: [],
@@ -334,11 +336,12 @@ function onEvent(event, data) {
     case "progress":
       setProgress(data.steps_done, data.total_steps);
       break;
-    case "snapshot":
-      queueFrame(data.index, { png: data.png, step: data.step, final: false });
+    case "snapshot":   // the frame in its format (png, webp, jpeg); "png": older servers
+      queueFrame(data.index, { b64: data.image ?? data.png, format: data.format ?? "png",
+                               step: data.step, final: false });
       break;
-    case "image":
-      queueFrame(data.index, { png: data.png, step: data.step, final: true });
+    case "image":      // final images are always PNG
+      queueFrame(data.index, { b64: data.png, format: "png", step: data.step, final: true });
       break;
     case "requeued":
       setStatus("queued");
@@ -385,11 +388,14 @@ async function drawPending() {
   const canvases = $("frames").querySelectorAll("canvas");
   await Promise.all(batch.map(async ([index, frame]) => {
     const canvas = canvases[index];
-    if (!canvas || !frame.png) return;
-    const bytes = Uint8Array.from(atob(frame.png), (ch) => ch.charCodeAt(0));
-    const bitmap = await createImageBitmap(new Blob([bytes], { type: "image/png" }));
+    if (!canvas || !frame.b64) return;
+    const bytes = Uint8Array.from(atob(frame.b64), (ch) => ch.charCodeAt(0));
+    const type = FRAME_TYPES[frame.format] ?? "image/png";
+    const bitmap = await createImageBitmap(new Blob([bytes], { type }));
     const ctx = canvas.getContext("2d");
-    ctx.imageSmoothingEnabled = false;
+    // A frame can be smaller than the image (a preview of a large model): it is scaled to
+    // the canvas, smoothly; one at full size or larger keeps its pixels sharp.
+    ctx.imageSmoothingEnabled = bitmap.width < canvas.width;
     ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
     bitmap.close();
     canvas.dataset.step = String(frame.step ?? 0);

@@ -326,11 +326,19 @@ class Follower:
 
 def frame_of(ev: Event) -> Frame | None:
     """A snapshot event as a Frame (None for any other event)."""
-    png = ev.png if ev.type == "snapshot" else None
-    if png is None:
+    image = ev.image if ev.type == "snapshot" else None
+    if image is None:
         return None
     return Frame(index=ev.index or 0, step=ev.step or 0, kind=str(ev.data.get("kind", "x0")),
-                 png=png, event_id=ev.id)
+                 image=image, event_id=ev.id, format=ev.format or "png",
+                 size=_int(ev.data.get("size")), dropped=_int(ev.data.get("dropped")))
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def deadline_of(timeout: float | None) -> float | None:

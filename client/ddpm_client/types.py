@@ -29,15 +29,40 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
-def to_pil(png: bytes) -> Any:
-    """PNG bytes as a PIL image (the optional `images` extra: Pillow)."""
+def to_pil(image: bytes) -> Any:
+    """PNG, WebP or JPEG bytes as a PIL image (the optional `images` extra: Pillow)."""
     try:
         from PIL import Image
     except ImportError:
         raise ImportError("PIL images need Pillow: pip install 'ddpm-client[images]'") from None
-    im = Image.open(io.BytesIO(png))
+    im = Image.open(io.BytesIO(image))
     im.load()
     return im
+
+
+def to_png(image: bytes, fmt: str) -> bytes:
+    """`image` (in format `fmt`: png, webp or jpeg) as PNG bytes: as it is when it is one,
+    else re-encoded with Pillow (ImportError without it)."""
+    if fmt == "png":
+        return image
+    try:
+        from PIL import Image  # noqa: F401
+    except ImportError:
+        raise ImportError(f"this frame is {fmt}, not PNG: converting it needs Pillow (pip "
+                          "install 'ddpm-client[images]'), or use its `image` bytes as they "
+                          "are") from None
+    buf = io.BytesIO()
+    to_pil(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b64(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -182,14 +207,27 @@ class Event:
 
     @property
     def png(self) -> bytes | None:
-        """A snapshot's frame, or a final image sent inline (`inline_images=True`)."""
-        text = self.data.get("png")
-        if not isinstance(text, str):
-            return None
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            return None
+        """PNG bytes as sent: a final image sent inline (`inline_images=True`), or a
+        snapshot frame whose `format` is png (a webp or jpeg frame is in `image`; a
+        `Frame` converts it: `frames()`)."""
+        if "png" in self.data:
+            return _b64(self.data["png"])
+        return self.image if self.format == "png" else None
+
+    @property
+    def image(self) -> bytes | None:
+        """A snapshot's frame as sent, in its `format` (a final image sent inline: its
+        PNG)."""
+        text = self.data.get("image", self.data.get("png"))
+        return _b64(text)
+
+    @property
+    def format(self) -> str | None:
+        """The format of `image`: png, webp or jpeg (servers before frame formats sent PNG
+        frames only); None when the event carries no image."""
+        if "format" in self.data:
+            return str(self.data["format"])
+        return "png" if "image" in self.data or "png" in self.data else None
 
     @property
     def index(self) -> int | None:
@@ -210,16 +248,29 @@ class Event:
 
 @dataclass(frozen=True)
 class Frame:
-    """A snapshot of one image mid-denoising: x̂0 (or x_t) after `step` steps, as PNG."""
+    """A snapshot of one image mid-denoising: x̂0 (or x_t) after `step` steps, as the
+    server encoded it: `image` bytes in `format` (png, webp or jpeg), `size` pixels a side
+    (a preview can be smaller than the final image; 0: not stated). `dropped`: frames of
+    this image the worker skipped just before this one, having fallen behind."""
 
     index: int
     step: int
     kind: str
-    png: bytes
+    image: bytes
     event_id: str | None = None
+    format: str = "png"
+    size: int = 0
+    dropped: int = 0
+
+    @property
+    def png(self) -> bytes:
+        """The frame as PNG bytes: `image` itself when it is a PNG, else converted (needs
+        Pillow: the `images` extra)."""
+        return to_png(self.image, self.format)
 
     def pil(self) -> Any:
-        return to_pil(self.png)
+        """The frame as a PIL image, whatever its format (needs Pillow)."""
+        return to_pil(self.image)
 
 
 @dataclass(frozen=True)

@@ -176,8 +176,9 @@ def test_sse_frames_arrive_in_step_order(client: httpx.Client, r: redis.Redis,
         assert steps == [3, 6, 9], steps
         snap = next(e for e in events if e["event"] == "snapshot")
         assert snap["data"]["kind"] == "xt"
-        png = base64.b64decode(snap["data"]["png"])
-        assert Image.open(io.BytesIO(png)).size == (16, 16)
+        assert snap["data"]["format"] == "png" and "png" not in snap["data"]
+        png = base64.b64decode(snap["data"]["image"])
+        assert png.startswith(PNG_MAGIC) and Image.open(io.BytesIO(png)).size == (16, 16)
     images = [e for e in events if e["event"] == "image"]
     assert sorted(e["data"]["index"] for e in images) == [0, 1]
     assert all(e["data"]["step"] == 12 and e["data"]["png"] for e in images)
@@ -191,6 +192,40 @@ def test_sse_frames_arrive_in_step_order(client: httpx.Client, r: redis.Redis,
     gif = Image.open(io.BytesIO(client.get(f"/v1/generations/{job['id']}/animation.gif")
                                 .content))
     assert gif.n_frames == 4
+
+
+MAGIC = {"jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_lossy_frames_smaller_than_the_image(client: httpx.Client, fmt: str,
+                                             spawn_worker: Callable[..., Any]) -> None:
+    """Frames in a lossy format at a preview size below the model's 16 px reach clients as
+    such (`image`, `format`, `size`), the animation is made of them, and the final images
+    stay lossless PNGs at full size."""
+    spawn_worker()
+    ready(client)
+    job = submit(client, num_images=2, steps=6, snapshot_every=2, snapshot_kind="xt",
+                 snapshot_format=fmt, snapshot_size=8, snapshot_quality=60)
+    events = sse(client, job["id"])
+    assert events[-1]["event"] == "done", events[-1]
+    snaps = [e["data"] for e in events if e["event"] == "snapshot"]
+    assert sorted((d["index"], d["step"]) for d in snaps) == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    for d in snaps:
+        assert d["format"] == fmt and d["size"] == 8 and "png" not in d, d
+        frame = base64.b64decode(d["image"])
+        assert frame.startswith(MAGIC[fmt])
+        assert Image.open(io.BytesIO(frame)).size == (8, 8)
+    for url in poll(client, job["id"], {"succeeded"})["images"]:
+        final = client.get(url).content
+        assert final.startswith(PNG_MAGIC) and Image.open(io.BytesIO(final)).size == (16, 16)
+    resp = client.get(f"/v1/generations/{job['id']}/animation.gif")
+    assert resp.status_code == 200, resp.text
+    gif = Image.open(io.BytesIO(resp.content))
+    assert gif.n_frames == 3                      # steps 2 and 4, then the final images
+    assert gif.size == (2 * (64 + 2) + 2, 64 + 4)   # 8 px frames shown ×8 in 64 px cells
+    grid = client.get(f"/v1/generations/{job['id']}/grid.png")
+    assert grid.status_code == 200 and grid.content.startswith(PNG_MAGIC)
 
 
 def test_sse_reconnect_with_last_event_id_has_no_gaps_or_duplicates(

@@ -333,6 +333,8 @@ def _served(case: Case) -> Case:
         body["steps"] = min(body.get("steps", 2), 3)
         body["num_images"] = min(body.get("num_images", 1), 2)
         body["snapshot_every"] = min(body.get("snapshot_every", 0), 2)
+        if body.get("snapshot_size") is not None:     # at most the model's 16 pixels
+            body["snapshot_size"] = min(body["snapshot_size"], 16)
     return case
 
 

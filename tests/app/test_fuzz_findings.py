@@ -136,8 +136,9 @@ def test_last_event_id_schema_matches_what_the_api_accepts(
 
 
 def test_cross_field_rules_are_in_the_schema(api_url: str) -> None:
-    """guidance_scale needs a class_label; eta needs ddim: accepted by the API exactly when
-    the schema says valid (tinycond has 10 classes, so a label itself is fine)."""
+    """guidance_scale needs a class_label; eta needs ddim; snapshot_quality is not for png
+    frames: accepted by the API exactly when the schema says valid (tinycond has 10
+    classes, so a label itself is fine)."""
     schema = _request_schema(api_url)
     absent = object()
     bodies = []
@@ -145,6 +146,9 @@ def test_cross_field_rules_are_in_the_schema(api_url: str) -> None:
         bodies.append({"class_label": label, "guidance_scale": scale})
     for eta, sampler in itertools.product([absent, 0, 0.0, 0.3], [absent, "ddim", "ddpm"]):
         bodies.append({"eta": eta, "sampler": sampler})
+    for fmt, quality in itertools.product([absent, None, "png", "jpeg", "webp"],
+                                          [absent, None, 1, 50]):
+        bodies.append({"snapshot_format": fmt, "snapshot_quality": quality})
     with httpx.Client(base_url=api_url, timeout=10) as c:
         for extra in bodies:
             body = {"model": "tinycond", "steps": 1,

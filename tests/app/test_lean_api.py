@@ -34,16 +34,17 @@ from test_api import PNG_MAGIC, ready, sse, submit
 from websockets.sync.client import connect
 
 from ddpm.redis_server import free_port
-from worker.contract import advertise_worker
+from worker.contract import GenerationSpec, advertise_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def advertise(r: redis.Redis, *models: str, name: str = "paused") -> None:
+def advertise(r: redis.Redis, *models: str, name: str = "paused", image_size: int = 16,
+              in_channels: int = 3) -> None:
     """A live worker's advertisement of `models`, as a worker writes it; nothing consumes."""
     doc = {"name": name, "draining": False,
-           "models": [{"name": m, "image_size": 16, "in_channels": 3, "num_timesteps": 1000}
-                      for m in models]}
+           "models": [{"name": m, "image_size": image_size, "in_channels": in_channels,
+                       "num_timesteps": 1000} for m in models]}
     advertise_worker(r, name, json.dumps(doc), 600, time.time())
 
 
@@ -166,6 +167,67 @@ def test_a_model_served_since_the_last_read_is_accepted_at_once(
         assert c.post("/v1/generations", json={"model": "tinycond"}).status_code == 202
 
 
+def queued(r: redis.Redis, model: str) -> int:
+    return sum(r.llen(f"rq:queue:ddpm.{model}.{p}") for p in ("high", "normal", "low"))
+
+
+def frame_bytes(body: dict[str, Any], image_size: int, channels: int) -> int:
+    """What the API counts a request's snapshot frames as: frames × estimated frame bytes
+    at the request's preview (worker.contract)."""
+    spec = GenerationSpec(**body)
+    return spec.snapshot_frames * spec.preview(image_size).frame_bytes(channels)
+
+
+def test_frames_over_the_stream_budget_are_refused_before_queueing(
+        start_api: Callable[..., Any], r: redis.Redis) -> None:
+    """A request whose snapshot frames alone would pass the job stream's byte budget
+    (DDPM_STREAM_MAX_BYTES) is a 422 naming snapshot_every, and nothing is queued; one
+    frame less fits; smaller frames (the request's own preview size) fit too."""
+    budget = 256 * 1024
+    api = start_api({"DDPM_STREAM_MAX_BYTES": str(budget), "DDPM_RATE_LIMIT": "0"})
+    advertise(r, "big", image_size=256)           # RGB: 128 px JPEG frames by default
+    one = frame_bytes({"model": "big", "steps": 2, "snapshot_every": 1}, 256, 3)
+    fits = budget // one                         # frames within the budget
+    under = {"model": "big", "num_images": 1, "steps": fits + 1, "snapshot_every": 1,
+             "snapshot_kind": "xt"}                  # a frame per step but the last
+    over = {**under, "steps": fits + 2}
+    assert frame_bytes(under, 256, 3) <= budget < frame_bytes(over, 256, 3)
+    with httpx.Client(base_url=api.url, timeout=30) as c:
+        refused = c.post("/v1/generations", json=over)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["field"] == "snapshot_every" and "MiB" in error["message"]
+        assert queued(r, "big") == 0
+        assert c.post("/v1/generations", json=under).status_code == 202
+        assert queued(r, "big") == 1
+        smaller = {**over, "snapshot_size": 64}
+        assert frame_bytes(smaller, 256, 3) <= budget
+        assert c.post("/v1/generations", json=smaller).status_code == 202
+        # The same over-budget frames split over images: still refused.
+        wide = {**under, "num_images": 2}
+        assert frame_bytes(wide, 256, 3) > budget
+        assert c.post("/v1/generations", json=wide).json()["error"]["field"] == \
+            "snapshot_every"
+        assert queued(r, "big") == 2
+
+
+def test_a_snapshot_size_over_the_model_is_refused(client: httpx.Client,
+                                                   r: redis.Redis) -> None:
+    advertise(r, "tiny")                          # 16 px
+    for size, status in ((17, 422), (1024, 422), (16, 202), (8, 202)):
+        resp = client.post("/v1/generations", json={"model": "tiny", "steps": 2,
+                                                     "snapshot_every": 1,
+                                                     "snapshot_size": size})
+        assert resp.status_code == status, (size, resp.text)
+        if status == 422:
+            assert resp.json()["error"]["field"] == "snapshot_size"
+    assert queued(r, "tiny") == 2
+    png_quality = client.post("/v1/generations", json={
+        "model": "tiny", "snapshot_format": "png", "snapshot_quality": 50})
+    assert png_quality.status_code == 422
+    assert png_quality.json()["error"]["field"] == "snapshot_quality"
+
+
 def test_the_job_is_a_plain_rq_job(start_api: Callable[..., Any], r: redis.Redis,
                                    redis_url: str) -> None:
     api = start_api({"DDPM_WEBHOOK_ALLOW_HOSTS": "hooks.example"})
@@ -206,8 +268,10 @@ def test_image_events_carry_urls_and_pngs_only_when_asked(
         (i, f"{root}/images/{i}") for i in (0, 1)]
     assert all("png" not in d for d in images)
     snaps = [e["data"] for e in default if e["event"] == "snapshot"]
-    assert snaps and all(base64.b64decode(d["png"]).startswith(PNG_MAGIC) for d in snaps)
-    assert all(set(d) >= {"index", "step", "kind"} for d in snaps)
+    # A 16-pixel model's frames are PNGs at full size by default, under `image`.
+    assert snaps and all(base64.b64decode(d["image"]).startswith(PNG_MAGIC) for d in snaps)
+    assert all(set(d) >= {"index", "step", "kind", "format"} and "png" not in d
+               and d["format"] == "png" for d in snaps)
 
     inline = sse(client, job["id"], params={"images": "inline"})
     assert [e["id"] for e in inline] == [e["id"] for e in default]

@@ -175,6 +175,8 @@ def test_stream_sends_real_previews_then_the_images(client: openai.OpenAI) -> No
         kinds = [type(ev).__name__ for ev in evs]
         assert kinds == ["ImageGenPartialImageEvent"] * 2 + ["ImageGenCompletedEvent"], kinds
         assert [ev.partial_image_index for ev in evs[:2]] == [0, 1]
+        assert all(ev.output_format == "png" and ev.size == "28x28" and
+                   base64.b64decode(ev.b64_json).startswith(b"\x89PNG") for ev in evs[:2])
         assert evs[2].type == "image_generation.completed"
         assert evs[2].usage.output_tokens == FAST["steps"] and evs[2].size == "28x28"
         final = pixels(base64.b64decode(evs[2].b64_json)).astype(float)
@@ -187,6 +189,22 @@ def test_stream_sends_real_previews_then_the_images(client: openai.OpenAI) -> No
               f"pixels {' → '.join(f'{g:.1%}' for g in grey)} (final)")
         assert mad[0] > mad[1] > 0
         assert grey[0] > grey[1] > grey[2]
+
+
+@pytest.mark.parametrize(("fmt", "magic"), [("webp", b"RIFF"), ("jpeg", b"\xff\xd8\xff")])
+def test_partial_images_come_in_the_requested_output_format(
+        client: openai.OpenAI, fmt: str, magic: bytes) -> None:
+    """Partial images are encoded as the request's `output_format` says, as the final
+    images are, whatever format the worker's frames are in (PNG for MNIST)."""
+    events = list(client.images.generate(prompt="3", stream=True, partial_images=1,
+                                         output_format=fmt,  # type: ignore[arg-type]
+                                         extra_body={**FAST, "seed": 3}))
+    assert [ev.type for ev in events] == ["image_generation.partial_image",
+                                          "image_generation.completed"]
+    for ev in events:
+        data = base64.b64decode(ev.b64_json)
+        assert ev.output_format == fmt and data.startswith(magic), (ev.type, data[:12])
+        assert Image.open(io.BytesIO(data)).size == (28, 28)
 
 
 # -- edits and variations ---------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from app.auth import new_key
+from worker.contract import GenerationSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "page.png"
@@ -131,9 +132,14 @@ def test_many_images_and_frames_are_drawn_throttled(page: Any,
                                                     start_api: Callable[..., Any]) -> None:
     """64 images with a frame at every one of 100 steps: thousands of frames arrive, the
     page redraws at most once per DRAW_INTERVAL_MS (measured between its own passes) and
-    draws only the latest frame of each image per pass."""
-    spawn_worker("--max-batch", "64")
-    api = start_api()
+    draws only the latest frame of each image per pass. Those frames are more than the
+    default stream byte budget allows (a 422 naming snapshot_every): the API and the
+    worker get a budget that holds them."""
+    spec = GenerationSpec(model="tiny", num_images=64, steps=100, snapshot_every=1)
+    budget = {"DDPM_STREAM_MAX_BYTES": str(spec.snapshot_frames
+                                           * spec.preview(16).frame_bytes(3))}
+    spawn_worker("--max-batch", "64", env=budget)
+    api = start_api(budget)
     _open_with_model(page, api.url, "tiny")
     _fill(page, steps="100", num_images="64", snapshot_every="1")
     heap_before = page.evaluate("() => performance.memory.usedJSHeapSize")
@@ -149,6 +155,41 @@ def test_many_images_and_frames_are_drawn_throttled(page: Any,
     page.evaluate("() => new Promise(r => setTimeout(r, 300))")
     heap_after = page.evaluate("() => performance.memory.usedJSHeapSize")
     assert heap_after - heap_before < 30 * 2**20, (heap_before, heap_after)
+
+
+def test_lossy_frames_smaller_than_the_image_fill_the_canvas(
+        page: Any, spawn_worker: Callable[..., Any], start_api: Callable[..., Any]) -> None:
+    """JPEG frames of 8 px (the request's snapshot_format and snapshot_size, added on the
+    way out) are decoded and drawn over the whole 16 px canvas, not into a corner."""
+    spawn_worker()
+    api = start_api()
+    _open_with_model(page, api.url, "tiny")
+
+    def small_jpeg_frames(route: Any) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        route.continue_(post_data=json.dumps({**body, "snapshot_format": "jpeg",
+                                              "snapshot_size": 8}))
+
+    page.route("**/v1/generations", small_jpeg_frames)
+    _fill(page, steps="1000", num_images="1", snapshot_every="5")
+    page.click("#generate")
+    page.wait_for_function("() => +document.querySelector('#frames canvas')?.dataset.step > 0",
+                           timeout=60_000)
+    drawn = page.evaluate("""() => {
+        const c = document.querySelector('#frames canvas');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let opaque = 0;
+        for (let i = 3; i < px.length; i += 4) opaque += px[i] === 255;
+        return {final: c.dataset.final === '1', side: c.width, opaque,
+                pixels: px.length / 4};
+    }""")
+    assert not drawn["final"] and drawn["side"] == 16, drawn
+    assert drawn["opaque"] == drawn["pixels"], drawn       # every pixel drawn from the frame
+    job_id = page.text_content("#job-id")
+    job = httpx.get(f"{api.url}/v1/generations/{job_id}").json()
+    assert (job["request"]["snapshot_format"], job["request"]["snapshot_size"]) == ("jpeg", 8)
+    page.click("#cancel")
+    page.wait_for_selector("#status[data-status=canceled]", timeout=30_000)
 
 
 def test_cancel_a_running_job(page: Any, spawn_worker: Callable[..., Any],

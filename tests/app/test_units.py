@@ -13,9 +13,18 @@ from PIL import Image
 from app.auth import OPEN, KeyAuth, hash_key, new_key
 from app.errors import ApiError, _field
 from app.media import animation_gif, grid_png
+from app.openai_compat import ImageGenerationRequest, Output, native_request
+from app.openai_wait import partial_event
 from app.routes.generations import _check_webhook
 from app.settings import ApiSettings
-from app.streams import StreamEvent, _with, check_event_id
+from app.streams import StreamEvent, _client_data, _entry, _with, check_event_id
+from worker.contract import (
+    MAX_IMAGES,
+    STREAM_MAX_BYTES,
+    Event,
+    EventType,
+    ModelInfo,
+)
 
 
 def test_settings_take_comma_lists_and_digests(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,3 +143,127 @@ def test_websocket_messages_wrap_the_data_as_is() -> None:
     for ev in (StreamEvent("done", '{"images":["/a"]}', "1-0"), StreamEvent("canceled")):
         assert json.loads(ev.as_message()) == {"id": ev.id, "event": ev.event,
                                                "data": json.loads(ev.data)}
+
+
+# -- snapshot frames in any format ---------------------------------------------------------
+
+
+def _encoded(fmt: str, size: int, value: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), value if mode == "L" else (value, value, value)).save(
+        buf, fmt.upper())
+    return buf.getvalue()
+
+
+def test_settings_hold_the_stream_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ApiSettings().stream_max_bytes == STREAM_MAX_BYTES
+    monkeypatch.setenv("DDPM_STREAM_MAX_BYTES", "65536")
+    assert ApiSettings().stream_max_bytes == 65536
+    monkeypatch.setenv("DDPM_STREAM_MAX_BYTES", "100")
+    with pytest.raises(ValueError):
+        ApiSettings()
+
+
+def test_snapshot_events_carry_the_frame_in_its_format() -> None:
+    """A snapshot reaches clients as base64 `image` beside its `format` and `size`; one an
+    older worker wrote (the frame under `png`, no format) reads as a PNG frame."""
+    import asyncio
+    import base64
+
+    jpeg = _encoded("jpeg", 8, 90)
+    new = Event(EventType.SNAPSHOT, {"index": 1, "step": 4, "kind": "xt", "format": "jpeg",
+                                     "size": 8}, image=jpeg).to_fields()
+    old = {"type": "snapshot", "data": '{"index":0,"step":2,"kind":"x0"}', "png": _png(5)}
+    for fields, want_format, want in ((new, "jpeg", jpeg), (old, "png", _png(5))):
+        raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
+        kind, data, image = _entry(raw)
+        assert kind == EventType.SNAPSHOT and image == want
+        doc = json.loads(asyncio.run(_client_data(None, "j", kind, data, image,  # type: ignore[arg-type]
+                                                  False)))
+        assert doc["format"] == want_format and "png" not in doc
+        assert base64.b64decode(doc["image"]) == want
+    assert json.loads(asyncio.run(_client_data(None, "j", EventType.SNAPSHOT,  # type: ignore[arg-type]
+                                               new["data"], jpeg, False)))["size"] == 8
+
+
+def test_animation_of_lossy_previews_smaller_than_the_images() -> None:
+    """JPEG and WebP frames of 128 px (a 256 px model's default previews) animate at the
+    frames' size: the final 256 px PNGs are shrunk into 128 px cells, not the frames
+    enlarged (nor the finals pasted over their neighbours)."""
+    snaps = [(5, 0, _encoded("jpeg", 128, 40)), (5, 1, _encoded("webp", 128, 60)),
+             (10, 0, _encoded("jpeg", 128, 80)), (10, 1, _encoded("webp", 128, 100))]
+    finals = [_png(200, "RGB", 256), _png(220, "RGB", 256)]
+    gif = Image.open(io.BytesIO(animation_gif(2, snaps, finals)))
+    assert gif.n_frames == 3 and gif.size == (2 * 130 + 2, 128 + 4)
+    shown = []
+    for i in range(3):
+        gif.seek(i)
+        im = gif.convert("RGB")
+        shown.append([im.getpixel((2 + 64, 66))[0], im.getpixel((132 + 64, 66))[0]])
+        assert im.getpixel((131, 66)) == (0, 0, 0)          # the padding between stays dark
+    for (a, b), want in zip(shown, ([40, 60], [80, 100], [200, 220]), strict=True):
+        assert abs(a - want[0]) <= 3 and abs(b - want[1]) <= 3, shown
+    # Frames that are not images are skipped; the rest still animates.
+    gif = Image.open(io.BytesIO(animation_gif(1, [(1, 0, b"junk"), (2, 0, snaps[0][2])],
+                                              [None])))
+    assert gif.n_frames == 1
+
+
+# -- the OpenAI routes' partial images ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("image_size", "channels"), [(8, 1), (28, 1), (64, 3), (65, 3),
+                                                      (256, 3), (1024, 3)])
+def test_openai_partial_images_fit_the_default_stream_budget(image_size: int,
+                                                             channels: int) -> None:
+    """No legal request of the OpenAI routes trips the default budget: at most 2 ×
+    partial_images frames per image at the default preview, whatever the steps."""
+    info = ModelInfo("m", image_size, channels, 1000)
+    worst = 0
+    for steps in range(1, 1001):
+        for partial in (1, 2, 3):
+            req = native_request(info, {"model": "m", "num_images": MAX_IMAGES,
+                                        "steps": steps}, partial)
+            worst = max(worst, req.snapshot_frames
+                        * req.preview(image_size).frame_bytes(channels))
+    assert 0 < worst <= STREAM_MAX_BYTES
+
+
+def test_openai_partial_images_over_a_small_budget_name_partial_images() -> None:
+    info = ModelInfo("m", 256, 3, 1000)
+    fields = {"model": "m", "num_images": 4, "steps": 20}
+    req = native_request(info, fields, 3)
+    need = req.snapshot_frames * req.preview(256).frame_bytes(3)
+    assert native_request(info, fields, 3, need).snapshot_every == req.snapshot_every
+    with pytest.raises(ApiError) as e:
+        native_request(info, fields, 3, need - 1)
+    assert e.value.status == 400 and e.value.field == "partial_images"
+    assert native_request(info, fields, 0, 1024).snapshot_every == 0     # no previews
+
+
+@pytest.mark.parametrize(("frame_format", "output_format", "magic"), [
+    ("jpeg", "png", b"\x89PNG"), ("png", "jpeg", b"\xff\xd8\xff"),
+    ("jpeg", "jpeg", b"\xff\xd8\xff"), ("webp", "webp", b"RIFF")])
+def test_a_partial_image_is_in_the_requested_output_format(
+        frame_format: str, output_format: str, magic: bytes) -> None:
+    """OpenAI's partial images come in the request's `output_format` (as its final images
+    do), whatever the frames' format; `size` is the frame's own."""
+    import asyncio
+    import base64
+
+    info = ModelInfo("m", 256, 3, 1000)
+    out = Output("image_generation", info, ImageGenerationRequest(output_format=output_format),
+                 "http://test/")
+    frame = _encoded(frame_format, 128, 120)
+    data = {"index": 0, "step": 5, "format": frame_format, "size": 128,
+            "image": base64.b64encode(frame).decode()}
+    text = asyncio.run(partial_event(out, data, partial_image_index=0, image_index=0)).decode()
+    event, payload = text.split("\n")[:2]
+    doc = json.loads(payload.removeprefix("data: "))
+    assert event == "event: image_generation.partial_image"
+    assert doc["output_format"] == output_format and doc["size"] == "128x128"
+    got = base64.b64decode(doc["b64_json"])
+    assert got.startswith(magic) and Image.open(io.BytesIO(got)).size == (128, 128)
+    if frame_format == output_format:
+        assert got == frame                                  # passed on as it is
+

@@ -6,6 +6,7 @@ resumes them with `Last-Event-ID` and neither misses nor repeats an event."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import io
@@ -83,6 +84,11 @@ def stream_entries(r: redis.Redis, job_id: str) -> list[tuple[str, str, dict]]:
     return out
 
 
+def frame(fields: dict) -> bytes:
+    """A snapshot entry's encoded frame (`png`: written before frame formats)."""
+    return bytes(fields.get("image", fields.get("png")))
+
+
 # -- submit, wait, download --------------------------------------------------------------
 
 
@@ -134,7 +140,72 @@ def test_async_client(stack: Stack) -> None:
     # Snapshots every 2 of 6 steps, for each of the 2 images, frames in step order.
     assert [(f.index, f.step) for f in frames if f.index == 0] == [(0, 2), (0, 4)]
     assert len(frames) == 4 and all(f.pil().size == (SIZE, SIZE) for f in frames)
-    assert [f.png for f in frames] == [f["png"] for _, t, f in truth if t == "snapshot"]
+    assert [f.image for f in frames] == [frame(f) for _, t, f in truth if t == "snapshot"]
+    assert all(f.format == "png" and f.png == f.image for f in frames)   # a 16-pixel model
+
+
+def _encoded(fmt: str, size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 40, 90)).save(buf, fmt.upper())
+    return buf.getvalue()
+
+
+def _snapshot(data: dict) -> dc.Event:
+    return dc.Event.parse("snapshot", data, "1-0")
+
+
+def test_frames_of_every_format_and_of_older_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No server: a snapshot's frame is `image` in its `format`, `png` converts a lossy one
+    (Pillow) and is the frame itself when it is a PNG; an older server's `png` frames
+    still read; without Pillow the conversion says what to do."""
+    from ddpm_client._core import frame_of
+
+    jpeg, png = _encoded("jpeg"), _encoded("png")
+    ev = _snapshot({"index": 1, "step": 4, "kind": "xt", "format": "jpeg", "size": 8,
+                    "dropped": 2, "image": base64.b64encode(jpeg).decode()})
+    assert ev.image == jpeg and ev.format == "jpeg" and ev.png is None
+    f = frame_of(ev)
+    assert f is not None and (f.index, f.step, f.kind) == (1, 4, "xt")
+    assert (f.image, f.format, f.size, f.dropped, f.event_id) == (jpeg, "jpeg", 8, 2, "1-0")
+    assert f.png.startswith(PNG_MAGIC) and f.pil().size == (8, 8) and f.pil().format == "JPEG"
+    assert Image.open(io.BytesIO(f.png)).size == (8, 8)
+    for data in ({"index": 0, "step": 2, "format": "png", "size": 8,
+                  "image": base64.b64encode(png).decode()},
+                 {"index": 0, "step": 2, "png": base64.b64encode(png).decode()}):   # older
+        ev = _snapshot(data)
+        assert ev.image == ev.png == png and ev.format == "png"
+        f = frame_of(ev)
+        assert f is not None and f.format == "png" and f.png == f.image == png
+    inline = dc.Event.parse("image", {"index": 0, "url": "/u",
+                                      "png": base64.b64encode(png).decode()}, "2-0")
+    assert inline.png == png and frame_of(inline) is None
+    lossy = frame_of(_snapshot({"format": "webp", "image": base64.b64encode(
+        _encoded("webp")).decode()}))
+    assert lossy is not None
+    monkeypatch.setitem(sys.modules, "PIL", None)          # Pillow not installed
+    with pytest.raises(ImportError, match="Pillow"):
+        _ = lossy.png
+
+
+def test_lossy_frames_reach_the_client_and_ddpm_generate(client: dc.Client, stack: Stack,
+                                                          tmp_path: Path) -> None:
+    job = client.submit(model="tiny", num_images=2, steps=6, snapshot_every=2, seed=3,
+                        snapshot_format="webp", snapshot_size=8)
+    frames = list(client.frames(job.id, timeout=T))
+    assert sorted((f.index, f.step) for f in frames) == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    for f in frames:
+        assert f.format == "webp" and f.size == 8 and f.image.startswith(b"RIFF")
+        assert f.pil().size == (8, 8) and f.png.startswith(PNG_MAGIC)
+    out = tmp_path / "out"
+    run = ddpm("generate", "--server", stack.url, "--model", "tiny", "--num-images", "2",
+               "--steps", "6", "--seed", "9", "--out", str(out), "--stream",
+               "--snapshot-every", "3", "--snapshot-format", "jpeg", "--snapshot-size", "8")
+    assert run.returncode == 0, run.stderr
+    written = sorted((out / "frames").iterdir())
+    assert [p.name for p in written] == ["0000-0003.jpg", "0001-0003.jpg"]
+    assert all(Image.open(p).format == "JPEG" and Image.open(p).size == (8, 8)
+               for p in written)
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000.png", "0001.png"]
 
 
 def test_cancel(client: dc.Client) -> None:
@@ -315,8 +386,8 @@ def test_a_dropped_stream_resumes_without_gap_or_duplicate(client: dc.Client, st
     assert truth[-1][1] == "done" and len(truth) > 10
     assert [e.id for e in got] == [i for i, _, _ in truth]        # no gap, no duplicate
     assert [str(e.type) for e in got] == [t for _, t, _ in truth]
-    assert [e.png for e in got if e.type == "snapshot"] == \
-        [f["png"] for _, t, f in truth if t == "snapshot"]
+    assert [e.image for e in got if e.type == "snapshot"] == \
+        [frame(f) for _, t, f in truth if t == "snapshot"]
     assert [e.data for e in got if e.type in ("started", "progress")] == \
         [json.loads(f["data"]) for _, t, f in truth if t in ("started", "progress")]
     # Each resume asked for what came after the last whole event it had.

@@ -1,7 +1,8 @@
 """The worker's CUDA-only paths on a real GPU: bf16 autocast and channels-last give the
 fp32 images within a stated tolerance (imagediff.py), a real CUDA out-of-memory error makes
 the engine halve its forward chunk and keep the images (and raises at one row), the worker
-counts it, and its GPU-memory gauge reports the device's memory.
+counts it, its GPU-memory gauge reports the device's memory, and snapshot previews
+downscaled on the GPU match the CPU's.
 
 All of these skip without CUDA (conftest.py); `make gpu-check` runs them. Only public API:
 `worker.engine` (Engine, Forward, LoadedModel), `models.sample`, `worker.main.build_worker`
@@ -34,7 +35,7 @@ from imagediff import (
 from models import SlotSpec, UNet, preset, sample, sampler_kind, save_checkpoint, to_uint8
 from worker.client import enqueue, fetch_job
 from worker.contract import MAX_IMAGES, GenerationSpec
-from worker.engine import Engine, Forward, LoadedModel
+from worker.engine import Engine, Forward, LoadedModel, frame_pixels
 
 pytestmark = pytest.mark.cuda
 
@@ -123,6 +124,19 @@ def test_cuda_fp32_matches_cpu(exact_fp32: None) -> None:
     ref = stacked(final_images(Engine({"mnist": cpu}, device="cpu", max_batch=16), specs))
     got = stacked(final_images(engine(gpu, 16, bf16=False, channels_last=False), specs))
     assert_within(got, ref, FP32, "CUDA fp32 vs CPU fp32")
+
+
+def test_previews_downscaled_on_the_gpu_match_the_cpu() -> None:
+    """Snapshot previews are made on the device (area downscale, then uint8 to the host):
+    the same pixels, within one 8-bit level, as on the CPU, at every preview size."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 256, 256) * 2 - 1
+    sizes = [128, 256, 64, 128, 37, 256]
+    cpu = frame_pixels(x, sizes)
+    gpu = frame_pixels(x.to(CUDA), sizes)
+    for a, b, side in zip(cpu, gpu, sizes, strict=True):
+        assert b.device.type == "cpu" and tuple(b.shape) == (side, side, 3)
+        assert int((a.int() - b.int()).abs().max()) <= 1
 
 
 # -- a real CUDA out-of-memory error ---------------------------------------------------------

@@ -47,11 +47,14 @@ from worker.contract import (
     MAX_CLASS_LABEL,
     MAX_GUIDANCE,
     MAX_IMAGES,
+    MAX_PREVIEW_SIDE,
     MAX_SEED,
     MAX_SNAPSHOT_EVERY,
     MAX_STEPS,
+    MIN_SNAPSHOT_SIZE,
     MODEL_NAME_PATTERN,
     SERIALIZER,
+    SNAPSHOT_FORMATS,
     EventType,
     GenerationSpec,
     events_key,
@@ -110,6 +113,9 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "seed": st.one_of(_near(0, 10), st.integers(MAX_SEED - 2, MAX_SEED + 2)),
     "snapshot_every": _near(0, MAX_SNAPSHOT_EVERY),
     "snapshot_kind": st.sampled_from(["x0", "xt", "eps"]),
+    "snapshot_size": _near(MIN_SNAPSHOT_SIZE, MAX_PREVIEW_SIDE),
+    "snapshot_format": st.sampled_from([*SNAPSHOT_FORMATS, "gif", "PNG", "jpg"]),
+    "snapshot_quality": _near(1, 100),
     "class_label": st.one_of(st.none(), _near(0, 12), st.just(MAX_CLASS_LABEL + 1)),
     "guidance_scale": st.floats(min_value=-1.0, max_value=MAX_GUIDANCE + 1),
     "priority": st.sampled_from(["high", "normal", "low", "urgent"]),
@@ -124,6 +130,8 @@ def _consistent(body: dict[str, Any]) -> dict[str, Any]:
         body.pop("eta", None)
     if body.get("class_label") is None:
         body.pop("guidance_scale", None)
+    if body.get("snapshot_format") == "png":
+        body.pop("snapshot_quality", None)
     return body
 
 
@@ -132,6 +140,8 @@ VALID = st.fixed_dictionaries({"model": st.sampled_from(["tiny", "tinycond"])}, 
     "sampler": st.sampled_from(["ddpm", "ddim", "dpm++2m"]), "eta": st.floats(0, 1),
     "seed": st.integers(0, MAX_SEED), "snapshot_every": st.integers(0, MAX_SNAPSHOT_EVERY),
     "snapshot_kind": st.sampled_from(["x0", "xt"]),
+    "snapshot_size": st.integers(MIN_SNAPSHOT_SIZE, 16),
+    "snapshot_format": st.sampled_from(SNAPSHOT_FORMATS), "snapshot_quality": st.integers(1, 100),
     "class_label": st.integers(0, MAX_CLASS_LABEL),
     "guidance_scale": st.floats(0, MAX_GUIDANCE),
     "priority": st.sampled_from(["high", "normal", "low"])}).map(_consistent)
@@ -161,6 +171,10 @@ def _check_accepted(req: GenerationRequest) -> None:
     assert s.guidance_scale == 1.0 or s.class_label is not None
     assert s.class_label is None or 0 <= s.class_label <= MAX_CLASS_LABEL
     assert req.webhook is None or re.match(r"^https?://", req.webhook)
+    assert s.snapshot_size is None or MIN_SNAPSHOT_SIZE <= s.snapshot_size <= MAX_PREVIEW_SIDE
+    assert s.snapshot_format in (None, *SNAPSHOT_FORMATS)
+    assert s.snapshot_quality is None or (1 <= s.snapshot_quality <= 100
+                                          and s.snapshot_format != "png")
     for v in (s.num_images, s.steps, s.seed, s.snapshot_every):
         assert type(v) is int
     # The worker reads the kwargs back from RQ's JSON payload: strict JSON, no NaN.

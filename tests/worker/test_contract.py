@@ -206,7 +206,10 @@ PNG = b"\x89PNG\r\n\x1a\n\x00\xff binary"
     [
         Event(EventType.STARTED, {"worker": "w1", "queue_wait_s": 0.25}),
         Event(EventType.PROGRESS, {"steps_done": 3, "total_steps": 50}),
-        Event(EventType.SNAPSHOT, {"index": 2, "step": 10}, png=PNG),
+        Event(EventType.SNAPSHOT, {"index": 2, "step": 10, "format": "png", "size": 16},
+              image=PNG),
+        Event(EventType.SNAPSHOT, {"index": 0, "step": 3, "format": "jpeg", "size": 8},
+              image=b"\xff\xd8\xff\xe0 jpeg"),
         Event(EventType.DONE),
         Event(EventType.ERROR, {"message": "naïve ünïcode"}),
     ],
@@ -214,16 +217,23 @@ PNG = b"\x89PNG\r\n\x1a\n\x00\xff binary"
 def test_event_round_trip(event: Event) -> None:
     fields = event.to_fields()
     assert fields["type"] == str(event.type)
-    assert ("png" in fields) == (event.png is not None)
+    assert ("image" in fields) == (event.image is not None) and "png" not in fields
     assert Event.from_fields(fields) == event           # as written (str keys)
     # As redis-py returns it without decode_responses: bytes keys and values.
     raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
     back = Event.from_fields(raw)
     assert back == event
     assert back.type is event.type
-    if event.png is not None:
-        assert isinstance(back.png, bytes)
-        assert back.png == PNG
+    if event.image is not None:
+        assert isinstance(back.image, bytes)
+        assert back.image == event.image
+
+
+def test_a_snapshot_written_before_frame_formats_is_read() -> None:
+    """Entries an older worker wrote (the frame under "png") still read as frames."""
+    raw = {b"type": b"snapshot", b"data": b'{"index":1,"step":4}', b"png": PNG}
+    assert Event.from_fields(raw) == Event(EventType.SNAPSHOT, {"index": 1, "step": 4},
+                                           image=PNG)
 
 
 def test_event_without_data_field() -> None:
@@ -295,3 +305,26 @@ def test_the_contract_counts_the_steps_the_sampler_takes() -> None:
         for k in range(1, 1001):
             s = k / 1000
             assert start_timestep(s, T) == models_start(s, T), (s, T)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_frame_bytes_bounds_real_frames_of_noise(fmt: str, channels: int) -> None:
+    """The budget's estimate of a frame is an upper bound on what Pillow makes of noise,
+    the costliest content (x_t frames are mostly noise), at every size and quality."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from worker.contract import Preview
+
+    rng = np.random.default_rng(0)
+    for size in (8, 28, 64, 128):
+        for quality in (0,) if fmt == "png" else (1, 10, 50, 75, 90, 100):
+            shape = (size, size, 3) if channels == 3 else (size, size)
+            im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+            buf = io.BytesIO()
+            im.save(buf, format=fmt.upper(), **({"quality": quality} if quality else {}))
+            estimate = Preview(size, fmt, quality).frame_bytes(channels)  # type: ignore[arg-type]
+            assert len(buf.getvalue()) <= estimate, (size, quality)
