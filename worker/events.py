@@ -318,8 +318,9 @@ class EventWriter:
         if kind == "event":
             job_id, event = op
             self._xadd(p, job_id, event, streams)
-            if event.type in TERMINAL_EVENTS and job_id in self._framed:
-                schedule_expiry(p, job_id, time.time() + self.snapshot_ttl)
+            if event.type in TERMINAL_EVENTS and job_id in self._framed \
+                    and self.snapshot_ttl < self.ttl:     # else they go with the stream
+                schedule_expiry(p, job_id, self.snapshot_ttl)
         elif kind == "frame":
             fw: _FrameWrite = op
             if fw.dropped:

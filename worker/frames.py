@@ -15,6 +15,7 @@ are scored in `FRAMES_EXPIRING`; a worker's maintenance pass deletes their frame
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import numpy as np
@@ -99,9 +100,15 @@ def frame_command(pipe: Any, job_id: str, fields: dict[str, str | bytes], *, bud
     pipe.execute_command(*args)
 
 
-def schedule_expiry(pipe: Any, job_id: str, at: float) -> None:
-    """Queue the writes that have the job's frames deleted at `at` (epoch seconds)."""
-    pipe.zadd(FRAMES_EXPIRING, {job_id: at})
+EXPIRING_SLACK = 600            # FRAMES_EXPIRING outlives its newest entry by this (s)
+
+
+def schedule_expiry(pipe: Any, job_id: str, delay: int) -> None:
+    """Queue the writes that have the job's frames deleted `delay` seconds from now. The
+    index itself expires soon after its newest entry is due (every entry has the same
+    delay), so an idle service keeps no key without a TTL."""
+    pipe.zadd(FRAMES_EXPIRING, {job_id: time.time() + delay})
+    pipe.expire(FRAMES_EXPIRING, delay + EXPIRING_SLACK)
 
 
 class FrameExpiry:

@@ -37,7 +37,8 @@ class WorkerSettings(BaseSettings):
     stream_maxlen: Annotated[int, Field(ge=10)] = STREAM_MAXLEN
     # Bytes of snapshot frames a job's stream keeps (oldest dropped first; the API's
     # setting of the same name refuses requests that would need more), and how long after a
-    # job ends its frames are kept (its results stay `result_ttl`).
+    # job ends its frames are kept (its results stay `result_ttl`; a snapshot_ttl of
+    # result_ttl or more leaves the frames to expire with the stream).
     stream_max_bytes: Annotated[int, Field(ge=1024)] = STREAM_MAX_BYTES
     snapshot_ttl: Annotated[int, Field(ge=1)] = 3600
     # The writer (worker/events.py): bytes of frames and events on their way to Redis before

@@ -236,7 +236,8 @@ def test_clients_leaving_mid_stream_leave_nothing_behind(
 def test_a_client_that_never_reads_costs_bounded_memory_and_blocks_no_one(
         api: Any, client: httpx.Client, record: Callable[..., None], advertised: Any) -> None:
     # Many large frames: 16 images × a frame each step, far more than the socket buffers.
-    job = queued_job(client, num_images=16, steps=300, sampler="ddim", snapshot_every=1)
+    # (250 steps: 3984 frames fit the default stream byte budget, DDPM_STREAM_MAX_BYTES.)
+    job = queued_job(client, num_images=16, steps=250, sampler="ddim", snapshot_every=1)
     rss0 = rss_mb(api.proc.pid)
     s, status, _ = open_stream(api.port, job, rcvbuf=4096)
     assert status == 200

@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
+from test_redis_faults import read_sse
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
@@ -150,20 +151,6 @@ def test_a_full_redis_answers_503_saying_so(small_redis: RedisServer,
 
 
 # -- a live service ----------------------------------------------------------------------
-
-
-def read_sse(resp: httpx.Response) -> Iterator[dict[str, Any]]:
-    """Events of an SSE response as dicts {event, id, data}, until the server closes it."""
-    cur: dict[str, str] = {}
-    for line in resp.iter_lines():
-        if not line:
-            if cur:
-                yield {"event": cur.get("event"), "id": cur.get("id"),
-                       "data": json.loads(cur.get("data", "null"))}
-                cur = {}
-        elif not line.startswith(":"):
-            key, _, value = line.partition(":")
-            cur[key] = value.removeprefix(" ")
 
 
 def test_a_full_redis_gives_503s_and_loses_nothing(

@@ -144,6 +144,7 @@ def test_frames_expire_after_the_job_ends_results_stay(r: redis.Redis) -> None:
     w.close()
     due = r.zscore(FRAMES_EXPIRING, job)
     assert due is not None and 0 < due - time.time() <= 5
+    assert 0 < r.ttl(FRAMES_EXPIRING) <= 5 + 600, "the index goes when its entries are due"
     expire = FrameExpiry(r)
     assert expire(time.time()) == 0, "not due yet"
     assert any(e.type == EventType.SNAPSHOT for _, e in entries(r, job))
@@ -154,6 +155,17 @@ def test_frames_expire_after_the_job_ends_results_stay(r: redis.Redis) -> None:
     assert r.get(image_key(job, 0)) is not None and r.ttl(events_key(job)) > 500
     assert not r.exists(frames_key(job), frames_key(job) + ":bytes")
     assert r.zscore(FRAMES_EXPIRING, job) is None
+    assert r.ttl(FRAMES_EXPIRING) > 0 or not r.exists(FRAMES_EXPIRING)
+
+
+def test_frames_that_would_outlive_their_stream_are_not_scheduled(r: redis.Redis) -> None:
+    """snapshot_ttl ≥ the results' TTL: the frames go with the stream; no index is kept."""
+    w = EventWriter(r, ttl=60, maxlen=100, snapshot_ttl=3600)
+    w.send(step_batch("j8", 1, 1, 2))
+    assert w.wait(w.event("j8", Event(EventType.DONE, {})), timeout=30)
+    w.close()
+    assert not r.exists(FRAMES_EXPIRING)
+    assert r.ttl(frames_key("j8")) > 0 and r.ttl(frames_key("j8") + ":bytes") > 0
 
 
 def test_preview_formats_are_encoded_as_asked_and_finals_stay_png(r: redis.Redis) -> None:
