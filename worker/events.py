@@ -303,9 +303,10 @@ class EventWriter:
                     for batch in batches:
                         for job_id in batch.jobs:
                             self._errors.setdefault(job_id, e)
+            else:
+                if delay != FULL_RETRY[0]:
+                    log.warning("Redis has room again: writes resumed")
             break
-        if delay != FULL_RETRY[0]:
-            log.warning("Redis has room again: writes resumed")
         self._framed -= {job_id for b in batches for kind, op in b.ops if kind == "event"
                          for job_id, event in [op] if event.type in TERMINAL_EVENTS}
         with self._written_cond:
