@@ -464,7 +464,7 @@ def native_request(info: ModelInfo, fields: dict[str, Any], partial_images: int,
     try:
         req.check_stream_budget(info, stream_max_bytes)
     except SpecError:               # the snapshots are the partial images'
-        need = req.snapshot_frames * req.preview(info.image_size).frame_bytes(info.in_channels)
+        need = req.snapshot_bytes(info)
         raise ApiError(400, "invalid_request", f"partial_images: {partial_images} per image "
                        f"for {req.num_images} images make {req.snapshot_frames} previews of "
                        f"about {need / 2**20:.1f} MiB in all, over the "

@@ -264,15 +264,20 @@ class GenerationSpec(BaseModel):
         return Preview(size=min(self.snapshot_size or d.size, image_size), format=fmt,
                        quality=quality)
 
-    def check_stream_budget(self, info: ModelInfo, budget: int) -> None:
-        """SpecError if this job's snapshot frames alone would exceed `budget` bytes (a job
-        stream's byte budget), estimated at their size and format (`Preview.frame_bytes`)."""
+    def snapshot_bytes(self, info: ModelInfo) -> int:
+        """The bytes of this job's snapshot frames on a model like `info`, estimated at their
+        size and format (`Preview.frame_bytes`: an upper estimate)."""
         frames = self.snapshot_frames
         if not frames:
-            return
-        p = self.preview(info.image_size)
-        need = frames * p.frame_bytes(info.in_channels)
+            return 0
+        return frames * self.preview(info.image_size).frame_bytes(info.in_channels)
+
+    def check_stream_budget(self, info: ModelInfo, budget: int) -> None:
+        """SpecError if this job's snapshot frames alone would exceed `budget` bytes (a job
+        stream's byte budget), as `snapshot_bytes` estimates them."""
+        need = self.snapshot_bytes(info)
         if need > budget:
+            frames, p = self.snapshot_frames, self.preview(info.image_size)
             raise SpecError("snapshot_every", (
                 f"{frames} snapshot frames of {p.size}x{p.size} {p.format} need about "
                 f"{need / 2**20:.1f} MiB, over the {budget / 2**20:.1f} MiB a job's event "

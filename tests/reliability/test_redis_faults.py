@@ -91,7 +91,8 @@ def test_queued_jobs_survive_a_redis_restart(aof_redis: RedisServer, r: redis.Re
 
 
 def test_a_job_taken_as_redis_goes_is_put_back(aof_redis: RedisServer, r: redis.Redis,
-                                               models_dir: Path) -> None:
+                                               models_dir: Path,
+                                               burst: Callable[[Any], bool]) -> None:
     """The instant between popping a job and marking it started: the job is then in no
     queue and no registry, so only the worker that holds it can keep it from being lost."""
     w = build_worker(WorkerSettings(redis_url=aof_redis.url, models_dir=models_dir,
@@ -104,12 +105,7 @@ def test_a_job_taken_as_redis_goes_is_put_back(aof_redis: RedisServer, r: redis.
     with pytest.raises(RedisError):
         w._start([taken])                    # what _admit does next, with Redis gone
     aof_redis.start()
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        w.work(burst=True)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    burst(w)
     assert [fetch_job(r, j.id).get_status() for j in (first, second)] == \
         [JobStatus.FINISHED] * 2
     assert fetch_job(r, first.id).started_at < fetch_job(r, second.id).started_at, \

@@ -9,7 +9,7 @@ cancel that lands in between; so does writing unguarded. In-process worker, real
 
 from __future__ import annotations
 
-import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +88,13 @@ def test_a_job_deleted_between_take_and_start_is_not_recreated(
         w.rq.release(s.job, s.execution)
 
 
-def test_a_plain_rq_worker_fails_a_generation_job_and_says_why(r: redis.Redis) -> None:
+def test_a_plain_rq_worker_fails_a_generation_job_and_says_why(
+        r: redis.Redis, burst: Callable[[Any], bool]) -> None:
     """`rq worker` on our queues would run `worker.tasks.generate` itself, one request at a
     time behind the batching workers' backs: it must fail the job with the reason."""
     job = enqueue(r, GenerationSpec(model="tiny", steps=2), retries=0)
     plain = SimpleWorker([_queue(r)], connection=r, serializer=SERIALIZER)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        plain.work(burst=True)
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
+    burst(plain)
     job = fetch_job(r, job.id)
     assert job.get_status() == JobStatus.FAILED
     result = job.latest_result()
