@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -188,47 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`ddpm generate`: a running server does the work (the ddpm_client package). Values are
-    checked by the server, so a bad one is its 422 in one line and the limits are its own."""
-    g = sub.add_parser(
-        "generate", help="generate on a running server (ddpm serve / ddpm api) into PNG files",
-        description="Submits to the server's native API with the ddpm_client package "
-                    "(pip install ./client), shows the progress from its events and downloads "
-                    "the images into --out as 0000.png, 0001.png…, with generation.json.")
-    g.add_argument("--server", required=True, help="the API's base URL, e.g. "
-                   "http://127.0.0.1:8000")
-    g.add_argument("--api-key", default=None,
-                   help="the server's API key (default: $DDPM_API_KEY, if set)")
-    g.add_argument("--model", help="served model (default: the only one served)")
-    g.add_argument("--num-images", type=int)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--sampler", help=f"{', '.join(_samplers())} (default dpm++2m)")
-    g.add_argument("--seed", type=int, help="default: random, written to generation.json")
-    g.add_argument("--class-label", type=int, help="class of conditional models")
-    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance (needs a "
-                   "class label)")
-    g.add_argument("--init-image", type=Path, help="input image (img2img; inpainting with "
-                   "--mask; interpolation with --interpolate-to)")
-    g.add_argument("--mask", type=Path, help="white (>= 128) or transparent: the region to "
-                   "generate")
-    g.add_argument("--interpolate-to", type=Path, help="second image of an interpolation "
-                   "(--num-images frames)")
-    g.add_argument("--strength", type=float, help="(0, 1]: how far into the noise the input "
-                   "image goes")
-    g.add_argument("--out", type=Path, default=Path("out"), help="output directory (out)")
-    g.add_argument("--stream", action="store_true", help="also write the denoising frames "
-                   "as they arrive, into OUT/frames/ (IMAGE-STEP.png, .webp or .jpg: as "
-                   "the server encodes them)")
-    g.add_argument("--snapshot-every", type=int, default=5,
-                   help="with --stream: a frame every N steps (5)")
-    g.add_argument("--snapshot-size", type=int, help="with --stream: frames this many pixels "
-                   "a side (default: the image size up to 64, else 128)")
-    g.add_argument("--snapshot-format", choices=("png", "webp", "jpeg"),
-                   help="with --stream: the frames' format (default: png up to 64 pixels, "
-                   "else jpeg)")
-    g.add_argument("--snapshot-quality", type=int, help="with --stream: quality 1-100 of "
-                   "webp and jpeg frames (75)")
-    g.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    """`ddpm generate`: a running server does the work. The command is the ddpm-client
+    package's (`ddpm-client generate`, its one implementation): its flags, then its
+    `run_generate`. Without that package (the API image) the parser still builds, and the
+    command says what to install."""
+    help_ = "generate on a running server (ddpm serve / ddpm api) into PNG files"
+    try:
+        from ddpm_client.cli import DESCRIPTION, add_generate_arguments
+    except ImportError:
+        # '+' prefixes: every argument, flags included, is taken and left unread.
+        g = sub.add_parser("generate", help=help_, prefix_chars="+", add_help=False)
+        g.add_argument("args", nargs=argparse.REMAINDER)
+        return
+    add_generate_arguments(sub.add_parser("generate", help=help_, description=DESCRIPTION),
+                           samplers=_samplers())
 
 
 def _listen_flags(p: argparse.ArgumentParser) -> None:
@@ -434,71 +406,13 @@ def _api_key(_: argparse.Namespace) -> int:
     return 0
 
 
-# File extensions of the snapshot frame formats (`ddpm generate --stream`).
-FRAME_EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
-
-
-def _frame_extension(fmt: str) -> str:
-    """A frame file's extension; a format this CLI does not know is its own (or `bin`
-    when it is not a plain word: it becomes part of a file name)."""
-    return FRAME_EXTENSIONS.get(fmt, fmt if fmt.isascii() and fmt.isalnum() else "bin")
-
-
 def _generate(args: argparse.Namespace) -> int:
-    """Submit, follow the events (progress on stderr, frames with --stream), download.
-    Every failure is one line and exit 2 (main prints ValueErrors); Ctrl-C cancels the
-    job."""
-    import os
-
+    """ddpm-client's `generate` (failures are its one-line ValueErrors, printed by main)."""
     try:
-        import ddpm_client as dc
+        from ddpm_client.cli import run_generate
     except ImportError:
         raise ValueError("needs the ddpm-client package: pip install ./client") from None
-    from tqdm import tqdm
-
-    fields = {k: getattr(args, k) for k in (
-        "model", "num_images", "steps", "sampler", "seed", "class_label", "guidance_scale",
-        "init_image", "mask", "interpolate_to", "strength")}
-    if args.stream:
-        fields["snapshot_every"] = args.snapshot_every
-        for k in ("snapshot_size", "snapshot_format", "snapshot_quality"):
-            if getattr(args, k) is not None:
-                fields[k] = getattr(args, k)
-    key = args.api_key or os.environ.get("DDPM_API_KEY") or None
-    job = None
-    try:
-        with dc.Client(args.server, api_key=key) as client:
-            try:
-                job = client.submit(**fields)
-                print(f"{job.id}: {job.model}, {job.num_images} image(s), seed {job.seed}",
-                      file=sys.stderr)
-                frames = args.out / "frames"
-                with tqdm(total=job.progress.total_steps or None, unit="step",
-                          desc=job.status, file=sys.stderr) as bar:
-                    for ev in client.events(job.id, timeout=args.timeout):
-                        if ev.type == dc.EventType.PROGRESS:
-                            bar.set_description("running")
-                            bar.update(int(ev.data.get("steps_done", 0)) - bar.n)
-                        elif ev.type == dc.EventType.SNAPSHOT and ev.image is not None:
-                            frames.mkdir(parents=True, exist_ok=True)
-                            ext = _frame_extension(ev.format or "png")
-                            (frames / f"{ev.index or 0:04d}-{ev.step or 0:04d}.{ext}"
-                             ).write_bytes(ev.image)
-                        elif ev.terminal:
-                            bar.set_description(str(ev.type))
-                done = client.wait(job.id)
-                result = client.result(done.id)
-            except (KeyboardInterrupt, dc.WaitTimeout):   # nobody will take the images
-                if job is not None:
-                    with contextlib.suppress(dc.ClientError):
-                        client.cancel(job.id)
-                raise
-    except (dc.ClientError, OSError) as e:
-        raise ValueError(" ".join(str(e).split())) from None    # one line
-    paths = result.save(args.out)
-    (args.out / "generation.json").write_text(json.dumps(done.raw, indent=2) + "\n")
-    print(f"wrote {len(paths)} images to {args.out}")
-    return 0
+    return run_generate(args)
 
 
 _COMMANDS = {"train": _train, "eval": _eval, "train-classifier": _train_classifier,

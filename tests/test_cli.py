@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -181,3 +182,38 @@ def test_worker_with_bad_settings_names_them(checkpoint: Path, tmp_path: Path) -
         assert wrong.returncode == 2 and "nope" in wrong.stderr
     bad = ddpm("worker", "--max-batch", "0")
     assert bad.returncode == 2 and "max-batch" in bad.stderr
+
+
+# -- ddpm generate: the ddpm-client package's command --------------------------------------
+
+
+def _generate_options(parser: argparse.ArgumentParser) -> dict[str, tuple[object, ...]]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.option_strings[-1]: (a.dest, a.type, a.default, a.choices, a.required, a.nargs)
+            for a in sub.choices["generate"]._actions if a.option_strings}
+
+
+def test_ddpm_generate_has_the_client_commands_flags() -> None:
+    """One command, two names: `ddpm generate` is `ddpm-client generate` (its flags, their
+    types and defaults), so a laptop with the client alone runs what the README shows."""
+    from ddpm_client.cli import build_parser as client_parser
+
+    from ddpm.cli import build_parser
+
+    ours, theirs = _generate_options(build_parser()), _generate_options(client_parser())
+    assert "--server" in ours and "--stream" in ours
+    assert ours == theirs
+
+
+def test_ddpm_generate_without_the_client_package_says_what_to_install(tmp_path: Path) -> None:
+    """The API image has no ddpm-client: every other command's parser still builds, and
+    `ddpm generate` says what is missing in one line."""
+    code = ("import sys; sys.modules['ddpm_client'] = None; from ddpm.cli import build_parser, "
+            "main; assert build_parser().parse_args(['api']).command == 'api'; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "generate", "--server",
+                        "http://127.0.0.1:9", "--steps", "3", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "ddpm generate: needs the ddpm-client package: pip install ./client"
+    assert not (tmp_path / "o").exists()

@@ -1,5 +1,5 @@
 """`ddpm_client` against a live stack: its own Redis, a `ddpm worker` serving the tiny test
-models and a `ddpm api` process, started once for the module; the client talks real HTTP,
+models and a `ddpm api` process (`stack`, conftest.py); the client talks real HTTP,
 sync and async. Event streams are cut mid-event by a TCP proxy to check that the client
 resumes them with `Last-Event-ID` and neither misses nor repeats an event."""
 
@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import ddpm_client as dc
@@ -26,8 +25,9 @@ import pytest
 import redis
 from PIL import Image
 
-from ddpm.redis_server import RedisServer, free_port
-from tests.conftest import ApiProcess, WorkerProcess
+from ddpm.redis_server import free_port
+from tests.client.conftest import Stack
+from tests.conftest import ApiProcess
 from worker.contract import events_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,34 +35,6 @@ SIZE = 16                    # the `tiny` models: 16×16 RGB
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KEY = "client-test-key"
 T = 30      # every wait and stream is bounded: a client bug fails a test, never hangs it
-
-
-@dataclass
-class Stack:
-    url: str
-    redis: redis.Redis
-    redis_url: str
-    tmp: Path
-
-
-@pytest.fixture(scope="module")
-def stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("client-stack")
-    with RedisServer() as srv:
-        worker = WorkerProcess(srv.url, models_dir, tmp / "worker.log")
-        api = ApiProcess(srv.url, tmp / "api.log")
-        try:
-            with dc.Client(api.url) as c:        # ready: the worker advertises its models
-                for _ in range(600):
-                    if {m.name for m in c.models()} >= {"tiny", "tinycond"}:
-                        break
-                    threading.Event().wait(0.1)
-                else:
-                    pytest.fail(f"no worker advertised:\n{worker.log()[-3000:]}")
-            yield Stack(api.url, redis.Redis.from_url(srv.url), srv.url, tmp)
-        finally:
-            api.stop()
-            worker.stop()
 
 
 @pytest.fixture
