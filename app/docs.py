@@ -6,8 +6,10 @@ fastapi.tiangolo.com: without internet (an air-gapped deployment, a server behin
 egress proxy) they are a white page. Here the pages are FastAPI's self-hosting recipe
 (`get_swagger_ui_html`, `get_redoc_html`) pointed at the files that the `fastapi-offline`
 wheel ships (Swagger UI 5, Apache-2.0; ReDoc 2, MIT; packaged under MIT), served from
-`/docs-assets/`. A Content-Security-Policy holds the pages to this server: ReDoc's sidebar
-links to an image on cdn.redoc.ly, which the browser is told not to fetch.
+`/docs-assets/`. A Content-Security-Policy holds the pages to this server. ReDoc's sidebar
+always shows its logo from cdn.redoc.ly (no option turns it off): the script is served with
+that address replaced by an inline image, so the page asks no other host for anything and
+the browser logs no refused load.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from functools import cache
 from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, swagger_ui_default_parameters
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.requests import Request
 
@@ -31,6 +34,12 @@ ASSETS_DIR = files("fastapi_offline") / "static"    # swagger-ui-bundle.js, swag
                                                      # redoc.standalone.js, favicon.png
 # No validator badge: Swagger UI would fetch it from validator.swagger.io.
 SWAGGER_PARAMETERS = {**swagger_ui_default_parameters, "validatorUrl": None}
+REDOC_JS = "redoc.standalone.js"
+# ReDoc's sidebar logo, and what the served script shows instead: a transparent pixel (the
+# link's text, "API docs by Redocly", stays).
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+BLANK_IMAGE = (b"data:image/gif;base64,"
+               b"R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 # This server only; the inline start-up script by its hash; ReDoc's search runs in a worker
 # made from a blob; both UIs set inline styles.
@@ -50,9 +59,27 @@ def _self_only(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
+@cache
+def _redoc_script() -> tuple[bytes, str]:
+    """ReDoc's script without its one outside address, and its ETag (read once: 1 MB)."""
+    script = (ASSETS_DIR / REDOC_JS).read_bytes().replace(REDOC_LOGO, BLANK_IMAGE)
+    return script, f'"{hashlib.sha256(script).hexdigest()[:32]}"'
+
+
 def install_pages(app: FastAPI) -> None:
     """`/docs` and `/redoc` from local assets (create the app with `docs_url=None,
     redoc_url=None` so FastAPI's CDN pages are not registered first)."""
+
+    # Before the mount, which would otherwise serve the file as the package ships it.
+    @app.api_route(f"{ASSETS}/{REDOC_JS}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def redoc_script(request: Request) -> Response:
+        script, etag = _redoc_script()
+        headers = {"ETag": etag, "Cache-Control": "no-cache",
+                   "X-Content-Type-Options": "nosniff"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(script, media_type="text/javascript; charset=utf-8", headers=headers)
+
     app.mount(ASSETS, StaticFiles(directory=str(ASSETS_DIR)), name="docs-assets")
     openapi_url = app.openapi_url or "/openapi.json"
 
@@ -71,7 +98,7 @@ def install_pages(app: FastAPI) -> None:
         root = request.scope.get("root_path", "")
         return _self_only(get_redoc_html(
             openapi_url=root + openapi_url, title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS}/redoc.standalone.js",
+            redoc_js_url=f"{root}{ASSETS}/{REDOC_JS}",
             redoc_favicon_url=f"{root}{ASSETS}/favicon.png", with_google_fonts=False))
 
 

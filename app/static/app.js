@@ -20,6 +20,10 @@ const DEFAULT_STRENGTH = { img2img: 0.75, inpaint: 1.0, interpolate: 0.5 };
 const STAGE_PX = 336;             // the edit canvas is shown about this big on screen
 // Media types of the snapshot frame formats (a snapshot event's `format`).
 const FRAME_TYPES = { png: "image/png", webp: "image/webp", jpeg: "image/jpeg" };
+// Seeds are 63-bit: past 2^53 a JavaScript number rounds them, so the page keeps every seed
+// as its decimal digits (a string), from the form to the request body, from each response to
+// the history. A seed is sent as digits; the API checks its bound.
+const SEED_DIGITS = /^[0-9]+$/;
 
 const state = {
   models: new Map(),   // name → model card
@@ -48,6 +52,41 @@ function authHeaders(extra = {}) {
   return h;
 }
 
+// -- JSON with exact seeds ------------------------------------------------------------------
+
+// Whether JSON.parse hands a reviver the source text of each value (Chromium, Firefox 135+).
+const JSON_SOURCE = (() => {
+  let seen = false;
+  JSON.parse("1", (_key, value, context) => { seen = context?.source === "1"; return value; });
+  return seen;
+})();
+
+// JSON.parse, but every `seed` that is a number comes back as its exact decimal digits.
+function parseJson(text) {
+  if (JSON_SOURCE) {
+    return JSON.parse(text, (key, value, context) =>
+      (key === "seed" && typeof value === "number" ? context.source : value));
+  }
+  // Without source access: quote the digits of every "seed" member before parsing (inside a
+  // JSON string its quotes are escaped, so the pattern cannot match there).
+  return JSON.parse(text.replace(/("seed"\s*:\s*)(-?[0-9][0-9.eE+-]*)/g, '$1"$2"'));
+}
+
+async function readJson(res) {
+  return parseJson(await res.text());
+}
+
+// JSON.stringify, with a string `seed` of digits written as the exact integer it stands for.
+function jsonBody(body) {
+  const { seed, ...rest } = body;
+  const text = JSON.stringify(rest);
+  if (seed === undefined) return text;
+  const digits = String(seed);
+  if (!SEED_DIGITS.test(digits)) throw new Error(`seed: not a whole number: ${digits}`);
+  const exact = digits.replace(/^0+(?=.)/, "");   // JSON has no leading zeros
+  return text === "{}" ? `{"seed":${exact}}` : `{"seed":${exact},${text.slice(1)}`;
+}
+
 class ApiError extends Error {
   constructor(status, message) {
     super(message);
@@ -55,14 +94,20 @@ class ApiError extends Error {
   }
 }
 
+// An error's message, its field named once (validation messages already start with it).
+function fieldMessage(err) {
+  const message = err.message || "";
+  if (!err.field || message.startsWith(`${err.field}:`)) return message;
+  return `${err.field}: ${message}`;
+}
+
 async function api(path, options = {}) {
   const res = await fetch(path, { ...options, headers: authHeaders(options.headers) });
   if (!res.ok) {
     let message = `HTTP ${res.status}`;
     try {
-      const body = await res.json();
-      const err = body.error || {};
-      message = err.field ? `${err.field}: ${err.message}` : err.message || message;
+      const err = (await readJson(res)).error || {};
+      message = fieldMessage(err) || message;
     } catch (_) { /* not JSON */ }
     throw new ApiError(res.status, message);
   }
@@ -74,7 +119,7 @@ async function api(path, options = {}) {
 async function loadModels() {
   try {
     const res = await api("/v1/models");
-    const { models, samplers } = await res.json();
+    const { models, samplers } = await readJson(res);
     setSamplers(samplers || []);
     state.models = new Map(models.map((m) => [m.name, m]));
     const select = $("model");
@@ -134,7 +179,8 @@ async function requestBody() {
     snapshot_every: num("snapshot_every"),
     snapshot_kind: $("snapshot_kind").value,
   };
-  if ($("seed").value !== "") body.seed = num("seed");
+  const seed = $("seed").value.trim();
+  if (seed !== "") body.seed = seed;      // digits, sent as the exact integer (jsonBody)
   if (!$("class-row").hidden && $("class_label").value !== "") {
     body.class_label = num("class_label");
     body.guidance_scale = num("guidance_scale");
@@ -154,19 +200,38 @@ async function onSubmit(event) {
     const res = await api("/v1/generations", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(await requestBody()),
+      body: jsonBody(await requestBody()),
     });
-    const job = await res.json();
+    const job = await readJson(res);
     remember({ id: job.id, model: job.model, num_images: job.request.num_images,
                seed: job.request.seed, created: Date.now(), status: job.status,
                kind: editKind(job.request), inputs: inputNames(job.request) });
     follow(job);
   } catch (e) {
-    showJobSection();
-    showError(e.message);
+    showRejected(e.message);
   } finally {
     $("generate").disabled = false;
   }
+}
+
+// A submit that made no job: the job shown before goes (its status, images and links would
+// read as this request's outcome; it stays in the history), the error takes its place.
+function showRejected(message) {
+  if (state.abort) state.abort.abort();
+  state.abort = null;
+  state.job = null;
+  state.pending.clear();
+  for (const url of state.objectUrls) URL.revokeObjectURL(url);
+  state.objectUrls = [];
+  showJobSection();
+  $("frames").replaceChildren();
+  $("inputs").replaceChildren();
+  $("inputs").hidden = true;
+  $("downloads").hidden = true;
+  $("job-id").textContent = "";
+  setStatus("rejected");
+  setProgress(0, 1);
+  showError(message);
 }
 
 // -- following a job ---------------------------------------------------------------------
@@ -253,7 +318,7 @@ async function pollQueue(id, signal) {
   while (!signal.aborted && $("status").dataset.status === "queued") {
     try {
       const res = await api(`/v1/generations/${id}`, { signal });
-      const job = await res.json();
+      const job = await readJson(res);
       if (job.status === "queued") {
         const ahead = job.queue_position;
         $("queue").textContent = ahead == null ? "waiting" : `${ahead} job(s) ahead`;
@@ -281,7 +346,7 @@ async function readEvents(id, signal) {
       // images=inline: the final PNGs arrive in the `image` events, drawn like frames
       const res = await fetch(`/v1/generations/${id}/events?images=inline`, { headers, signal });
       if (!res.ok) {
-        const e = await res.json().catch(() => ({}));
+        const e = await readJson(res).catch(() => ({}));
         throw new ApiError(res.status, e.error?.message || `HTTP ${res.status}`);
       }
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -321,7 +386,7 @@ function parseSse(block) {
   }
   if (!data.length) return null;
   try {
-    return { event, id, data: JSON.parse(data.join("\n")) };
+    return { event, id, data: parseJson(data.join("\n")) };
   } catch (_) {
     return null;
   }
@@ -601,9 +666,10 @@ function sizeStage(box, width, height) {
   box.style.height = `${Math.round(height * scale)}px`;
 }
 
-// Back to plain generation.
+// Back to plain generation (the mode too: an image loaded next starts as img2img).
 function removeImages() {
   edit.init = edit.b = edit.mask = null;
+  $("edit_mode").value = "img2img";
   $("init_file").value = "";
   $("b_file").value = "";
   $("stage").hidden = true;

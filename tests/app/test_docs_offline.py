@@ -18,8 +18,15 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwrig
 
 
 
+# Every Content-Security-Policy refusal, kept on the page: a load the CSP blocks never
+# reaches the network (no request to abort), only the console.
+RECORD_CSP = ("window.cspViolations = []; document.addEventListener('securitypolicyviolation',"
+              " e => window.cspViolations.push(e.blockedURI + ' (' + e.violatedDirective + ')'));")
+
+
 class Offline:
-    """A browser page whose requests reach only `origin`; the others are aborted and kept."""
+    """A browser page whose requests reach only `origin`; the others are aborted and kept,
+    as are the page's errors and the console's."""
 
     def __init__(self, browser: Any, origin: str) -> None:
         self.origin = origin
@@ -28,8 +35,11 @@ class Offline:
         self.context = browser.new_context(viewport={"width": 1200, "height": 900},
                                            service_workers="block")
         self.context.route("**/*", self._route)
+        self.context.add_init_script(RECORD_CSP)
         self.page = self.context.new_page()
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console",
+                     lambda m: self.errors.append(m.text) if m.type == "error" else None)
 
     def _route(self, route: Any) -> None:
         url = route.request.url
@@ -86,6 +96,14 @@ def test_redoc_renders_every_operation_offline(offline: Offline) -> None:
     missing = [summary for _, _, summary in ops if summary not in headings]
     assert missing == [], f"operations /redoc does not show: {missing}"
     assert page.locator("h1").first.inner_text().startswith("ddpm-serve")
-    # ReDoc's sidebar links an image on cdn.redoc.ly: the page's CSP keeps it from leaving.
+    # ReDoc's sidebar shows a logo, which its script asks cdn.redoc.ly for: the CSP would
+    # refuse the load (and the console say so). Once the logo has loaded or failed:
+    page.wait_for_function("() => { const a = document.querySelector('a[href*=\"redocly\"]');"
+                           " return a && [...a.querySelectorAll('img')].every(i => i.complete);"
+                           " }", timeout=RENDER_TIMEOUT_MS)
+    origin = offline.origin
+    sources = page.eval_on_selector_all("img", "is => is.map(i => i.currentSrc || i.src)")
+    assert [s for s in sources if not s.startswith(("data:", "blob:", origin))] == []
+    assert page.evaluate("() => window.cspViolations") == []
     assert offline.elsewhere == [], "the page asked other hosts for files"
     assert offline.errors == []

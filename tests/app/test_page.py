@@ -224,6 +224,51 @@ def test_bad_request_shows_the_field(page: Any, spawn_worker: Callable[..., Any]
                        "(Unprocessable Entity)")
 
 
+def _submit_job(page: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Click Generate; the JSON body the page sent and the job the API answered, both parsed
+    by Python (whose integers are exact, unlike a JavaScript number past 2^53)."""
+    with page.expect_response(lambda r: r.request.method == "POST"
+                              and r.url.endswith("/v1/generations")) as answered:
+        page.click("#generate")
+    response = answered.value
+    return json.loads(response.request.post_data), response.json()
+
+
+def _history(page: Any, n: int) -> list[str]:
+    page.wait_for_function("n => document.querySelectorAll('#history li').length === n", arg=n,
+                           timeout=30_000)
+    return page.eval_on_selector_all("#history li", "ls => ls.map(l => l.textContent)")
+
+
+def test_seeds_past_2_to_the_53_stay_exact(page: Any, spawn_worker: Callable[..., Any],
+                                          start_api: Callable[..., Any]) -> None:
+    """Seeds are 63-bit, past what a JavaScript number holds (2^53): a typed seed reaches
+    the job digit for digit, and the history shows the seed each job ran with, one the
+    server drew too, also after a reload (the history lives in localStorage)."""
+    spawn_worker()
+    api = start_api()
+    _open_with_model(page, api.url, "tiny")
+    typed = 3610434497286911892
+    assert int(float(typed)) != typed          # a double cannot hold it
+    _fill(page, steps="2", num_images="1", snapshot_every="0", seed=str(typed))
+    sent, job = _submit_job(page)
+    assert sent["seed"] == typed
+    ran = httpx.get(f"{api.url}/v1/generations/{job['id']}").json()["request"]["seed"]
+    assert ran == typed
+    assert f"seed {typed} ·" in _history(page, 1)[0]
+
+    _fill(page, seed="")                        # the server draws one: 63 random bits
+    sent, job = _submit_job(page)
+    assert "seed" not in sent
+    drawn = httpx.get(f"{api.url}/v1/generations/{job['id']}").json()["request"]["seed"]
+    page.wait_for_selector("#status[data-status=succeeded]", timeout=60_000)
+    history = _history(page, 2)
+    assert f"seed {drawn} ·" in history[0] and f"seed {typed} ·" in history[1], (drawn, history)
+    page.reload()
+    assert _history(page, 2) == history
+    page.wait_for_load_state("networkidle")     # nothing in flight as the API stops
+
+
 def test_with_api_keys_the_page_asks_for_one(page: Any, spawn_worker: Callable[..., Any],
                                              start_api: Callable[..., Any]) -> None:
     key, digest = new_key()
@@ -430,10 +475,16 @@ def test_edit_results_into_an_interpolation(page: Any, spawn_worker: Callable[..
 
     page.click("#edit-remove")
     assert page.is_hidden("#stage") and page.input_value("#num_images") == "3"
+    assert page.input_value("#edit_mode") == "img2img"   # not left on interpolate
     body = _submit(page)
     assert not {"init_image", "mask", "interpolate_to", "strength"} & set(body)
     _wait_final(page, 3)
     assert page.is_hidden("#inputs")
+    # An image loaded after the removal starts a plain img2img, not an interpolation.
+    page.set_input_files("#init_file", files=[{"name": "a.png", "mimeType": "image/png",
+                                               "buffer": images[0]}])
+    page.wait_for_selector("#stage:not([hidden])")
+    assert page.input_value("#edit_mode") == "img2img" and page.is_hidden("#b-row")
 
     # The sampler choices are whatever /v1/models lists (none is built into the page).
     listed = httpx.get(api.url + "/v1/models").json()
@@ -443,3 +494,65 @@ def test_edit_results_into_an_interpolation(page: Any, spawn_worker: Callable[..
     page.wait_for_selector("#sampler option", state="attached")
     assert page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)") \
         == ["ddim", "new-sampler"]
+
+
+def _frame_contrast(page: Any, selector: str) -> float:
+    """How far the element's outermost pixels are from the page around it: the share of its
+    edge pixels that differ clearly (> 48 in some channel) from the page's commonest colour
+    in a 4 px ring outside it. 0: its edge melts into the page."""
+    box = page.locator(selector).bounding_box()
+    pad = 4
+    shot = page.screenshot(clip={"x": box["x"] - pad, "y": box["y"] - pad,
+                                 "width": box["width"] + 2 * pad,
+                                 "height": box["height"] + 2 * pad})
+    px = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
+    scale = px.shape[1] / (box["width"] + 2 * pad)           # device pixels per CSS pixel
+    p = round(pad * scale)
+    ring = np.concatenate([px[:p].reshape(-1, 3), px[-p:].reshape(-1, 3),
+                           px[:, :p].reshape(-1, 3), px[:, -p:].reshape(-1, 3)])
+    colours, counts = np.unique(ring, axis=0, return_counts=True)
+    page_colour = colours[counts.argmax()]
+    inner = px[p:-p, p:-p]
+    edge = np.concatenate([inner[0], inner[-1], inner[:, 0], inner[:, -1]])
+    return float((np.abs(edge - page_colour).max(axis=-1) > 48).mean())
+
+
+def test_a_refused_submit_replaces_the_job_shown(page: Any, spawn_worker: Callable[..., Any],
+                                                 start_api: Callable[..., Any]) -> None:
+    """An inpainting of the whole image: its mask, shown above the result, is all white and
+    still stands out from the (white) page. Then a submit the API refuses: the error names
+    its field once, and takes the place of the job shown before (no green "succeeded", no
+    images, inputs or links that would read as this request's outcome)."""
+    spawn_worker()
+    api = start_api()
+    _open_with_model(page, api.url, "tiny")
+    upload = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    page.click("#edit-box summary")
+    page.set_input_files("#init_file", files=[{"name": "in.png", "mimeType": "image/png",
+                                               "buffer": _png(upload)}])
+    page.wait_for_selector("#stage:not([hidden])")
+    page.click("#mask-invert")                            # every pixel: generate
+    assert page.input_value("#edit_mode") == "inpaint"
+    _fill(page, steps="2", num_images="1", snapshot_every="0")
+    page.click("#generate")
+    _wait_final(page, 1)
+    mask = "#inputs img[data-name=mask]"
+    page.wait_for_function("s => document.querySelector(s)?.complete", arg=mask,
+                           timeout=30_000)
+    assert page.evaluate("s => document.querySelector(s).naturalWidth", mask) == 16
+    assert _frame_contrast(page, mask) > 0.9
+
+    # Past the form's own check (digits), past the API's bound (2^63 - 1).
+    _fill(page, seed="9" * 19)
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    page.errors.remove("Failed to load resource: the server responded with a status of 422 "
+                       "(Unprocessable Entity)")
+    error = page.text_content("#error")
+    assert error.startswith("seed: ") and error.count("seed") == 1, error
+    assert page.eval_on_selector("#status", "s => s.dataset.status") != "succeeded"
+    assert "succeeded" not in page.text_content("#status")
+    assert page.eval_on_selector_all("#frames canvas", "cs => cs.length") == 0
+    assert not page.is_visible("#inputs") and not page.is_visible("#downloads")
+    assert page.text_content("#job-id") == ""
+    assert "succeeded" in _history(page, 1)[0]            # the job itself is still listed
