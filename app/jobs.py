@@ -59,6 +59,10 @@ _STATUS = {
     JobStatus.STOPPED: "canceled", JobStatus.CANCELED: "canceled",
 }
 
+# Statuses of a job that ended before all its images were made: it lists only the ones it
+# stored (JobStore.view).
+ENDED_WITHOUT_IMAGES = ("failed", "canceled")
+
 
 def api_status(rq_status: JobStatus | str | None) -> str:
     if rq_status is None:
@@ -371,9 +375,14 @@ class JobStore:
         return GenerationSpec.model_validate(job.kwargs)
 
     def view(self, job: Job, base: str = "", *, spec: GenerationSpec | None = None,
-             ahead: int | None = None) -> Generation:
-        """The job as the API reports it; `spec` and `ahead` (its queue position) when the
-        caller knows them already (a fresh submission): then no Redis read is needed."""
+             ahead: int | None = None, stored: list[int] | None = None) -> Generation:
+        """The job as the API reports it; `spec`, `ahead` (its queue position) and `stored`
+        (`stored_images`) when the caller knows them already (a fresh submission): then no
+        Redis read is needed.
+
+        `links.images` lists the images that exist or will: all of a queued, running or
+        succeeded job, only those a canceled or failed job stored before it ended (never a
+        URL that will only answer 404); `images` lists the same once the job has ended."""
         spec = spec or self.spec_of(job)
         status = api_status(job.get_status(refresh=False))
         meta = job.meta or {}
@@ -385,7 +394,11 @@ class JobStore:
             images_done = int(meta.get("images_done", 0))
         done = sum(image_steps)
         root = f"{base}/v1/generations/{job.id}"
-        image_urls = [f"{root}/images/{i}" for i in range(n)]
+        if status in ENDED_WITHOUT_IMAGES:
+            kept = self.stored_images([(job.id, n)])[job.id] if stored is None else stored
+        else:
+            kept = list(range(n))
+        image_urls = [f"{root}/images/{i}" for i in kept]
         error = None
         if status == "failed":
             result = job.latest_result()
@@ -404,11 +417,21 @@ class JobStore:
                               fraction=round(done / spec.total_steps, 4),
                               images_done=images_done, num_images=n, steps_per_image=steps,
                               image_steps=image_steps),
-            images=image_urls if status == "succeeded" else [],
+            images=image_urls if status not in ("queued", "running") else [],
             error=error, request=spec,
             links=Links(self_=root, events=f"{root}/events", websocket=f"{root}/ws",
                         images=image_urls, grid=f"{root}/grid.png",
                         animation=f"{root}/animation.gif"))
+
+    def stored_images(self, jobs: list[tuple[str, int]]) -> dict[str, list[int]]:
+        """The indices of the final images each job (id, num_images) has in Redis, all in
+        one round-trip."""
+        with self.redis.pipeline(transaction=False) as p:
+            for job_id, n in jobs:
+                for i in range(n):
+                    p.exists(image_key(job_id, i))
+            found = iter(p.execute())
+        return {job_id: [i for i in range(n) if next(found)] for job_id, n in jobs}
 
     def position(self, job: Job, spec: GenerationSpec) -> int | None:
         """Jobs ahead: everything in the model's higher-priority queues, plus this queue's
@@ -494,7 +517,10 @@ class JobStore:
             self.redis.zrem(key, *gone)
         ahead = self._positions([(job, spec) for job, spec, status in found
                                  if status == "queued"])
-        views = [self.view(job, spec=spec, ahead=ahead.get(job.id)) for job, spec, _ in found]
+        stored = self.stored_images([(job.id, spec.num_images) for job, spec, status in found
+                                     if status in ENDED_WITHOUT_IMAGES])
+        views = [self.view(job, spec=spec, ahead=ahead.get(job.id), stored=stored.get(job.id))
+                 for job, spec, _ in found]
         return views, (f"{at}.{after}" if more and at is not None else None)
 
     def _index_page(self, key: str, at: int | None, after: str, n: int

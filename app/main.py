@@ -7,10 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match, Mount
 
 from . import docs, errors, openapi, redact
 from .auth import KeyAuth
@@ -18,6 +21,7 @@ from .body_limit import BodyLimitMiddleware
 from .disconnects import ClientGoneMiddleware
 from .jobs import JobStore
 from .metrics import ApiMetrics, MetricsMiddleware
+from .openai_compat import openai_error
 from .routes import generations, health, listing, models, openai_images, page
 from .settings import ApiSettings
 from .stream_slots import StreamSlots
@@ -45,6 +49,38 @@ also while Redis is unreachable; `1013` (try again later) if Redis goes away mid
 `1011` if the stream fails otherwise. Reconnect with `?last_event_id=` after anything but
 `1000` and the `44xx` codes.
 """
+
+
+# What a page on an allowed origin (DDPM_CORS_ORIGINS) may send and read.
+CORS_METHODS = ("GET", "POST", "DELETE")
+CORS_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID")
+CORS_EXPOSE = ("Retry-After", "Location", "Idempotent-Replayed")
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path, asked of the routes themselves
+    (Starlette's 405 names only the first route that matched the path, so `PUT
+    /v1/generations` said `Allow: POST` though GET is served there too)."""
+    # A Mount (static files) matches every method: its own 405 names what it serves.
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    return [m for m in HTTP_METHODS
+            if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
+
+
+async def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+    """Every 405, in one place: `Allow` lists all the methods of the path, in the error
+    shape of the routes there."""
+    allow = allowed_methods(request) or [
+        m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()]
+    headers = {**(exc.headers or {}), "Allow": ", ".join(allow)}
+    message = (f"{request.method} is not allowed on {request.url.path}: use "
+               f"{', '.join(allow) or 'another path'}")
+    if request.url.path.startswith("/v1/images/"):
+        return openai_error(405, message, code="method_not_allowed", headers=headers)
+    return errors.error_response(405, "method_not_allowed", message, headers=headers)
 
 
 def app_from_env() -> FastAPI:
@@ -97,6 +133,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.streams = StreamSlots(settings.max_streams, settings.max_streams_per_caller,
                                     settings.retry_after, on_change=metrics.streams.set)
     errors.install(app)
+    app.add_exception_handler(405, _method_not_allowed)  # type: ignore[arg-type]
     openapi.install(app)         # a valid 3.1 document (SSE's itemSchema is 3.2)
     docs.install_document(app, keys_required=not auth.open)   # no key needed when open
     docs.install_pages(app)      # /docs and /redoc from the package's files, no CDN
@@ -105,6 +142,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                        upload_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     app.add_middleware(ClientGoneMiddleware)  # type: ignore[arg-type]
+    if settings.cors_origins:       # outermost: a preflight is answered before the rest
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,  # type: ignore[arg-type]
+                           allow_methods=list(CORS_METHODS), allow_headers=list(CORS_HEADERS),
+                           expose_headers=list(CORS_EXPOSE), max_age=600)
     app.include_router(generations.router)
     app.include_router(listing.router)
     app.include_router(openai_images.router)

@@ -128,7 +128,12 @@ class RedisCollector(Collector):
 
 
 class MetricsMiddleware:
-    """Counts and times every HTTP request under its route template (bounded labels)."""
+    """Counts and times every HTTP request under its route template (bounded labels).
+
+    A request is counted before its last body message is sent, so a client that has its
+    answer finds it counted by any scrape after (counted after the send, a scrape in that
+    gap missed it); one that never sends its last message (the client left, an error) is
+    counted when the app returns."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
@@ -143,6 +148,13 @@ class MetricsMiddleware:
             method = "other"           # labels stay bounded whatever a client sends
         t0 = time.perf_counter()
         status = 500
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.metrics.requests.labels(method, _route_of(scope), str(status)).inc()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -150,12 +162,14 @@ class MetricsMiddleware:
                 status = message["status"]
                 self.metrics.latency.labels(method, _route_of(scope)).observe(
                     time.perf_counter() - t0)
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                count()
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.requests.labels(method, _route_of(scope), str(status)).inc()
+            count()
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -42,6 +42,7 @@ from worker.contract import (
     STREAM_MAX_BYTES,
     ModelInfo,
     Priority,
+    RequestModel,
     Sampler,
     SpecError,
 )
@@ -220,6 +221,10 @@ _SEED = Annotated[int | None, Field(ge=0, le=MAX_SEED, description="[random]")]
 _PRIORITY = Annotated[Priority | None, Field(description="[normal]")]
 _STRENGTH = Annotated[float | None, Field(gt=0.0, le=1.0, description=(
     "how far into the noise the image goes: 1 = pure noise"))]
+_PROMPT = Annotated[str, Field(max_length=MAX_PROMPT, description=(
+    "a class of a class-conditional model, by name or index (`7`, `airplane`); empty "
+    "for unconditional generation. Depends on the model: one of its `class_names` or an "
+    "index below its `num_classes` (`GET /v1/models`), else a 400 naming `prompt`"))]
 
 # The rules across fields (JSON Schema if/then), so that clients and fuzzers see them.
 _URL_IS_PNG = {
@@ -234,8 +239,8 @@ _GUIDANCE_NEEDS_CLASS = {
     "then": {"required": ["prompt"], "properties": {"prompt": {"minLength": 1}}}}
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Common(RequestModel):
+    """Strict (`RequestModel`): a JSON `true` is no integer here either."""
 
     model: _MODEL = None
     n: _N = None
@@ -268,9 +273,7 @@ class ImageGenerationRequest(_Output):
                       "steps": 25, "guidance_scale": 3, "seed": 42}],
         "allOf": [_URL_IS_PNG, _GUIDANCE_NEEDS_CLASS]})
 
-    prompt: Annotated[str, Field(max_length=MAX_PROMPT, description=(
-        "a class of a class-conditional model, by name or index (`7`, `airplane`); empty "
-        "for unconditional generation"))] = ""
+    prompt: _PROMPT = ""
     style: Literal["vivid", "natural"] | None = Field(None, description="accepted, ignored")
     moderation: Literal["low", "auto"] | None = Field(None, description="accepted, ignored")
 
@@ -283,7 +286,7 @@ class ImageEditRequest(_Output):
 
     image: str                      # base64 of the file part
     mask: str | None = None
-    prompt: Annotated[str, Field(max_length=MAX_PROMPT)] = ""
+    prompt: _PROMPT = ""
     input_fidelity: Literal["high", "low"] | None = None
     strength: _STRENGTH = None
     jump_length: Annotated[int | None, Field(ge=1, le=MAX_JUMP_LENGTH, description=(
@@ -351,8 +354,9 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def read_form(request: Request, model: type[M], max_bytes: int) -> M:
-    """A multipart/form-data body as `model`: text parts as its fields (pydantic reads
-    `2` and `true` as the numbers and booleans they stand for), file parts in base64."""
+    """A multipart/form-data body as `model`: text parts as its fields (read as strings
+    stand for values, `model_validate_strings`: `2` an integer, `true` a boolean), file
+    parts in base64; an empty file part is a 400 naming it."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         raise ApiError(400, "invalid_request", "send multipart/form-data (the `openai` SDK "
@@ -382,12 +386,15 @@ async def read_form(request: Request, model: type[M], max_bytes: int) -> M:
                 if len(data) > max_bytes:
                     raise ApiError(400, "invalid_request", f"the image is larger than "
                                    f"{max_bytes} bytes", field=key)
+                if not data:
+                    raise ApiError(400, "invalid_request", f"{key} is an empty file: send "
+                                   "the image's bytes", field=key)
                 fields[key] = base64.b64encode(data).decode()
             else:
                 fields[key] = value if isinstance(value, str) else "<a file>"
     finally:
         await form.close()
-    return model.model_validate(fields)
+    return model.model_validate_strings(fields, strict=False)     # text parts: lax
 
 
 # -- mapping a request onto the native one ----------------------------------------------

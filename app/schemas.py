@@ -82,7 +82,7 @@ CROSS_FIELD_RULES = [
 
 
 # An input image in a JSON body: base64, or a data: URL (what a browser's FileReader gives).
-ImageData = Annotated[str, Field(max_length=MAX_BASE64_CHARS, description=(
+ImageData = Annotated[str, Field(min_length=1, max_length=MAX_BASE64_CHARS, description=(
     "an image (PNG, JPEG, WebP, GIF, BMP or TIFF; one frame) as base64 or a `data:` URL, at "
     f"most {MAX_INPUT_BYTES} bytes; fitted to the model as its training data is (grey/RGB, "
     "resized and centre-cropped). In `multipart/form-data`, a file part of the same name"))]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.contract import STREAM_MAX_BYTES, STREAM_MAXLEN
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
 
 
 def _split(value: object) -> object:
@@ -84,9 +87,14 @@ class ApiSettings(BaseSettings):
     # and rate limits and stream caps count per client. Empty (the default): no one's,
     # loopback included; every client is its connection's peer address.
     trusted_proxies: Annotated[list[str], NoDecode, Field(max_length=256)] = []
+    # Browsers on these origins (`https://app.example.com`, or `*` for any) may call the
+    # API from their pages (CORS, Starlette's CORSMiddleware). Empty (the default): no
+    # cross-origin access; the API's own page at `/` is same-origin and needs none.
+    cors_origins: Annotated[list[str], NoDecode, Field(max_length=256)] = []
     log_level: str = "INFO"
 
-    @field_validator("api_keys", "webhook_allow_hosts", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "webhook_allow_hosts", "trusted_proxies", "cors_origins",
+                     mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split(value)
@@ -123,6 +131,21 @@ class ApiSettings(BaseSettings):
                 raise ValueError(f"trusted_proxies: {p[:64]!r} is not an IP address or "
                                  "network (e.g. 10.0.0.5, 10.0.0.0/8)") from None
         return proxies
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        # A browser sends its origin as scheme://host[:port], nothing more: anything else
+        # would match no request, silently. Refuse it instead.
+        if "*" in origins:
+            if len(origins) > 1:
+                raise ValueError("cors_origins: `*` (any origin) stands alone")
+            return origins
+        for o in origins:
+            if not _ORIGIN.fullmatch(o):
+                raise ValueError(f"cors_origins: {o[:64]!r} is not an origin: "
+                                 "scheme://host[:port], no path (e.g. https://app.example.com)")
+        return [o.lower() for o in origins]
 
     def proxy_options(self) -> dict[str, Any]:
         """uvicorn's proxy-headers options for `trusted_proxies` (`ddpm api`, `ddpm serve`):

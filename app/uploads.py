@@ -6,6 +6,11 @@ JSON body with the image in base64: one validation path, one error shape. Fittin
 here, in a thread (Pillow's work is not for the event loop): an image that cannot be read
 is a 422 naming its field, and only fitted PNGs of the model's size reach Redis and the
 worker.
+
+Bounds, both shapes alike: an image over MAX_INPUT_BYTES is a 422 naming it, in bytes of
+the image (`image_too_large`); what is not an image (a JSON body less its images, a form's
+`request` part) over DDPM_MAX_BODY_BYTES is a 413 (`rest_too_large`). The whole body is
+bounded before it is read, by DDPM_MAX_UPLOAD_BYTES (`app/body_limit.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from worker.inputs import fit_inputs as fit_images  # this module's fit_inputs i
 from .errors import ApiError
 
 REQUEST_PART = "request"
-MAX_REQUEST_PART = 64 * 1024
 
 # The multipart form as the OpenAPI document describes it.
 MULTIPART_SCHEMA: dict[str, Any] = {
@@ -44,34 +48,101 @@ MULTIPART_SCHEMA: dict[str, Any] = {
 
 
 class UploadRoute(APIRoute):
-    """A route whose JSON body may also come as multipart/form-data (`as_json`)."""
+    """A route whose JSON body may also come as multipart/form-data (`as_json`), and whose
+    body is bounded by part: each image by MAX_INPUT_BYTES (a 422 naming it), the rest by
+    DDPM_MAX_BODY_BYTES (a 413), as the README states for every body."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        if self.body_field is None:             # GET, DELETE: no body to read
+            return handler
 
         async def route(request: Request) -> Response:
+            # The media type is checked before (app/body_limit.py): JSON or multipart.
             ctype = request.headers.get("content-type", "")
             if ctype.split(";")[0].strip().lower() == "multipart/form-data":
                 request = await as_json(request)
+            else:
+                await check_json(request)
             return await handler(request)
 
         return route
 
 
+def image_too_large(field: str, size: int) -> ApiError:
+    """The one refusal of an input image over MAX_INPUT_BYTES, in bytes of the image, the
+    same whether it came as base64 in JSON or as a file part."""
+    return ApiError(422, "invalid_request", f"{field}: the image is {size} bytes; at most "
+                    f"{MAX_INPUT_BYTES} bytes", field=field)
+
+
+def rest_too_large(size: int, limit: int) -> ApiError:
+    """The 413 for a request whose fields other than its images pass DDPM_MAX_BODY_BYTES,
+    the same for a JSON body and for a form's `request` part."""
+    return ApiError(413, "payload_too_large", f"the request without its images is {size} "
+                    f"bytes; at most {limit} bytes (DDPM_MAX_BODY_BYTES; only the images "
+                    f"{', '.join(INPUT_FIELDS)} may be larger, up to {MAX_INPUT_BYTES} "
+                    "bytes each)")
+
+
+def base64_size(text: str) -> int:
+    """The bytes base64 `text` (or a `data:` URL) stands for, counted without decoding it
+    (whitespace and padding are not data): what a too-large image is reported as."""
+    if text[:5].lower() == "data:":
+        text = text[text.find(",") + 1:]
+    chars = len(text) - sum(text.count(c) for c in " \t\r\n\v\f=")
+    return chars * 3 // 4
+
+
+def _max_body_bytes(request: Request) -> int:
+    return int(request.app.state.settings.max_body_bytes)
+
+
+async def check_json(request: Request) -> None:
+    """A JSON body's images within MAX_INPUT_BYTES each, and the rest of it within
+    DDPM_MAX_BODY_BYTES. The parsed body is kept on the request (FastAPI reads it from
+    there, not again); a body that does not parse is left for FastAPI to refuse."""
+    body = await request.body()
+    limit = _max_body_bytes(request)
+    if len(body) > limit and not any(f'"{f}"'.encode() in body for f in INPUT_FIELDS):
+        raise rest_too_large(len(body), limit)      # no image in it: all of it is the rest
+    if len(body) <= limit:
+        return                                      # within bounds, images and all
+    try:
+        obj = await request.json()
+    except Exception:       # not JSON (bad syntax, not UTF-8, nested past recursion)
+        return
+    if not isinstance(obj, dict):
+        raise rest_too_large(len(body), limit)
+    images = {f: v for f in INPUT_FIELDS if isinstance(v := obj.get(f), str)}
+    for field, text in images.items():
+        if (size := base64_size(text)) > MAX_INPUT_BYTES:
+            raise image_too_large(field, size)
+    rest = len(body) - sum(len(text) for text in images.values())
+    if rest > limit:
+        raise rest_too_large(rest, limit)
+
+
 async def as_json(request: Request) -> Request:
     """The same request with a JSON body: the `request` part's object, plus each image
-    part in base64. 422 for a form that is not one."""
-    try:
+    part in base64. 422 for a form that is not one, 413 for a `request` part over
+    DDPM_MAX_BODY_BYTES."""
+    limit = _max_body_bytes(request)
+    try:        # parts are bounded here, by the limits they are held to, not by Starlette
         form = await request.form(max_files=len(INPUT_FIELDS),
                                   max_fields=len(INPUT_FIELDS) + 1,
-                                  max_part_size=MAX_REQUEST_PART)
-    except HTTPException as e:      # malformed, too many parts, a part too large
+                                  max_part_size=request.app.state.settings.max_upload_bytes)
+    except HTTPException as e:      # malformed, too many parts
+        if e.status_code == 413:    # the body past its limit (app/body_limit.py)
+            raise
         raise ApiError(422, "invalid_request", f"the multipart form cannot be read: "
                        f"{e.detail}") from None
     body: dict[str, Any] = {}
     try:
         for name, value in form.multi_items():
             if name == REQUEST_PART and isinstance(value, str):
+                if (size := len(value.encode())) > limit:
+                    raise rest_too_large(size, limit)
                 try:
                     obj = json.loads(value)
                 except ValueError as e:
@@ -105,11 +176,14 @@ async def as_json(request: Request) -> Request:
 
 async def _part_base64(name: str, value: UploadFile | str) -> str:
     if isinstance(value, str):          # a text part: base64 already
+        if (size := base64_size(value)) > MAX_INPUT_BYTES:
+            raise image_too_large(name, size)
         return value
+    if value.size is not None and value.size > MAX_INPUT_BYTES:   # spooled: its size known
+        raise image_too_large(name, value.size)
     data = await value.read(MAX_INPUT_BYTES + 1)
     if len(data) > MAX_INPUT_BYTES:
-        raise ApiError(422, "invalid_request", f"the image is larger than {MAX_INPUT_BYTES} "
-                       "bytes", field=name)
+        raise image_too_large(name, len(data) + len(await value.read()))
     return base64.b64encode(data).decode()
 
 

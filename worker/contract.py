@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # ---------------------------------------------------------------------------------------
 # Limits: every request field is bounded.
@@ -119,15 +126,41 @@ def _random_seed() -> int:
     return secrets.randbits(63)
 
 
-class GenerationSpec(BaseModel):
+class RequestModel(BaseModel):
+    """What every request body derives from (the native one and OpenAI's): unknown fields
+    are refused, and no value is coerced from another JSON type (strict: `true` is not the
+    integer 1, `"5"` not 5), so the API accepts exactly what its schema says; as JSON
+    Schema, it takes `2.0` for an integer. Multipart text parts, strings by nature, are
+    read as the values they spell (`model_validate_strings(..., strict=False)`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fixed = {k: int(v) for k, v in data.items() if type(v) is float and v.is_integer()
+                 and k in cls.model_fields and _takes_int(cls.model_fields[k].annotation)}
+        return {**data, **fixed} if fixed else data
+
+
+def _takes_int(annotation: Any) -> bool:
+    return annotation is int or int in get_args(annotation)
+
+
+class GenerationSpec(RequestModel):
     """One generation request, as the API accepts it and the worker runs it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="served model name")]
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
     sampler: Sampler = "dpm++2m"
-    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 25
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS, description=(
+        f"denoising steps; {MAX_STEPS} at most, and depending on the model: at most its "
+        "`num_timesteps` (`GET /v1/models`), with an init_image at most "
+        "ceil(strength × num_timesteps) (a 422 names `steps` otherwise)"))] = 25
     eta: Annotated[float, Field(ge=0.0, le=1.0, description="DDIM η; only with ddim")] = 0.0
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(default_factory=_random_seed)
     snapshot_every: Annotated[int, Field(ge=0, le=MAX_SNAPSHOT_EVERY,
@@ -143,7 +176,10 @@ class GenerationSpec(BaseModel):
         "pixels a side, else jpeg. Final images are always lossless PNG"))] = None
     snapshot_quality: Annotated[int | None, Field(ge=1, le=100, description=(
         f"quality of webp and jpeg snapshot frames (default {DEFAULT_PREVIEW_QUALITY})"))] = None
-    class_label: Annotated[int | None, Field(ge=0, le=MAX_CLASS_LABEL)] = None
+    class_label: Annotated[int | None, Field(ge=0, le=MAX_CLASS_LABEL, description=(
+        "a class of a class-conditional model; depends on the model: below its "
+        f"`num_classes` (`GET /v1/models`; {MAX_CLASS_LABEL} is the bound for any model), "
+        "and null for an unconditional one (a 422 names `class_label` otherwise)"))] = None
     guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE)] = 1.0
     priority: Priority = "normal"
     init_image: InputRef | None = None

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from models import Checkpoint, SlotSpec, from_uint8, sampler_kind, to_uint8
 
 from .contract import GenerationSpec, ModelInfo
 from .inputs import decode_canonical
+
+if TYPE_CHECKING:
+    from .settings import Admission
 
 
 @dataclass
@@ -304,8 +307,12 @@ class Engine:
         """Slots not yet promised to an admitted image: how many more 1-image jobs to take."""
         return max(0, self.max_batch - self.active - self.waiting)
 
-    def has_room(self) -> bool:
-        """Whether another job should be taken: everything admitted fits in a batch."""
+    def has_room(self, admission: Admission = "step") -> bool:
+        """Whether another job should be taken: everything admitted fits in a batch; under
+        `request` admission, only into an empty engine (a batch then runs to completion
+        with the jobs it started with: worker.settings.ADMISSIONS)."""
+        if admission == "request" and self.busy:
+            return False
         return self.room > 0
 
     @property

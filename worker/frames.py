@@ -7,7 +7,10 @@ every job's stream keeps at most `stream_max_bytes` of them. The budget is kept 
 inside the writer's one script (redis_batch.py), by a ledger per job, `frames_key(job)`:
 a list of "<entry id> <bytes>" oldest first plus a counter of their bytes. Each frame is
 appended and the oldest frames deleted (XDEL) until the total fits, atomically, whichever
-worker writes the job (a re-queued job's new worker continues the same ledger). Ended jobs
+worker writes the job (a re-queued job's new worker continues the same ledger). A frame
+counts its encoded image, as the API's admission estimates frames
+(`GenerationSpec.check_stream_budget`), and a total exactly at the budget fits on both
+sides: a request admitted at the boundary keeps all its frames. Ended jobs
 are scored in `FRAMES_EXPIRING`; a worker's maintenance pass deletes their frames
 `snapshot_ttl` later (`expire_frames`), long before the results' TTL.
 """
@@ -39,7 +42,7 @@ local function ddpm_frame(i, last)
                         unpack(ARGV, i + 6, last))
   redis.call('RPUSH', ledger, id .. ' ' .. bytes)
   local total = redis.call('INCRBY', counter, bytes)
-  while total > budget do
+  while total > budget do                 -- exactly the budget fits (as the API admits)
     local oldest = redis.call('LPOP', ledger)
     if not oldest then break end
     local sp = string.find(oldest, ' ', 1, true)
@@ -91,8 +94,9 @@ def encode_frame(pixels: np.ndarray, preview: Preview) -> bytes:
 
 def frame_command(pipe: Any, job_id: str, fields: dict[str, str | bytes], *, budget: int,
                   maxlen: int, ttl: int) -> None:
-    """Queue on `pipe` (a WriteBatch group) the budgeted append of one snapshot entry."""
-    size = sum(len(v) for v in fields.values())
+    """Queue on `pipe` (a WriteBatch group) the budgeted append of one snapshot entry, which
+    counts the bytes of its encoded frame (`fields["image"]`) against `budget`."""
+    size = len(fields["image"])
     args: list[Any] = [FRAME_COMMAND, events_key(job_id), frames_key(job_id), budget, size,
                        maxlen, ttl]
     for k, v in fields.items():

@@ -64,6 +64,9 @@ log = logging.getLogger("ddpm.worker")
 
 CONTROL_INTERVAL = 0.25     # seconds between checks for canceled jobs
 FULL_PAUSE = 0.5            # seconds a pass waits after Redis refused a write (maxmemory)
+# Seconds RQ's command listener waits at a time (RQ: 60): how long stopping it can take.
+PUBSUB_POLL = 0.5
+PUBSUB_JOIN = 5.0           # seconds shutdown waits for that listener at most
 
 
 class BatchWorker(BaseWorker):
@@ -130,6 +133,37 @@ class BatchWorker(BaseWorker):
         self._shutdown_requested_date = now()
         self._drain_deadline = time.monotonic() + self.settings.grace_period
 
+    def subscribe(self) -> None:
+        """RQ's listener for `rq` commands (stop-job...), waiting PUBSUB_POLL s at a time
+        instead of RQ's 60 s, so that stopping it never waits long (see `unsubscribe`)."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name,
+                      self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=PUBSUB_POLL, daemon=True,
+            exception_handler=self._pubsub_exception_handler)
+
+    def unsubscribe(self) -> None:
+        """Stop the listener without waiting on its timeout. RQ's sends UNSUBSCRIBE, then
+        stops the thread: when the thread reads that reply first, it has no subscription
+        left, so its next `get_message` waits for one (`subscribed_event.wait(60)`), and
+        `PubSubWorkerThread.stop()` joins it (redis-py 8: without a timeout), so a SIGTERMed
+        worker took up to 60 s to exit (4 runs in 20). Here the thread is stopped while still
+        subscribed and waits PUBSUB_POLL s at a time, so it leaves within that; closing its
+        connection ends the subscription."""
+        thread, pubsub = self.pubsub_thread, self.pubsub
+        if thread is None or pubsub is None:
+            return
+        log.debug("unsubscribing from channel %s", self.pubsub_channel_name)
+        self.pubsub_thread = None
+        thread.stop()                   # clears its flag (redis-py 8 also joins it)
+        thread.join(timeout=PUBSUB_JOIN)
+        if thread.is_alive():           # a handler still running: the thread is a daemon
+            log.warning("RQ's command listener did not stop within %.0fs", PUBSUB_JOIN)
+        else:
+            pubsub.close()              # done by the thread as it ends; harmless twice
+
     def request_stop_execution(self, execution_id: str) -> None:
         """`rq`'s stop-execution command (pubsub thread): the loop stops that job at its
         next control pass."""
@@ -183,7 +217,7 @@ class BatchWorker(BaseWorker):
                         self._emit(self._step(batch), batch)
                     self._send(batch)
                     self._retire()
-                    self.metrics.writer_pending.set(self.writer.pending_bytes)
+                    self._gauges()
                     if not self.live:
                         if self._stop_requested:
                             break
@@ -221,6 +255,10 @@ class BatchWorker(BaseWorker):
         """RQ's pass, with a short-lived lock (RqJobs.clean_registries)."""
         self.rq.clean_registries(self.queues, max(10, self.settings.maintenance_interval))
         self.last_cleaned_at = now()
+
+    def clean_group_registries(self) -> None:
+        """RQ's group pass, quietly (RqJobs.clean_group_registries)."""
+        self.rq.clean_group_registries(max(self.settings.maintenance_interval - 1, 1))
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
@@ -278,7 +316,7 @@ class BatchWorker(BaseWorker):
         (contract.wake_commands; no blocking pop exists for several lists)."""
         deadline = time.monotonic() + (1.0 if block else 0.0)
         took = False
-        while self.engine.has_room() and not self._stop_requested:
+        while self.engine.has_room(self.settings.admission) and not self._stop_requested:
             try:
                 taken, bad = self.rq.take(self._ordered_queues, self.engine.room)
             except RedisError as e:
@@ -391,20 +429,24 @@ class BatchWorker(BaseWorker):
                                        batch=batch)
                     else:
                         self.engine.cancel(job_id)
-        if self.engine.device.type == "cuda":
-            self.metrics.gpu_memory.labels("allocated").set(
-                torch.cuda.memory_allocated(self.engine.device))
-            self.metrics.gpu_memory.labels("reserved").set(
-                torch.cuda.memory_reserved(self.engine.device))
         return report
 
+    def _gauges(self) -> None:
+        """Every gauge the worker sets, as things stand now, once per pass: set only after
+        a step, they kept their last value when the worker went idle (16 active slots after
+        a 16-image job, though nothing ran) or a job ended without a step (canceled)."""
+        m = self.metrics
+        m.active.set(self.engine.active)
+        m.waiting.set(self.engine.waiting)
+        m.writer_pending.set(self.writer.pending_bytes)
+        if self.engine.device.type == "cuda":
+            m.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(self.engine.device))
+            m.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(self.engine.device))
 
     def _emit(self, report: StepReport, batch: Batch) -> None:
         """The step's frames and (throttled) progress, into this pass's writer batch."""
         m = self.metrics
         slots = sum(report.slots.values())
-        m.active.set(slots)
-        m.waiting.set(self.engine.waiting)
         m.occupancy.observe(slots / self.engine.max_batch)
         for model, n in report.slots.items():
             m.steps.labels(model).inc(n)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from redis import Redis
 from rq import worker_registration
 from rq.executions import Execution, ExecutionRegistry
+from rq.group import Group
 from rq.job import Job, JobStatus, parse_job_id, validate_job_id
 from rq.queue import Queue
 from rq.rate_limit import release_slot
@@ -370,6 +371,14 @@ class RqJobs:
                 worker_registration.clean_worker_registry(queue)
                 queue.intermediate_queue.cleanup(w, queue)
                 queue.release_maintenance_lock()
+
+    def clean_group_registries(self, lock_ttl: int) -> None:
+        """RQ's group pass (`BaseWorker.clean_group_registries`), logged at debug: RQ logs it
+        at info, so `ddpm worker` said "cleaning group registries" every maintenance
+        interval. The lock, as RQ's, expires just before the next interval."""
+        if Group.acquire_maintenance_lock(self.redis, lock_ttl):
+            log.debug("cleaning group registries")
+            Group.clean_registries(connection=self.redis)
 
     def clean_canceled(self, queues: list[Queue], ttl: int) -> None:
         """RQ never cleans its canceled registries, and a job canceled without us (`rq`,

@@ -2,26 +2,77 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .contract import STREAM_MAX_BYTES, STREAM_MAXLEN
+
+# Webhook secrets take the Standard Webhooks form, `whsec_` + the base64 of the key, which
+# its libraries (the `standardwebhooks` package among them) decode to sign and verify: a
+# secret in any other form could not be verified with them, so a worker refuses it at start.
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_KEY_MIN_BYTES = 24      # the spec's smallest key (192 bits)
+WEBHOOK_SECRET_MAX_CHARS = 1024
+MAKE_WEBHOOK_SECRET = ("python -c \"import base64,secrets;"
+                       "print('whsec_'+base64.b64encode(secrets.token_bytes(32)).decode())\"")
+
+
+def webhook_signing_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_<base64>` secret, as the Standard Webhooks libraries decode
+    it; ValueError saying what is wrong and how to make a good one (never the secret: it
+    would end up in logs)."""
+    how = f"make one with: {MAKE_WEBHOOK_SECRET}"
+    if len(secret) > WEBHOOK_SECRET_MAX_CHARS:
+        raise ValueError(f"DDPM_WEBHOOK_SECRET is {len(secret)} characters long; at most "
+                         f"{WEBHOOK_SECRET_MAX_CHARS} are allowed ({how})")
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(
+            f"DDPM_WEBHOOK_SECRET must be {WEBHOOK_SECRET_PREFIX!r} followed by the base64 of "
+            f"a random key of {WEBHOOK_KEY_MIN_BYTES}+ bytes (the Standard Webhooks form, "
+            f"which its libraries decode to verify); {how}. To keep signing with an older "
+            f"secret's bytes, use {WEBHOOK_SECRET_PREFIX!r} + the base64 of its UTF-8 bytes")
+    encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+    try:            # strict: a character the libraries would skip is refused, not guessed
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError(f"DDPM_WEBHOOK_SECRET's part after {WEBHOOK_SECRET_PREFIX!r} is not "
+                         f"standard base64 (A-Z a-z 0-9 + / and = padding); {how}") from None
+    if len(key) < WEBHOOK_KEY_MIN_BYTES:
+        raise ValueError(f"DDPM_WEBHOOK_SECRET's key is {len(key)} bytes once base64-decoded; "
+                         f"it needs at least {WEBHOOK_KEY_MIN_BYTES} ({how})")
+    return key
+
+
+# When a worker takes new jobs (`DDPM_ADMISSION`; bench/latency.py measures all three):
+# step     between any two steps, while every admitted image fits a batch (continuous,
+#          step-level batching: the default, and this project's reason to exist);
+# request  only when the engine is empty, up to max_batch jobs at once, which then run to
+#          completion together (request-level batching, as Triton, Ray Serve, BentoML do);
+# none     no batching: max_batch is 1 (whatever DDPM_MAX_BATCH says), so one image at a
+#          time, a job's images one after another, the next job when the last one ends.
+Admission = Literal["step", "request", "none"]
+ADMISSIONS: tuple[Admission, ...] = get_args(Admission)
 
 
 class WorkerSettings(BaseSettings):
     """Everything a worker process is configured by; CLI flags override the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+    # hide_input_in_errors: a refused value (the webhook secret among them) is never echoed
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore",
+                                      hide_input_in_errors=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     models_dir: Path = Path("checkpoints")
     models: list[str] = []          # serve only these names (empty: every model found)
     device: str = "auto"            # auto, cpu, cuda, cuda:N
     max_batch: Annotated[int, Field(ge=1, le=4096)] | None = None  # None: 128 on GPU, 16 on CPU
+    admission: Admission = "step"   # when jobs are taken: see ADMISSIONS above
     name: str | None = None         # RQ worker name (default: random)
     # Throughput knobs (CUDA only; ignored on CPU).
     autocast_bf16: bool = True
@@ -53,16 +104,34 @@ class WorkerSettings(BaseSettings):
     # (`ddpm serve` passes its own --host, 127.0.0.1 by default).
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     metrics_host: Annotated[str, Field(min_length=1, max_length=255)] = "0.0.0.0"
-    # Completion webhooks (worker/webhooks.py): signed with this secret (`whsec_<base64>`
-    # or any string; unset: sent unsigned), each attempt given `webhook_timeout` seconds,
-    # retried after `webhook_backoff` seconds doubling, `webhook_attempts` attempts at most.
-    webhook_secret: Annotated[SecretStr, Field(min_length=16, max_length=1024)] | None = None
+    # Completion webhooks (worker/webhooks.py): signed with this secret (`whsec_<base64>`,
+    # checked by `webhook_signing_key`; unset: sent unsigned), each attempt given
+    # `webhook_timeout` seconds, retried after `webhook_backoff` seconds doubling up to
+    # `webhook_max_backoff`, `webhook_attempts` attempts at most.
+    webhook_secret: SecretStr | None = None
     webhook_timeout: Annotated[float, Field(gt=0, le=60)] = 10.0
     webhook_attempts: Annotated[int, Field(ge=1, le=20)] = 6
     webhook_backoff: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    webhook_max_backoff: Annotated[float, Field(ge=0, le=24 * 3600)] = 3600.0
     webhook_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     webhook_max_pending: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _no_batching(self) -> WorkerSettings:
+        """`admission=none` is `max_batch` 1 (see ADMISSIONS): the engine then needs no
+        third rule, and the advertised max batch says what the worker does."""
+        if self.admission == "none":
+            self.max_batch = 1
+        return self
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_form(cls, secret: SecretStr | None) -> SecretStr | None:
+        """Refused at start rather than signing what no receiver's library can verify."""
+        if secret is not None:
+            webhook_signing_key(secret.get_secret_value())
+        return secret
 
 
 def redacted(url: str) -> str:

@@ -7,18 +7,21 @@ canceled: by the API, `rq`, or RQ's stop commands) the worker POSTs JSON to it:
 
     {"type": "generation.succeeded" | "generation.failed" | "generation.canceled",
      "job_id", "status": "finished" | "failed" | "canceled", "enqueued_at", "ended_at",
-     "error" (failed and canceled only)}
+     "error" (why it failed or was canceled; null when it succeeded)}
 
 with the headers `webhook-id` (the same for every attempt of one delivery: receivers
 de-duplicate on it), `webhook-timestamp` (Unix seconds of this attempt) and, when
 DDPM_WEBHOOK_SECRET is set, `webhook-signature: v1,<base64 HMAC-SHA256 of
-"{id}.{timestamp}.{body}">`. A secret `whsec_<base64>` is used as the base64-decoded bytes
-(the Standard Webhooks libraries' format); any other secret as its UTF-8 bytes.
+"{id}.{timestamp}.{body}">`, keyed with the base64-decoded part of the secret
+`whsec_<base64>` as the Standard Webhooks libraries decode it (any other form is refused at
+start: `settings.webhook_signing_key`).
 
-An attempt that times out, cannot connect, or gets a 5xx, 408 or 429 is retried after
-`webhook_backoff` seconds, doubling each time, up to `webhook_attempts` attempts, then
-given up; any other answer ends the delivery (2xx delivered; 3xx, never followed, and 4xx
-rejected). `ddpm_worker_webhook_deliveries_total{outcome}` counts each delivery's end
+An attempt that times out, cannot connect, or gets a 5xx, 408 or 429 (the receiver is
+down, slow or busy: worth another try) is retried after `retry_delay`: `webhook_backoff`
+seconds, doubling each time, at most `webhook_max_backoff`, up to `webhook_attempts`
+attempts, then given up; any other answer ends the delivery (2xx delivered; 3xx, never
+followed, and any other 4xx rejected: the same request would be refused again).
+`ddpm_worker_webhook_deliveries_total{outcome}` counts each delivery's end
 (delivered, rejected, gave_up, dropped: over `webhook_max_pending` or unfinished at exit)
 and `ddpm_worker_webhook_attempts_total{result}` each attempt.
 """
@@ -45,20 +48,24 @@ from rq.job import Job
 from rq.utils import now
 
 from .metrics import WorkerMetrics
-from .settings import WorkerSettings
+from .settings import WorkerSettings, webhook_signing_key
 
 log = logging.getLogger("ddpm.worker.webhooks")
 
 EVENT_TYPES = {"finished": "generation.succeeded", "failed": "generation.failed",
                "canceled": "generation.canceled"}
-MAX_DELAY = 3600.0          # seconds: the longest wait between two attempts
-_RETRY_STATUS = {408, 429}
+RETRY_STATUS = frozenset({408, 429})     # 4xx worth another attempt (and every 5xx)
 
 
-def signing_key(secret: str) -> bytes:
-    if secret.startswith("whsec_"):
-        return base64.b64decode(secret.removeprefix("whsec_"))
-    return secret.encode()
+def retry_delay(settings: WorkerSettings, attempt: int) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1, 2, …): the backoff,
+    doubled after each attempt, capped."""
+    return min(settings.webhook_backoff * 2 ** (attempt - 1), settings.webhook_max_backoff)
+
+
+def retried(status: int) -> bool:
+    """Whether an answer with HTTP `status` is tried again (5xx, 408, 429)."""
+    return status >= 500 or status in RETRY_STATUS
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -83,7 +90,7 @@ class WebhookSender:
         self.settings = settings
         self.metrics = metrics
         secret = settings.webhook_secret
-        self._key = signing_key(secret.get_secret_value()) if secret else None
+        self._key = webhook_signing_key(secret.get_secret_value()) if secret else None
         self._due: list[tuple[float, int, Delivery]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
@@ -106,9 +113,8 @@ class WebhookSender:
         payload: dict[str, Any] = {
             "type": EVENT_TYPES[status], "job_id": job.id, "status": status,
             "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
-            "ended_at": (job.ended_at or now()).isoformat()}
-        if status != "finished":
-            payload["error"] = error
+            "ended_at": (job.ended_at or now()).isoformat(),
+            "error": None if status == "finished" else error}
         body = json.dumps(payload).encode()
         for i, url in enumerate(urls):
             suffix = f"_{i}" if i else ""
@@ -182,8 +188,8 @@ class WebhookSender:
             elif d.attempt >= self.settings.webhook_attempts:
                 self._end(d, "gave_up", detail)
             else:
-                delay = min(self.settings.webhook_backoff * 2 ** (d.attempt - 1), MAX_DELAY)
-                log.info("webhook %s for job %s: %s; attempt %d in %.2fs", _host(d.url),
+                delay = retry_delay(self.settings, d.attempt)
+                log.info("webhook %s for job %s: %s; attempt %d in %rs", _host(d.url),
                          d.job_id, detail, d.attempt + 1, delay)
                 with self._cond:
                     heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), d))
@@ -238,7 +244,7 @@ class WebhookSender:
             return label, False, f"HTTP {status}"
         if 300 <= status < 400:
             return label, False, f"HTTP {status} redirect to {where!r} not followed"
-        return label, status >= 500 or status in _RETRY_STATUS, f"HTTP {status}"
+        return label, retried(status), f"HTTP {status}"
 
 
 def _host(url: str) -> str:

@@ -43,6 +43,9 @@ log = logging.getLogger("ddpm.api")
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 GIF = {200: {"content": {"image/gif": {}}, "description": "animated GIF"}}
 NOT_READY = {409: ERROR_RESPONSES[404] | {"description": "not produced yet"}}
+UNSUPPORTED = {415: ERROR_RESPONSES[404] | {
+    "description": "the body is neither application/json nor multipart/form-data "
+    "(app/body_limit.py); `Accept-Post` lists both"}}
 
 
 # What JobStore accepts as an Idempotency-Key: printable characters (str.isprintable over
@@ -83,7 +86,8 @@ async def _sole_model(store: Store) -> None:
             "no model is served (no live worker)")))
 
 
-@router.post("", status_code=202, response_model=Generation, responses=ERROR_RESPONSES,
+@router.post("", status_code=202, response_model=Generation,
+             responses=ERROR_RESPONSES | UNSUPPORTED,
              summary="Submit a generation", dependencies=[Depends(_sole_model)],
              openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})

@@ -587,3 +587,68 @@ def test_a_job_hash_the_api_cannot_decode_is_a_404_everywhere(
         resp = client.get(f"/v1/generations/{job.id}{path}")
         assert resp.status_code == 404, (path, resp.status_code, resp.text[:200])
     assert client.delete(f"/v1/generations/{job.id}").status_code == 404
+
+
+# -- what a job links to; what a body must be --------------------------------------------
+
+
+def test_an_ended_job_links_only_the_images_it_stored(client: httpx.Client,
+                                                      spawn_worker: Callable[..., Any]) -> None:
+    """Issue 30: a canceled job's `links.images` listed every image (16 URLs that answer
+    404) while `images` was []. A queued or running job links every image it will make; a
+    canceled one, in its view and in the listing, exactly the images it stored."""
+    spawn_worker("--max-batch", "1")          # one slot: the images are made one by one
+    ready(client)
+    job = submit(client, num_images=6, steps=200)
+    early = client.get(f"/v1/generations/{job['id']}").json()      # queued or running
+    assert len(early["links"]["images"]) == 6 and early["images"] == [], early
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/generations/{job['id']}/images/0").status_code != 200:
+        assert time.monotonic() < deadline, "image 0 was never stored"
+        time.sleep(0.05)
+    queued = submit(client, num_images=3, steps=5)
+    for j in (queued, job):
+        r = client.delete(f"/v1/generations/{j['id']}")
+        assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+        assert sse(client, j["id"])[-1]["event"] == "canceled"      # the worker let go
+    views = {v["id"]: v for v in client.get("/v1/generations").json()["generations"]}
+    for j, least in ((queued, 0), (job, 1)):
+        doc = client.get(f"/v1/generations/{j['id']}").json()
+        links = doc["links"]["images"]
+        assert doc["images"] == links and views[j["id"]]["links"]["images"] == links, doc
+        stored = [f"{doc['links']['self']}/images/{i}" for i in range(j["progress"]["num_images"])
+                  if client.get(f"/v1/generations/{j['id']}/images/{i}").status_code == 200]
+        assert links == stored and least <= len(stored) < j["progress"]["num_images"], doc
+
+
+def test_a_body_that_is_not_json_is_told_what_to_send(client: httpx.Client) -> None:
+    """Issue 30: a POST without `Content-Type: application/json` (curl -d sends a form
+    type; a bare client none) got "Input should be a valid dictionary". It is told that
+    the header is wrong and what to send: natively a 415 with Accept-Post, on the OpenAI
+    routes their 400, each naming what that route takes."""
+    body = b'{"model": "tiny"}'
+    for ctype in (None, "text/plain", "application/x-www-form-urlencoded"):
+        r = client.post("/v1/generations", content=body,
+                        headers={"content-type": ctype} if ctype else {})
+        assert r.status_code == 415, (ctype, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_media_type", err
+        for words in ("Content-Type", ctype or "missing", "application/json",
+                      "multipart/form-data"):
+            assert words in err["message"], (words, err)
+        assert set(r.headers["accept-post"].split(", ")) == {"application/json",
+                                                             "multipart/form-data"}
+    for path, ctype, takes in (("/v1/images/generations", "text/plain", "application/json"),
+                               ("/v1/images/edits", "application/json", "multipart/form-data"),
+                               ("/v1/images/variations", None, "multipart/form-data")):
+        r = client.post(path, content=body, headers={"content-type": ctype} if ctype else {})
+        assert r.status_code == 400, (path, r.text)
+        err = r.json()["error"]
+        assert (err["type"], err["code"]) == ("invalid_request_error",
+                                              "unsupported_media_type"), err
+        assert "Content-Type" in err["message"] and takes in err["message"], (path, err)
+    # JSON with parameters, or as a +json type, is JSON: it reaches the route (no worker
+    # serves `tiny` here, hence the 404).
+    for ctype in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        r = client.post("/v1/generations", content=body, headers={"content-type": ctype})
+        assert r.status_code == 404 and r.json()["error"]["field"] == "model", (ctype, r.text)

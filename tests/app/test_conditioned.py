@@ -1,6 +1,7 @@
 """Image-conditioned generation over HTTP: img2img, inpainting and interpolation through a
 live `ddpm api` and `ddpm worker` (real Redis), as JSON with base64 images and as
-multipart uploads; hostile images refused with a 422 naming the field, never a 500."""
+multipart uploads; hostile images refused with a 422 naming the field, never a 500; an
+image too large and a rest too large refused alike in both shapes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.settings import ApiSettings
 from tests.app.test_api import poll, ready
+from worker.contract import INPUT_FIELDS
+from worker.inputs import MAX_INPUT_BYTES
 
 SIZE = 16                    # the `tiny` model: 16×16 RGB
 
@@ -213,3 +217,81 @@ def test_multipart_mistakes_are_422s(live: httpx.Client) -> None:
                   headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 422, r.text
     assert live.get("/metrics").text.count('status="500"') == 0
+
+
+def test_an_image_over_the_limit_is_refused_alike_as_json_or_as_a_file(
+        start_api: Callable[..., Any]) -> None:
+    """Issue 30: a too-large image in JSON got "String should have at most 5739832
+    characters", as a file "larger than 4194304 bytes". Every way of sending one (base64,
+    a data: URL, a file part, a text part) now gets one message, the image's size and the
+    limit in bytes, for each image field. A body past the upload limit (6 MiB here: a 5 MB
+    image is past it as base64, not as a file) is a 413 giving the image limit in bytes."""
+    upload = 6 * 2**20
+    api = start_api(env={"DDPM_MAX_UPLOAD_BYTES": str(upload)})
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        request = '{"model": "tiny", "steps": 2}'
+        for i, field in enumerate(INPUT_FIELDS):
+            data = np.random.default_rng(i).bytes(MAX_INPUT_BYTES * 21 // 20 + 1000 * i)
+            text = b64(data)
+            replies = {
+                "base64": c.post("/v1/generations", json={"model": "tiny", field: text}),
+                "file": c.post("/v1/generations", files={field: ("a.png", data, "image/png")},
+                               data={"request": request}),
+            }
+            if field == "init_image":
+                replies["data URL"] = c.post("/v1/generations", json={
+                    "model": "tiny", field: f"data:image/png;base64,{text}"})
+                replies["text part"] = c.post("/v1/generations", files={field: (None, text)},
+                                              data={"request": request})
+            messages = set()
+            for how, r in replies.items():
+                assert r.status_code == 422, (field, how, r.text[:300])
+                err = r.json()["error"]
+                assert err["field"] == field and err["code"] == "invalid_request", (how, err)
+                messages.add(err["message"])
+            (message,) = messages                   # one wording, whatever the transport
+            for words in (field, f"{len(data)} bytes", f"at most {MAX_INPUT_BYTES} bytes"):
+                assert words in message, (words, message)
+        big = np.random.default_rng(9).bytes(5 * 10**6)
+        as_file = c.post("/v1/generations", files={"init_image": ("a.png", big, "image/png")},
+                         data={"request": request})
+        assert as_file.status_code == 422 and f"{len(big)} bytes" in as_file.text, as_file.text
+        as_json = c.post("/v1/generations", json={"model": "tiny", "init_image": b64(big)})
+        assert as_json.status_code == 413, as_json.text[:300]
+        err = as_json.json()["error"]
+        assert err["code"] == "payload_too_large", err
+        for words in (f"{upload} bytes", f"image may be at most {MAX_INPUT_BYTES} bytes"):
+            assert words in err["message"], (words, err)
+
+
+def test_what_is_not_an_image_is_held_to_the_body_limit(live: httpx.Client) -> None:
+    """Issue 30: every body on POST /v1/generations got the 20 MiB upload limit, so 20 KB
+    of padding was accepted. What is not an image (a JSON body less its images, a form's
+    `request` part) is held to DDPM_MAX_BODY_BYTES, a 413 that says so; the images keep
+    their own limit, so a large image with a small rest still runs."""
+    limit = ApiSettings.model_fields["max_body_bytes"].default
+    photo = png(picture(3, size=96))                # noise: larger than the limit as PNG
+    assert len(photo) > limit
+    pad = " " * limit
+
+    def as_json(image: bool, padded: bool) -> httpx.Response:
+        text = ('{"model": "tiny", "steps": 2' + (pad if padded else "")
+                + (f', "init_image": "{b64(photo)}"' if image else "") + "}")
+        return live.post("/v1/generations", content=text.encode(),
+                         headers={"content-type": "application/json"})
+
+    def as_form(padded: bool) -> httpx.Response:
+        return live.post("/v1/generations", files={"init_image": ("a.png", photo, "image/png")},
+                         data={"request": '{"model": "tiny", "steps": 2'
+                                          + (pad if padded else "") + "}"})
+
+    for how, r in (("padding", as_json(False, True)), ("image and padding", as_json(True, True)),
+                   ("padded request part", as_form(True))):
+        assert r.status_code == 413, (how, r.text[:300])
+        err = r.json()["error"]
+        assert err["code"] == "payload_too_large", (how, err)
+        for words in ("DDPM_MAX_BODY_BYTES", f"at most {limit} bytes"):
+            assert words in err["message"], (how, words, err)
+    for how, r in (("image", as_json(True, False)), ("file", as_form(False))):
+        assert r.status_code == 202, (how, r.text[:300])
+        assert poll(live, r.json()["id"], {"succeeded", "failed"})["status"] == "succeeded"

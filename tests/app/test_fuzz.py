@@ -79,10 +79,17 @@ STATEFUL_REFUSALS = {("webhook", "not allowed"), ("Idempotency-Key", "different 
 
 
 # 422s for content a JSON Schema cannot describe: an image's bytes (base64 or a file part),
-# the multipart `request` part's JSON, a field sent both ways; and steps that do not fit
-# in what the strength leaves of the model's T.
+# the multipart `request` part's JSON, a field sent both ways.
 CONTENT_FIELDS = {"request", *INPUT_FIELDS, "image"}   # /v1/images: `image` and `mask`
-MODEL_REFUSALS = {("steps", "timesteps that strength")}
+# 422s (OpenAI: 400s) that depend on the served model, which the schema's descriptions
+# state and the README lists (GenerationSpec.check_model, check_stream_budget): steps past
+# its T or what the strength leaves of it, a class it does not have, snapshots larger than
+# its images or, at its size, more than a job's stream holds.
+MODEL_REFUSALS = {("steps", "timesteps that strength"), ("steps", "exceeds the model's"),
+                  ("class_label", "must be <"), ("class_label", "is unconditional"),
+                  ("snapshot_size", "exceeds the model's"),
+                  ("snapshot_every", "a job's event stream holds"),
+                  ("partial_images", "this server's event streams hold")}
 
 
 def schema_accepts(ctx: object, response: schemathesis.Response, case: Case) -> None:

@@ -86,6 +86,32 @@ def test_list_own_jobs_newest_first_paged_and_filtered(start_api: Callable[..., 
         assert [g["id"] for g in _walk(c, H1, limit=2)] == mine[5::-1]
 
 
+def test_a_foreign_job_in_the_callers_index_is_never_listed(start_api: Callable[..., Any],
+                                                            r: redis.Redis) -> None:
+    """Defence in depth: the index only says where to look; each job's own owner decides.
+    Bob's job written straight into Alice's index (newest, between hers, and oldest) is in
+    none of her pages, filtered or not, and still in Bob's."""
+    api = start_api({"DDPM_API_KEYS": DIGESTS, "DDPM_RATE_LIMIT": "0"})
+    advertise(r, "tiny")
+    with httpx.Client(base_url=api.url, timeout=30) as c:
+        mine = [_post(c, H1, seed=i) for i in range(3)]
+        theirs = [_post(c, H2, seed=i) for i in range(3)]
+        (index,) = (k for k in r.scan_iter("ddpm:jobs:*") if r.zscore(k, mine[0]) is not None)
+        assert r.zscore(index, theirs[0]) is None
+        scores = [r.zscore(index, j) for j in mine]
+        assert all(s is not None for s in scores)
+        newest, oldest = max(scores) + 1, min(scores) - 1    # type: ignore[type-var, operator]
+        between = (scores[0] + scores[1]) / 2                # type: ignore[operator]
+        r.zadd(index, dict(zip(theirs, (newest, between, oldest), strict=True)))
+
+        for params in ({}, {"limit": 1}, {"limit": 2}, {"status": "queued"},
+                       {"status": "queued", "limit": 1}):
+            assert [g["id"] for g in _walk(c, H1, **params)] == mine[::-1], params
+        for job in theirs:      # and never by its id either
+            assert c.get(f"/v1/generations/{job}", headers=H1).status_code == 404
+        assert [g["id"] for g in _walk(c, H2)] == theirs[::-1]
+
+
 def test_the_listing_index_is_bounded_and_expires(start_api: Callable[..., Any],
                                                   r: redis.Redis) -> None:
     api = start_api({"DDPM_MAX_LISTED_JOBS": "3", "DDPM_RESULT_TTL": "600",

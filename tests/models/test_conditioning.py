@@ -8,6 +8,7 @@ streams are used, batch invariance), not image quality (test_conditioning_qualit
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from models import (
     SlotBatch,
     SlotSpec,
     counter_normal,
+    image_noise,
     image_seed,
     repaint_plan,
     sample,
@@ -161,6 +163,49 @@ def test_img2img_at_full_strength_is_plain_generation(net, kind: SamplerKind) ->
     half = run(net, [SlotSpec(seed=5, steps=3, kind=kind, init=A, strength=0.5)])[0]
     assert (half - plain).abs().mean().item() > 0.05
     assert (half - A).abs().mean().item() > 0.05
+
+
+def linear_alpha_bar(t: int) -> float:
+    """ᾱ_t of the default linear schedule from its definition (β linear 1e-4…0.02 over T,
+    ᾱ_t = ∏_{s ≤ t} (1 − β_s); ᾱ_{−1} = 1), in Python floats: not the schedule's tables."""
+    betas = [1e-4 + (0.02 - 1e-4) * s / (T - 1) for s in range(T)]
+    return math.prod(1.0 - b for b in betas[: t + 1])
+
+
+# strength → t0 = ⌈s·T⌉ − 1, written out by hand for T = 1000.
+START_CASES = [(0.5, 499), (0.07, 69), (0.3, 299), (0.0005, 0), (0.999, 998)]
+
+
+@pytest.mark.parametrize(("strength", "t0"), START_CASES)
+def test_img2img_and_interpolation_start_at_their_formula(net, strength: float,
+                                                          t0: int) -> None:
+    """The start state, absolutely: img2img x_t0 = √ᾱ_t0 A + √(1 − ᾱ_t0) ε, interpolation
+    √ᾱ_t0 ((1 − λ) A + λ B) + √(1 − ᾱ_t0) ε, ε each slot's counter-0 noise; a plain slot in
+    the same batch starts at its ε unchanged. The tolerance is far below the gap between t0
+    and t0 − 1, which the test measures so that it cannot silently lose that resolution."""
+    cfg = DiffusionConfig()
+    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end, T) == ("linear", 1e-4, 0.02, 1000)
+    specs = [SlotSpec(seed=11, index=0, steps=1, init=A, strength=strength),
+             SlotSpec(seed=11, index=1, steps=1),
+             SlotSpec(seed=12, index=3, steps=1, init=A, init_b=B, mix=0.3, strength=strength),
+             SlotSpec(seed=12, index=4, steps=1, init=A, init_b=B, mix=1.0, strength=strength)]
+    batch = SlotBatch(net, SCHED, shape=SHAPE)
+    batch.add(specs)
+    f64 = torch.float64
+    eps = [image_noise(s.seed, s.index, 0, SHAPE).to(f64) for s in specs]
+
+    def start(t: int, image: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        ab = linear_alpha_bar(t)
+        return math.sqrt(ab) * image.to(f64) + math.sqrt(1.0 - ab) * e
+
+    want = [start(t0, A, eps[0]), eps[1],
+            start(t0, 0.7 * A + 0.3 * B, eps[2]), start(t0, B, eps[3])]
+    tol = 1e-6   # float32 rounding is ~3e-7 here
+    for i, w in enumerate(want):
+        assert (batch.x[i].to(f64) - w).abs().max().item() < tol, (i, strength)
+    # Where an off-by-one start would be (t0 − 1; −1 is the input itself): far outside.
+    gap = (start(t0 - 1, A, eps[0]) - want[0]).abs().max().item()
+    assert gap > 20 * tol, gap
 
 
 def test_steps_are_spread_below_the_start(net) -> None:

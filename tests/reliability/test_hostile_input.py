@@ -39,8 +39,11 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from websockets.sync.client import connect
 
+from app.body_limit import BODY_TYPES, UPLOAD_PATHS
 from app.errors import _field
+from app.main import create_app
 from app.schemas import GenerationRequest
+from app.settings import ApiSettings
 from worker.client import enqueue
 from worker.contract import (
     JOB_FUNC,
@@ -370,12 +373,12 @@ HOSTILE_BODIES: list[tuple[str, bytes, str, int, str | None]] = [
     ("empty", b"", "application/json", 422, None),
     ("whitespace", b" \n\t ", "application/json", 422, None),
     ("trailing garbage", b'{"model":"tiny"} x', "application/json", 422, None),
-    ("text/plain", b'{"model":"tiny"}', "text/plain", 422, None),
-    ("form-encoded", b"model=tiny&steps=1", "application/x-www-form-urlencoded", 422, None),
+    ("text/plain", b'{"model":"tiny"}', "text/plain", 415, None),
+    ("form-encoded", b"model=tiny&steps=1", "application/x-www-form-urlencoded", 415, None),
     # A form's fields go in its `request` part (JSON); its files are the input images.
     ("multipart", b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\ntiny\r\n--x--',
      "multipart/form-data; boundary=x", 422, "model"),
-    ("XML", b"<model>tiny</model>", "application/xml", 422, None),
+    ("XML", b"<model>tiny</model>", "application/xml", 415, None),
     ("sampler in another case", b'{"model":"tiny","sampler":"DDIM"}', "application/json",
      422, "sampler"),
     ("a nested object as steps", b'{"model":"tiny","steps":{"$gt":1}}', "application/json",
@@ -383,6 +386,17 @@ HOSTILE_BODIES: list[tuple[str, bytes, str, int, str | None]] = [
     ("the largest valid request", b'{"model":"tiny","steps":1000,"num_images":64,'
      b'"snapshot_every":1000}', "application/json", 202, None),
 ]
+
+
+def test_each_post_takes_the_media_types_its_schema_states() -> None:
+    """Which media types a POST's body may have is one list (app.body_limit.BODY_TYPES:
+    another is a 415, or OpenAI's 400); the OpenAPI document states the same, route by
+    route, and the routes that take files are the ones that get the upload limit."""
+    doc = create_app(ApiSettings()).openapi()
+    stated = {path: set(op["requestBody"]["content"]) for path, ops in doc["paths"].items()
+              for op in ops.values() if "requestBody" in op}
+    assert stated == {path: set(types) for path, types in BODY_TYPES.items()}
+    assert {p for p, types in stated.items() if "multipart/form-data" in types} == UPLOAD_PATHS
 
 
 def test_hostile_bodies_get_a_clear_4xx_and_the_api_stays_up(

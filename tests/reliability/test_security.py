@@ -490,7 +490,7 @@ def test_cors_is_off_and_the_page_sends_security_headers(api: Any) -> None:
             assert resp.headers["content-type"] == "application/json", (path, resp.headers)
             _error(resp, resp.status_code, path)
         bad = c.post("/v1/generations", content=b"<html>", headers={"content-type": "text/html"})
-        assert bad.headers["content-type"] == "application/json" and bad.status_code == 422
+        assert bad.headers["content-type"] == "application/json" and bad.status_code == 415
 
 
 def test_a_redis_password_never_reaches_a_log_or_a_client(

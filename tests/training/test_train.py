@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import load_checkpoint, read_config
+from models import build_network, load_checkpoint, read_config
 from training.trainer import (
     LOG_FILE,
     STATE_FILE,
@@ -118,6 +118,35 @@ def test_resume_continues_exactly(shapes: Path, tmp_path: Path) -> None:
     # A different seed really is a different run (so the equality above can fail).
     other = train(opts(shapes, tmp_path / "other", steps=8, **{**kw, "seed": 8}))
     assert not torch.equal(_weights(other)["raw.conv_in.weight"], a["raw.conv_in.weight"])
+
+
+def test_the_loop_applies_the_ema_warm_up(shapes: Path, tmp_path: Path) -> None:
+    """The EMA after step k is d_k · EMA + (1 − d_k) · raw weights after the step, with the
+    documented warm-up d_k = min(decay, (1 + k)/(10 + k)): 1/10 after the first step
+    (from the initial weights, as built from the seed), 2/11 after the second. warmup=0 and
+    a large lr make one Adam step move every weight by ~lr, far above the tolerance."""
+    kw = dict(lr=1e-2, warmup=0, ema_decay=0.999, seed=3)
+    out = train(opts(shapes, tmp_path / "run", steps=1, **kw))
+    one = torch.load(out / STATE_FILE, weights_only=True)
+    torch.manual_seed(3)
+    initial = build_network(read_config(out).unet).state_dict()
+    train(TrainOptions(data=None, out=out, steps=2, resume=True, log_every=1,
+                       progress=False, device="cpu", sample_steps=2))
+    two = torch.load(out / STATE_FILE, weights_only=True)
+    served = load_file(out / "model.safetensors")
+
+    def check(ema: dict[str, torch.Tensor], before: dict[str, torch.Tensor],
+              raw: dict[str, torch.Tensor], d: float) -> None:
+        assert set(ema) == set(before) == set(raw)
+        moved = max((raw[k].double() - before[k].double()).abs().max().item() for k in raw)
+        assert moved > 1e-3, moved       # the mix is measurable
+        for k in raw:
+            want = d * before[k].double() + (1 - d) * raw[k].double()
+            assert (ema[k].double() - want).abs().max().item() < 1e-6, (k, d)
+
+    check(one["ema"], initial, one["model"], 1 / 10)
+    check(two["ema"], one["ema"], two["model"], 2 / 11)
+    assert all(torch.equal(served[k], two["ema"][k]) for k in served)
 
 
 def test_resume_refuses_changed_settings_and_missing_state(shapes: Path, tmp_path: Path) -> None:

@@ -328,3 +328,12 @@ def test_frame_bytes_bounds_real_frames_of_noise(fmt: str, channels: int) -> Non
             im.save(buf, format=fmt.upper(), **({"quality": quality} if quality else {}))
             estimate = Preview(size, fmt, quality).frame_bytes(channels)  # type: ignore[arg-type]
             assert len(buf.getvalue()) <= estimate, (size, quality)
+
+
+@pytest.mark.parametrize("value", [True, False, "2", 2.5])
+def test_integer_fields_take_no_other_json_type(value: object) -> None:
+    """Strict (RequestModel): JSON's `true` was read as 1 (issue 30, ST201); `2.0` is an
+    integer to JSON Schema and is taken as 2."""
+    with pytest.raises(ValidationError):
+        GenerationSpec.model_validate({"model": "m", "seed": value})
+    assert GenerationSpec.model_validate({"model": "m", "seed": 2.0}).seed == 2

@@ -480,6 +480,38 @@ def test_mask_alpha_zero_marks_the_region_to_generate() -> None:
     assert int(out[2:].max()) == 0
 
 
+ALPHAS = [0, 1, 64, 127, 128, 254, 255]    # a row each: anti-aliased edges and the ends
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_mask_only_alpha_zero_generates_at_anti_aliased_edges(mode: str) -> None:
+    """Only alpha exactly 0 means "generate"; every other alpha (1 and 254 included) keeps.
+    Colours are chosen against the alpha: transparent pixels black, the others white, so a
+    mask read by threshold or by luminance instead would mark other pixels."""
+    n = len(ALPHAS)
+    rgba = np.zeros((n, n, 4), np.uint8)
+    for row, a in enumerate(ALPHAS):
+        rgba[row, :, :3] = 0 if a == 0 else 255
+        rgba[row, :, 3] = a
+    im = Image.fromarray(rgba, "RGBA").convert(mode)
+    out = _mask(mask_input(_encode(im), like=(n, n), size=n))
+    generated = sorted({a for row, a in enumerate(ALPHAS) if out[row].min() == 255})
+    kept = sorted({a for row, a in enumerate(ALPHAS) if out[row].max() == 0})
+    assert generated == [0] and kept == ALPHAS[1:]
+
+
+@pytest.mark.parametrize("alphas", [(254, 255), (1, 255), (64,)], ids=str)
+def test_mask_with_transparency_but_no_alpha_zero_generates_nothing(
+        alphas: tuple[int, ...]) -> None:
+    """A partly transparent mask without an alpha-0 pixel marks nothing, even if it is white
+    (it is read by alpha, not by luminance, as soon as any alpha is below 255)."""
+    rgba = np.full((4, 4, 4), 255, np.uint8)
+    for i, a in enumerate(alphas):
+        rgba[i::len(alphas), :, 3] = a
+    out = _mask(mask_input(_encode(rgba), like=(4, 4), size=4))
+    assert int(out.max()) == 0
+
+
 def test_mask_of_palette_with_transparency_uses_alpha() -> None:
     out = _mask(mask_input(_palette_with_transparency(), like=(4, 4), size=4))
     assert out[:, :2].tolist() == [[255, 255]] * 4 and int(out[:, 2:].max()) == 0

@@ -19,14 +19,17 @@ from worker.contract import (
     FRAMES_EXPIRING,
     Event,
     EventType,
+    GenerationSpec,
+    ModelInfo,
     Preview,
+    SpecError,
     events_key,
     frames_key,
     image_key,
 )
 from worker.engine import Frame
 from worker.events import Batch, EventWriter
-from worker.frames import FrameExpiry
+from worker.frames import FrameExpiry, encode_frame
 
 PNG16 = Preview(16, "png")
 
@@ -121,8 +124,7 @@ def test_stream_keeps_its_byte_budget_trimming_oldest_snapshots_first(
     w.close()
     kept = entries(r, job)
     snaps = [(i, e) for i, e in kept if e.type == EventType.SNAPSHOT]
-    sizes = [sum(len(v) for v in r.xrange(events_key(job), i, i)[0][1].values())
-             for i, _ in snaps]
+    sizes = [len(e.image or b"") for _, e in snaps]
     assert 0 < sum(sizes) <= budget
     assert int(r.get(frames_key(job) + ":bytes")) == sum(sizes)
     assert [e.data["step"] for _, e in snaps][-2:] == [30, 30], "the newest frames are kept"
@@ -134,19 +136,83 @@ def test_stream_keeps_its_byte_budget_trimming_oldest_snapshots_first(
     assert kept[0][1].type == EventType.STARTED
 
 
+def test_coalescing_starts_just_past_half_the_pending_bound(r: redis.Redis) -> None:
+    """Pending bytes up to half the bound: every snapshot is kept; the first batch that
+    takes them past half drops the untaken snapshot of its image (not only once full)."""
+    dropped: list[int] = []
+    n = step_batch("j9", 1, 1, 9).nbytes              # one frame and one event
+    w = EventWriter(r, ttl=60, maxlen=10_000, on_drop=dropped.append)
+    w.max_pending_bytes = 8 * n                        # half: 4 batches exactly
+    r.client_pause(5000, all=False)                    # nothing is written meanwhile
+    try:
+        w.send(step_batch("j9", 1, 1, 9))
+        counts = [sum(dropped)]
+        deadline = time.monotonic() + 4
+        while w._waiting:                              # the writer took it, and is blocked
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for s in range(2, 7):
+            w.send(step_batch("j9", 1, s, 9))
+            counts.append(sum(dropped))
+    finally:
+        r.client_unpause()
+    assert counts == [0, 0, 0, 0, 1, 2], "4 batches are half the bound, the 5th is past it"
+    w.close()
+
+
+def test_a_frame_total_exactly_at_the_budget_is_kept_as_the_api_admits_it(
+        r: redis.Redis) -> None:
+    """At the stream budget's boundary the two sides agree: the API admits a request whose
+    frames come to exactly the budget, and the worker keeps frames that come to exactly
+    the budget (one byte less: the API refuses, the worker trims the oldest). Both count
+    the frames' encoded images."""
+    frames = [noise(16, s) for s in range(2)]
+    total = sum(len(encode_frame(f.numpy(), PNG16)) for f in frames)
+
+    def kept_all(budget: int) -> bool:
+        job = f"jb{budget}"
+        w = EventWriter(r, ttl=60, maxlen=100, stream_max_bytes=budget)
+        for s, pixels in enumerate(frames, 1):
+            b = Batch()
+            b.frame(Frame(job, 0, s, pixels, False), 3, "xt", PNG16)
+            w.send(b)
+        assert w.wait(w.event(job, Event(EventType.DONE, {})), timeout=30)
+        w.close()
+        snaps = [e for _, e in entries(r, job) if e.type == EventType.SNAPSHOT]
+        assert sum(len(e.image or b"") for e in snaps) <= budget
+        return len(snaps) == len(frames)
+
+    info = ModelInfo(name="m", image_size=16, in_channels=3, num_timesteps=100)
+    spec = GenerationSpec(model="m", steps=9, snapshot_every=2, snapshot_format="png")
+    need = spec.snapshot_bytes(info)
+    assert need > 0
+
+    def admitted(budget: int) -> bool:
+        try:
+            spec.check_stream_budget(info, budget)
+        except SpecError:
+            return False
+        return True
+
+    assert [kept_all(total + d) for d in (-1, 0, 1)] == \
+        [admitted(need + d) for d in (-1, 0, 1)] == [False, True, True]
+
+
 def test_frames_expire_after_the_job_ends_results_stay(r: redis.Redis) -> None:
     w = EventWriter(r, ttl=600, maxlen=10_000, snapshot_ttl=5)
     job = "j4"
     w.send(step_batch(job, 2, 1, 2))
     w.send(step_batch(job, 2, 2, 2, final=True))
+    before = time.time()
     seq = w.event(job, Event(EventType.DONE, {"num_images": 2}))
     assert w.wait(seq, timeout=30)
+    after = time.time()
     w.close()
     due = r.zscore(FRAMES_EXPIRING, job)
-    assert due is not None and 0 < due - time.time() <= 5
+    assert due is not None and before + 5 <= due <= after + 5, "snapshot_ttl after the end"
     assert 0 < r.ttl(FRAMES_EXPIRING) <= 5 + 600, "the index goes when its entries are due"
     expire = FrameExpiry(r)
-    assert expire(time.time()) == 0, "not due yet"
+    assert expire(due - 1) == 0, "not due yet"
     assert any(e.type == EventType.SNAPSHOT for _, e in entries(r, job))
     assert expire(due + 1) == 1
     left = [e.type for _, e in entries(r, job)]
