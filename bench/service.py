@@ -65,7 +65,7 @@ import tempfile
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,37 @@ def _b64_png(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+async def job_events(client: aiohttp.ClientSession, job_id: str
+                     ) -> AsyncIterator[tuple[str, str]]:
+    """A job's SSE events as (event, data) until the server ends the stream (after `done`:
+    reading to the end lets the client reuse the connection); `error`, `canceled` and
+    `requeued` raise, since a benchmark's job must run once and succeed."""
+    async with client.get(f"/v1/generations/{job_id}/events") as resp:
+        if resp.status != 200:
+            raise BenchError(f"events of {job_id}: {resp.status} {(await resp.text())[:300]}")
+        event, data = "", ""
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = line[5:].strip()
+            elif not line and event:
+                if event in ("error", "canceled", "requeued"):
+                    raise BenchError(f"job {job_id}: {event} {data[:300]}")
+                yield event, data
+                event = ""
+
+
+async def fetch_result(client: aiohttp.ClientSession, job_id: str, num_images: int) -> None:
+    """Download the job's image (the grid of a several-image job) and check it is a PNG."""
+    path = "images/0" if num_images == 1 else "grid.png"
+    async with client.get(f"/v1/generations/{job_id}/{path}") as img:
+        content = await img.read()
+        if img.status != 200 or not content.startswith(PNG_SIGNATURE):
+            raise BenchError(f"{path} of {job_id}: {img.status} {content[:100]!r}")
+
+
 async def one_request(client: aiohttp.ClientSession, body: dict[str, Any], first_event: str
                       ) -> Sample:
     """Submit, follow the event stream to `done`, download the image (the grid of a
@@ -239,34 +270,15 @@ async def one_request(client: aiohttp.ClientSession, body: dict[str, Any], first
     submit = time.perf_counter() - t0
     first = done = None
     events = 0
-    async with client.get(f"/v1/generations/{job_id}/events") as resp:
-        if resp.status != 200:
-            raise BenchError(f"events of {job_id}: {resp.status} {(await resp.text())[:300]}")
-        event, data = "", ""
-        # Read to the end (the server closes the stream after `done`): the connection is
-        # then reused by this client's next request.
-        async for raw in resp.content:
-            line = raw.decode().rstrip("\r\n")
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = line
-            elif not line and event:
-                events += 1
-                if event == first_event and first is None:
-                    first = time.perf_counter() - t0
-                elif event == "done":
-                    done = time.perf_counter() - t0
-                elif event in ("error", "canceled", "requeued"):
-                    raise BenchError(f"job {job_id}: {event} {data[:300]}")
-                event = ""
+    async for event, _ in job_events(client, job_id):
+        events += 1
+        if event == first_event and first is None:
+            first = time.perf_counter() - t0
+        elif event == "done":
+            done = time.perf_counter() - t0
     if done is None:
         raise BenchError(f"job {job_id}: the event stream ended without `done`")
-    path = "images/0" if body["num_images"] == 1 else "grid.png"
-    async with client.get(f"/v1/generations/{job_id}/{path}") as img:
-        content = await img.read()
-        if img.status != 200 or not content.startswith(PNG_SIGNATURE):
-            raise BenchError(f"{path} of {job_id}: {img.status} {content[:100]!r}")
+    await fetch_result(client, job_id, body["num_images"])
     total = time.perf_counter() - t0
     return Sample(first_frame=first if first is not None else total, done=total,
                   submit=submit, events=events)
