@@ -50,6 +50,7 @@ from worker.contract import (
 from .errors import ApiError, _field, _validation_message, redis_error
 from .jobs import Served
 from .schemas import GenerationRequest
+from .uploads import image_too_large
 
 log = logging.getLogger("ddpm.api")
 
@@ -383,9 +384,9 @@ async def read_form(request: Request, model: type[M], max_bytes: int) -> M:
                     data = value.encode()
                 else:
                     data = await value.read(max_bytes + 1)
-                if len(data) > max_bytes:
-                    raise ApiError(400, "invalid_request", f"the image is larger than "
-                                   f"{max_bytes} bytes", field=key)
+                if len(data) > max_bytes:       # its size, as the native routes say it
+                    rest = b"" if isinstance(value, str) else await value.read()
+                    raise image_too_large(key, len(data) + len(rest), max_bytes)
                 if not data:
                     raise ApiError(400, "invalid_request", f"{key} is an empty file: send "
                                    "the image's bytes", field=key)

@@ -69,11 +69,12 @@ class UploadRoute(APIRoute):
         return route
 
 
-def image_too_large(field: str, size: int) -> ApiError:
+def image_too_large(field: str, size: int, limit: int = MAX_INPUT_BYTES) -> ApiError:
     """The one refusal of an input image over MAX_INPUT_BYTES, in bytes of the image, the
-    same whether it came as base64 in JSON or as a file part."""
+    same whether it came as base64 in JSON or as a file part, natively or on the OpenAI
+    routes (where the 422 is OpenAI's 400)."""
     return ApiError(422, "invalid_request", f"{field}: the image is {size} bytes; at most "
-                    f"{MAX_INPUT_BYTES} bytes", field=field)
+                    f"{limit} bytes", field=field)
 
 
 def rest_too_large(size: int, limit: int) -> ApiError:

@@ -224,8 +224,9 @@ def test_an_image_over_the_limit_is_refused_alike_as_json_or_as_a_file(
     """Issue 30: a too-large image in JSON got "String should have at most 5739832
     characters", as a file "larger than 4194304 bytes". Every way of sending one (base64,
     a data: URL, a file part, a text part) now gets one message, the image's size and the
-    limit in bytes, for each image field. A body past the upload limit (6 MiB here: a 5 MB
-    image is past it as base64, not as a file) is a 413 giving the image limit in bytes."""
+    limit in bytes, for each image field (and on the OpenAI edit route). A body past the
+    upload limit (6 MiB here: a 5 MB image is past it as base64, not as a file) is a 413
+    giving the image limit in bytes."""
     upload = 6 * 2**20
     api = start_api(env={"DDPM_MAX_UPLOAD_BYTES": str(upload)})
     with httpx.Client(base_url=api.url, timeout=60) as c:
@@ -252,6 +253,14 @@ def test_an_image_over_the_limit_is_refused_alike_as_json_or_as_a_file(
             (message,) = messages                   # one wording, whatever the transport
             for words in (field, f"{len(data)} bytes", f"at most {MAX_INPUT_BYTES} bytes"):
                 assert words in message, (words, message)
+        # The OpenAI edit route says it the same way, as OpenAI's 400 naming `image`.
+        edit = c.post("/v1/images/edits", files={"image": ("a.png", data, "image/png")},
+                      data={"model": "tiny", "prompt": "0"})
+        assert edit.status_code == 400, edit.text[:300]
+        err = edit.json()["error"]
+        assert err["param"] == "image", err
+        assert err["message"] == (f"image: the image is {len(data)} bytes; at most "
+                                  f"{MAX_INPUT_BYTES} bytes"), err
         big = np.random.default_rng(9).bytes(5 * 10**6)
         as_file = c.post("/v1/generations", files={"init_image": ("a.png", big, "image/png")},
                          data={"request": request})
