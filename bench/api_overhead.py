@@ -58,13 +58,17 @@ BARE_PREFIX = "bench:bare:"
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation; NaN for no values."""
+    """The q-th percentile (0..100) by linear interpolation; NaN for no values. Infinite
+    values (bench.latency's unfinished requests) rank last: the quantile is infinite once
+    it reaches them (plain interpolation would give NaN there)."""
     if not values:
         return float("nan")
     s = sorted(values)
     k = (len(s) - 1) * q / 100
     lo = int(k)
     hi = min(lo + 1, len(s) - 1)
+    if k == lo or s[lo] == s[hi]:
+        return s[lo]
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 

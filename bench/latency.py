@@ -231,19 +231,6 @@ async def open_loop(url: str, bodies: list[dict[str, Any]], times: list[float],
 # -- a load point --------------------------------------------------------------------------
 
 
-def _pct(values: list[float], q: float) -> float:
-    """bench's percentile, with unfinished requests (infinite) ranked last: infinite when
-    the quantile reaches them (the interpolation alone would give NaN)."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo = int(k)
-    if math.isinf(s[lo]) or (k > lo and math.isinf(s[lo + 1])):
-        return math.inf
-    return percentile(s, q)
-
-
 @dataclass
 class Point:
     """One policy at one offered load."""
@@ -285,15 +272,15 @@ class Point:
             "errors": sorted({o.error for o in self.outcomes if o.error}),
         }
         for q in QUANTILES:
-            out[f"e2e_p{q}_s"] = _pct(done, q)
+            out[f"e2e_p{q}_s"] = percentile(done, q)
         for q in (50, 99):
-            out[f"per_step_p{q}_s"] = _pct(self.per_step(), q)
+            out[f"per_step_p{q}_s"] = percentile(self.per_step(), q)
         for q in (50, 99):
-            out[f"first_frame_p{q}_s"] = _pct([o.first_frame for o in snaps
+            out[f"first_frame_p{q}_s"] = percentile([o.first_frame for o in snaps
                                                if o.first_frame is not None], q)
-            out[f"queue_wait_p{q}_s"] = _pct(waits, q)
+            out[f"queue_wait_p{q}_s"] = percentile(waits, q)
         out["by_steps"] = {
-            str(s): {f"p{q}_s": _pct(self.latencies("done", [o for o in self.outcomes
+            str(s): {f"p{q}_s": percentile(self.latencies("done", [o for o in self.outcomes
                                                              if o.steps == s]), q)
                      for q in (50, 99)}
             for s in sorted({o.steps for o in self.outcomes})}
@@ -322,7 +309,7 @@ def sustained(points: list[Point], objective: float, per_step: bool = False) -> 
     or of the latency per step) is within `objective`, and that load interpolated linearly
     in p99 towards the first load that fails."""
     def p99_of(p: Point) -> float:
-        return _pct(p.per_step() if per_step else p.latencies("done"), 99)
+        return percentile(p.per_step() if per_step else p.latencies("done"), 99)
 
     best: Point | None = None
     for p in points:
