@@ -1,3 +1,3 @@
-"""The HTTP API (FastAPI): validates requests against `worker.contract`, enqueues them on
+"""The HTTP API (FastAPI): validates requests against `contract`, enqueues them on
 RQ, and reads jobs, event streams and images back from Redis. Never imports torch
 (ARCHITECTURE.md): its container image has none."""

@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.contract import INPUT_FIELDS
-from worker.inputs import MAX_INPUT_BYTES
+from contract.inputs import MAX_INPUT_BYTES
+from contract.limits import INPUT_FIELDS
 
 from .errors import error_response
 from .openai_compat import openai_error

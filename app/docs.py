@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.requests import Request
 
-from worker.contract import MAX_SEED
+from contract.limits import MAX_SEED
 
 ASSETS = "/docs-assets"
 ASSETS_DIR = files("fastapi_offline") / "static"    # swagger-ui-bundle.js, swagger-ui.css,

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.client import redis_full
+from contract.redis_errors import redis_full
 
 log = logging.getLogger("ddpm.api")
 

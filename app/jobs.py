@@ -24,23 +24,22 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import now, utcformat
 
-from worker.client import enqueue_commands, fetch_job
-from worker.contract import (
+from contract.events import Event, EventType
+from contract.inputs import input_digest
+from contract.keys import (
     JOB_FUNC,
-    PREFIX,
-    PRIORITIES,
     SERIALIZER,
-    Event,
-    EventType,
-    GenerationSpec,
-    ModelInfo,
     events_key,
+    idempotency_key,
     image_key,
     input_key,
-    live_worker_keys,
+    jobs_index_key,
     queue_name,
 )
-from worker.inputs import input_digest
+from contract.limits import PRIORITIES
+from contract.queueing import enqueue_commands, fetch_job
+from contract.spec import GenerationSpec, ModelInfo
+from contract.workers import live_worker_keys
 
 from . import limits
 from .auth import Principal
@@ -304,7 +303,7 @@ class JobStore:
                            f"{MAX_IDEMPOTENCY_KEY} printable characters",
                            field="Idempotency-Key")
         digest = hashlib.sha256(key.encode()).hexdigest()
-        return f"{PREFIX}:idem:{who.owner}:{digest}"
+        return idempotency_key(who.owner, digest)
 
     @staticmethod
     def _body_hash(req: GenerationRequest) -> str:
@@ -597,11 +596,6 @@ LIST_BATCH = 100          # read at a time when filtering by status
 # A listing cursor: the last entry's creation time (µs) and job id.
 CURSOR_PATTERN = r"^[0-9]{1,16}\.[A-Za-z0-9_-]{1,64}$"
 _CURSOR = re.compile(CURSOR_PATTERN)
-
-
-def jobs_index_key(owner: str) -> str:
-    """The caller's jobs (a sorted set of job ids scored by creation time in µs)."""
-    return f"{PREFIX}:jobs:{owner}"
 
 
 def _micros(t: datetime) -> int:

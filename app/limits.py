@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.contract import PREFIX
+from contract.keys import rate_key
 
 from .auth import Principal
 from .errors import ApiError
@@ -29,7 +29,7 @@ class RateWindow:
     def at(cls, settings: ApiSettings, who: Principal, now: float) -> RateWindow:
         window = settings.rate_window
         index = int(now // window)
-        return cls(key=f"{PREFIX}:rate:{who.client}:{index}", ttl=window + 1,
+        return cls(key=rate_key(who.client, index), ttl=window + 1,
                    retry_after=max(1, int((index + 1) * window - now) + 1))
 
 

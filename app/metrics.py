@@ -31,7 +31,7 @@ from rq.registry import (
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.contract import PREFIX, SERIALIZER
+from contract.keys import PREFIX, SERIALIZER
 
 from .jobs import JobStore
 

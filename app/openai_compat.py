@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.contract import (
+from contract.limits import (
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_JUMP_LENGTH,
@@ -40,12 +40,10 @@ from worker.contract import (
     MAX_STEPS,
     MODEL_NAME_PATTERN,
     STREAM_MAX_BYTES,
-    ModelInfo,
     Priority,
-    RequestModel,
     Sampler,
-    SpecError,
 )
+from contract.spec import ModelInfo, RequestModel, SpecError
 
 from .errors import ApiError, _field, _validation_message, redis_error
 from .jobs import Served

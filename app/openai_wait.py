@@ -20,7 +20,8 @@ from redis.exceptions import RedisError
 from rq.job import Job
 from starlette.types import Receive, Scope, Send
 
-from worker.contract import EventType, image_key
+from contract.events import EventType
+from contract.keys import image_key
 
 from .auth import Principal
 from .errors import ApiError

@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from worker.contract import INPUT_FIELDS, MODEL_NAME_PATTERN, GenerationSpec
-from worker.inputs import MAX_BASE64_CHARS, MAX_INPUT_BYTES
+from contract.inputs import MAX_BASE64_CHARS, MAX_INPUT_BYTES
+from contract.limits import INPUT_FIELDS, MODEL_NAME_PATTERN
+from contract.spec import GenerationSpec
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
@@ -48,7 +49,7 @@ def _webhook_url(url: str) -> str:
 WebhookUrl = Annotated[str, Field(max_length=2048, json_schema_extra={
     "pattern": WEBHOOK_PATTERN}), AfterValidator(_webhook_url)]
 
-# Rules across fields that the API enforces (worker/contract.py's validators), stated in
+# Rules across fields that the API enforces (contract/'s validators), stated in
 # the schema so that clients and fuzzers see them: JSON Schema 2020-12 if/then.
 CROSS_FIELD_RULES = [
     {"description": "guidance_scale other than 1 needs a class_label (classifier-free "

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.contract import STREAM_MAX_BYTES, STREAM_MAXLEN
+from contract.limits import STREAM_MAX_BYTES, STREAM_MAXLEN
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
 
@@ -61,7 +61,7 @@ class ApiSettings(BaseSettings):
     max_listed_jobs: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
     # A POST that may carry input images (UPLOAD_PATHS): three images of at most 4 MiB
-    # (worker/inputs.py), base64 in JSON, with room to spare.
+    # (contract/inputs.py), base64 in JSON, with room to spare.
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 20 * 1024 * 1024
     # The OpenAI-compatible routes (/v1/images/*) wait for their job at most this long,
     # then cancel it and answer 504.

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from worker.contract import TERMINAL_EVENTS, EventType, events_key, image_key
+from contract.events import TERMINAL_EVENTS, EventType
+from contract.keys import events_key, image_key
 
 from .errors import ApiError
 from .jobs import api_status
@@ -103,7 +104,7 @@ async def _client_data(redis: AsyncRedis, job_id: str, kind: EventType, data: st
 def _entry(fields: dict[bytes | str, bytes | str]) -> tuple[EventType, str, bytes | None]:
     """An entry's type, data (JSON object text, not parsed) and encoded frame (field
     `image`; `png` as written before frame formats); ValueError or KeyError if it is not an
-    event (`worker.contract.Event.to_fields` is the format)."""
+    event (`contract.Event.to_fields` is the format)."""
     f = {_text(k): v for k, v in fields.items()}
     kind = EventType(_text(f["type"]))
     data = _text(f.get("data", "{}"))

@@ -26,9 +26,10 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from worker.contract import INPUT_FIELDS, ModelInfo, SpecError
-from worker.inputs import MAX_INPUT_BYTES, decode_base64
-from worker.inputs import fit_inputs as fit_images  # this module's fit_inputs is async
+from contract.inputs import MAX_INPUT_BYTES, decode_base64
+from contract.inputs import fit_inputs as fit_images  # this module's fit_inputs is async
+from contract.limits import INPUT_FIELDS
+from contract.spec import ModelInfo, SpecError
 
 from .errors import ApiError
 

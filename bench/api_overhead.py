@@ -44,9 +44,10 @@ from typing import Any
 
 import redis
 
+from contract.spec import ModelInfo
+from contract.workers import advertise_worker, withdraw_worker
 from ddpm.processes import child_kwargs, stop
 from ddpm.redis_server import RedisServer, free_port
-from worker.contract import ModelInfo, advertise_worker, withdraw_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench"

@@ -12,7 +12,7 @@ the noise levels of a sampling run's timesteps, area-downscaled where the previe
   - `png256`:  256x256 RGB at full size as PNG (zlib level 1);
   - `jpeg128`, `webp128`: 256x256 frames downscaled to 128x128, as JPEG / WebP (method 0) at
     quality 75 (the contract's default preview for images over 64 px:
-    `worker.contract.Preview.default`; `--quality` for others);
+    `contract.Preview.default`; `--quality` for others);
   - `png28`:   28x28 grey as PNG (MNIST's frames at full size).
 
 Each format is encoded serially (a plain loop in this thread: the peer), then through
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from worker.contract import Preview
+from contract.preview import Preview
 from worker.frames import encode_frame
 
 T = 1000                        # the schedule's timesteps (linear β, as the presets)

@@ -85,9 +85,9 @@ from bench.service import (
     stack_load,
 )
 from bench.stream_memory import Serve
+from contract.spec import GenerationSpec
 from ddpm.redis_server import free_port
 from models import PRESETS, init_checkpoint, preset
-from worker.contract import GenerationSpec
 from worker.settings import ADMISSIONS, Admission
 
 DEFAULT_MODELS = Path("checkpoints")

@@ -87,10 +87,11 @@ from bench.api_overhead import (
     versions,
 )
 from bench.worker_throughput import sample_in_process
+from contract.keys import worker_key
+from contract.spec import GenerationSpec
 from ddpm.redis_server import RedisServer, free_port
 from models import PRESETS, init_checkpoint, preset, resolve_device
 from worker.catalog import load_models
-from worker.contract import GenerationSpec, worker_key
 from worker.engine import Engine, LoadedModel
 from worker.settings import WorkerSettings
 

@@ -55,10 +55,10 @@ from typing import Any
 import redis
 from PIL import Image
 
+from contract.spec import GenerationSpec
 from ddpm.processes import child_kwargs, stop
 from ddpm.redis_server import free_port
 from models import DiffusionConfig, ModelConfig, UNetConfig, build_network, init_checkpoint
-from worker.contract import GenerationSpec
 
 MODEL = "r256"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

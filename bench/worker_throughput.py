@@ -27,11 +27,11 @@ from pathlib import Path
 import redis
 import torch
 
+from contract.queueing import enqueue, fetch_job
+from contract.spec import GenerationSpec
 from ddpm.redis_server import RedisServer
 from models import PRESETS, SlotSpec, init_checkpoint, preset, sample, sampler_kind, to_uint8
 from worker.catalog import load_models
-from worker.client import enqueue, fetch_job
-from worker.contract import GenerationSpec
 from worker.engine import LoadedModel
 from worker.main import build_worker
 from worker.settings import WorkerSettings

@@ -20,11 +20,11 @@ def _bounded_int(lo: int, hi: int | None = None):  # type: ignore[no-untyped-def
 
 
 def _samplers() -> tuple[str, ...]:
-    """The sampler names a request may give: worker.contract's (torch-free, so building
+    """The sampler names a request may give: contract's (torch-free, so building
     the parser imports no torch; a test ties them to models.SAMPLER_NAMES)."""
     from typing import get_args
 
-    from worker.contract import Sampler
+    from contract.limits import Sampler
 
     return get_args(Sampler)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from rq import Worker
 
-from worker.contract import SERIALIZER
+from contract.keys import SERIALIZER
 
 
 class JsonWorker(Worker):

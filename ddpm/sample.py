@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from contract.inputs import fit_inputs
+from contract.limits import DEFAULT_STRENGTH
+from contract.spec import SpecError, start_timestep
 from models import (
     SlotSpec,
     check_steps,
@@ -23,9 +26,7 @@ from models import (
     save_png,
     to_uint8,
 )
-from worker.contract import DEFAULT_STRENGTH, SpecError, start_timestep
 from worker.engine import conditioning, input_tensor
-from worker.inputs import fit_inputs
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import uvicorn
 
 from app.main import create_app
 from app.settings import ApiSettings
-from worker.contract import live_worker_keys
+from contract.workers import live_worker_keys
 from worker.settings import redacted
 
 from .processes import child_kwargs, stop

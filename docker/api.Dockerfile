@@ -20,7 +20,7 @@ COPY docker/api-requirements.txt ./
 RUN pip install -r api-requirements.txt
 COPY pyproject.toml README.md ./
 COPY app ./app
-COPY worker ./worker
+COPY contract ./contract
 COPY ddpm ./ddpm
 # --no-deps: pyproject.toml's dependencies include torch, which this image must not have.
 # Then prove it with the installed package, not the sources here (-I: the working directory

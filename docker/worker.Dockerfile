@@ -24,6 +24,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
+COPY contract ./contract
 COPY worker ./worker
 COPY models ./models
 COPY training ./training

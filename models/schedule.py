@@ -100,7 +100,7 @@ class Schedule:
 def check_steps(num_steps: int, num_timesteps: int, name: str = "steps") -> None:
     """The range of a step count, 1..T: a plan visits distinct timesteps. ValueError naming
     `name` (the option or field) otherwise. `ddpm sample`, `ddpm eval` and plans check
-    here; `worker.contract.GenerationSpec.check_model` (torch-free) is tied to it by a test.
+    here; `contract.GenerationSpec.check_model` (torch-free) is tied to it by a test.
     """
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"{name} must be in 1..{num_timesteps}, got {num_steps}")
@@ -126,7 +126,7 @@ def start_timestep(strength: float, num_timesteps: int) -> int:
     2022), so strength 1 starts from pure noise at T−1 and steps spread over t0…0.
 
     Rounded to 6 decimals before the ceiling, so that 0.7 · 1000 is 700 (not 700.0000001);
-    `worker.contract.start_timestep` is the same arithmetic (a test ties them).
+    `contract.start_timestep` is the same arithmetic (a test ties them).
     """
     if not (math.isfinite(strength) and 0 < strength <= 1):
         raise ValueError(f"strength must be in (0, 1], got {strength}")

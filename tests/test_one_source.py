@@ -1,13 +1,13 @@
 """One definition for each list the project spells: where a second copy cannot import the
 first (the torch-free contract cannot import models), a test ties them here.
 
-- sampler names: models.SAMPLER_NAMES (the math's) = worker.contract.Sampler (the API's);
+- sampler names: models.SAMPLER_NAMES (the math's) = contract.Sampler (the API's);
   the CLI's choices come from the contract;
 - preset names: `ddpm train --help` lists models.PRESETS (the parser imports no torch);
 - the range of a step count: models.check_steps; the contract's check agrees with it;
 - PNG encoding: models.png_bytes (the worker's frames, `ddpm sample`, training grids);
 - what a model fixes about sampling it: models.batch_options / Checkpoint.slot_batch;
-- a job's event stream length: worker.contract.STREAM_MAXLEN, through both settings, and
+- a job's event stream length: contract.STREAM_MAXLEN, through both settings, and
   its snapshot byte budget: STREAM_MAX_BYTES.
 """
 
@@ -27,6 +27,10 @@ import redis
 import torch
 from PIL import Image
 
+from contract.events import Event, EventType
+from contract.keys import events_key
+from contract.limits import STREAM_MAX_BYTES, STREAM_MAXLEN, Sampler
+from contract.spec import GenerationSpec, ModelInfo, SpecError
 from models import (
     PRESETS,
     SAMPLER_NAMES,
@@ -39,7 +43,6 @@ from models import (
 )
 from models.checkpoint import Checkpoint
 from models.schedule import Schedule
-from worker import contract
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("app", "worker", "models", "training", "ddpm", "bench")
@@ -67,7 +70,7 @@ def _sources() -> dict[str, str]:
 def test_sampler_names_are_the_same_everywhere() -> None:
     from bench.sampler_vs_diffusers import SAMPLERS
 
-    assert get_args(contract.Sampler) == SAMPLER_NAMES
+    assert get_args(Sampler) == SAMPLER_NAMES
     for command in ("sample", "eval"):
         assert tuple(_option(_subparser(command), "--sampler").choices) == SAMPLER_NAMES
     assert SAMPLERS == SAMPLER_NAMES
@@ -92,7 +95,7 @@ def test_train_help_lists_every_preset_and_the_parser_imports_no_torch() -> None
 
 @pytest.mark.parametrize("num_timesteps", [1, 10, 999])
 def test_the_contract_accepts_exactly_the_step_counts_models_accept(num_timesteps: int) -> None:
-    info = contract.ModelInfo(name="m", image_size=8, in_channels=1,
+    info = ModelInfo(name="m", image_size=8, in_channels=1,
                               num_timesteps=num_timesteps)
     for steps in (1, 2, num_timesteps - 1, num_timesteps, num_timesteps + 1):
         if steps < 1:
@@ -103,9 +106,9 @@ def test_the_contract_accepts_exactly_the_step_counts_models_accept(num_timestep
         except ValueError:
             models_ok = False
         try:
-            contract.GenerationSpec(model="m", steps=steps).check_model(info)
+            GenerationSpec(model="m", steps=steps).check_model(info)
             contract_ok = True
-        except contract.SpecError as e:
+        except SpecError as e:
             assert e.field == "steps"
             contract_ok = False
         assert contract_ok == models_ok, (steps, num_timesteps)
@@ -129,8 +132,8 @@ def test_no_other_step_range_check_is_spelled_out() -> None:
 
 @pytest.mark.parametrize(("channels", "mode"), [(1, "L"), (3, "RGB")])
 def test_every_png_writer_is_the_one_encoder(tmp_path: Path, channels: int, mode: str) -> None:
+    from contract.preview import Preview
     from ddpm import sample
-    from worker.contract import Preview
     from worker.frames import encode_frame
 
     pixels = torch.randint(0, 256, (5, 7, channels), dtype=torch.uint8)
@@ -184,7 +187,7 @@ def test_api_and_workers_keep_streams_equally_long(monkeypatch: pytest.MonkeyPat
     from worker.settings import WorkerSettings
 
     assert ApiSettings().stream_maxlen == WorkerSettings().stream_maxlen == \
-        contract.STREAM_MAXLEN
+        STREAM_MAXLEN
     monkeypatch.setenv("DDPM_STREAM_MAXLEN", "321")
     assert ApiSettings().stream_maxlen == WorkerSettings().stream_maxlen == 321
 
@@ -195,7 +198,7 @@ def test_api_and_workers_share_the_stream_byte_budget(monkeypatch: pytest.Monkey
     from worker.settings import WorkerSettings
 
     assert ApiSettings().stream_max_bytes == WorkerSettings().stream_max_bytes == \
-        contract.STREAM_MAX_BYTES
+        STREAM_MAX_BYTES
     monkeypatch.setenv("DDPM_STREAM_MAX_BYTES", "123456")
     assert ApiSettings().stream_max_bytes == WorkerSettings().stream_max_bytes == 123456
 
@@ -205,15 +208,15 @@ def test_the_api_trims_a_stream_to_the_shared_length(r: redis.Redis, redis_url: 
     with the shared length, nothing a worker kept is trimmed away."""
     from app.jobs import JobStore
     from app.settings import ApiSettings
-    from worker.client import enqueue, fetch_job
+    from contract.queueing import enqueue, fetch_job
 
-    job = enqueue(r, contract.GenerationSpec(model="tiny", steps=2), meta={"owner": "-"})
-    key = contract.events_key(job.id)
-    history = contract.STREAM_MAXLEN + 1000
+    job = enqueue(r, GenerationSpec(model="tiny", steps=2), meta={"owner": "-"})
+    key = events_key(job.id)
+    history = STREAM_MAXLEN + 1000
     with r.pipeline(transaction=False) as p:
         for _ in range(history):
-            p.xadd(key, contract.Event(contract.EventType.PROGRESS).to_fields())
+            p.xadd(key, Event(EventType.PROGRESS).to_fields())
         p.execute()
     JobStore(r, ApiSettings(redis_url=redis_url)).cancel(fetch_job(r, job.id))
     # XADD MAXLEN ~ trims whole stream nodes (100 entries each by default).
-    assert contract.STREAM_MAXLEN <= r.xlen(key) <= contract.STREAM_MAXLEN + 100
+    assert STREAM_MAXLEN <= r.xlen(key) <= STREAM_MAXLEN + 100

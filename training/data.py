@@ -34,7 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from worker.inputs import fit_image
+from contract.inputs import fit_image
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def _channels(x: Tensor, channels: int) -> Tensor:
 
 
 def _fit_one(im: Image.Image, size: int, channels: int) -> np.ndarray:
-    """One image `[C, H, W]`, fitted by worker.inputs.fit_image: the function that fits a
+    """One image `[C, H, W]`, fitted by contract.inputs.fit_image: the function that fits a
     served model's input images too. Alpha is dropped, as training always has."""
     arr = np.asarray(fit_image(im, size=size, channels=channels, alpha="drop"))
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

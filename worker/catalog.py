@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from contract.limits import MODEL_NAME_PATTERN
 from models import inference_memory_format, load_checkpoint
 from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
-from .contract import MODEL_NAME_PATTERN
 from .engine import LoadedModel
 
 log = logging.getLogger(__name__)

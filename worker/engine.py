@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contract.inputs import decode_canonical
+from contract.spec import GenerationSpec, ModelInfo
 from models import Checkpoint, SlotSpec, from_uint8, sampler_kind, to_uint8
-
-from .contract import GenerationSpec, ModelInfo
-from .inputs import decode_canonical
 
 if TYPE_CHECKING:
     from .settings import Admission
@@ -97,7 +96,7 @@ def input_tensors(spec: GenerationSpec, pngs: Mapping[str, bytes | None],
 
 
 def input_tensor(name: str, png: bytes, size: int, channels: int) -> Tensor:
-    """A fitted input PNG (worker/inputs.py) as the sampler takes it: an image in model
+    """A fitted input PNG (contract/inputs.py) as the sampler takes it: an image in model
     space `[C x H x W]`, a mask `[1 x H x W]` with 1 = generate."""
     if name == "mask":
         return torch.from_numpy(decode_canonical(png, size=size, channels=1) >= 128) \

@@ -33,16 +33,12 @@ from typing import Any
 
 from redis import Redis
 
+from contract.events import TERMINAL_EVENTS, Event, EventType
+from contract.keys import events_key, image_key
+from contract.preview import Preview
+from contract.redis_errors import redis_full
+
 from . import redis_batch
-from .client import redis_full
-from .contract import (
-    TERMINAL_EVENTS,
-    Event,
-    EventType,
-    Preview,
-    events_key,
-    image_key,
-)
 from .engine import Frame
 from .frames import encode_frame, frame_command, schedule_expiry
 from .redis_batch import WriteBatch

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 from redis import Redis
 
+from contract.keys import FRAMES_EXPIRING, events_key, frames_key
+from contract.preview import Preview
 from models import png_bytes
-
-from .contract import FRAMES_EXPIRING, Preview, events_key, frames_key
 
 FRAME_COMMAND = "ddpm.frame"     # a pseudo-command the writer's script runs as FRAME_LUA
 

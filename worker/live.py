@@ -19,15 +19,11 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now
 
-from .contract import (
-    JOB_FUNC,
-    Event,
-    EventType,
-    GenerationSpec,
-    JobResult,
-    Preview,
-    image_key,
-)
+from contract.events import Event, EventType, JobResult
+from contract.keys import JOB_FUNC, image_key
+from contract.preview import Preview
+from contract.spec import GenerationSpec
+
 from .engine import Engine
 from .events import Batch, EventWriter
 from .metrics import WorkerMetrics

@@ -38,20 +38,13 @@ from rq.queue import Queue
 from rq.utils import now
 from rq.worker.base import BaseWorker, WorkerStatus
 
+from contract.events import Event, EventType
+from contract.keys import SERIALIZER, WAKE_TIMEOUT, input_key, queue_name, wake_key
+from contract.limits import PRIORITIES
+from contract.redis_errors import redis_full
+from contract.workers import advertise_worker, withdraw_worker
+
 from .catalog import Catalog
-from .client import redis_full
-from .contract import (
-    PRIORITIES,
-    SERIALIZER,
-    WAKE_TIMEOUT,
-    Event,
-    EventType,
-    advertise_worker,
-    input_key,
-    queue_name,
-    wake_key,
-    withdraw_worker,
-)
 from .engine import Engine, StepOutOfMemory, StepReport, input_tensors
 from .events import Batch, EventWriter
 from .frames import FrameExpiry

@@ -382,7 +382,7 @@ class RqJobs:
 
     def clean_canceled(self, queues: list[Queue], ttl: int) -> None:
         """RQ never cleans its canceled registries, and a job canceled without us (`rq`,
-        `worker.client.cancel`) keeps its hash forever. Like finished jobs: each newly
+        `contract.queueing.cancel`) keeps its hash forever. Like finished jobs: each newly
         canceled job's hash gets the result TTL and its member is re-scored to expire with
         it; members whose job is gone are removed. Touches only members due (score ≤ now)."""
         t = time.time()

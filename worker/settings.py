@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .contract import STREAM_MAX_BYTES, STREAM_MAXLEN
+from contract.limits import STREAM_MAX_BYTES, STREAM_MAXLEN
 
 # Webhook secrets take the Standard Webhooks form, `whsec_` + the base64 of the key, which
 # its libraries (the `standardwebhooks` package among them) decode to sign and verify: a

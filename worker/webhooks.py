@@ -1,7 +1,7 @@
 """Completion webhooks, signed as Standard Webhooks (and Stripe-like receivers) expect, from
 their own threads: never on the step loop, never following a redirect, retried with backoff.
 
-A job's webhook URL is stored on its RQ job (`worker.client.enqueue`; the API checks the
+A job's webhook URL is stored on its RQ job (`contract.queueing.enqueue`; the API checks the
 host against DDPM_WEBHOOK_ALLOW_HOSTS). When the job ends (succeeded, failed for good, or
 canceled: by the API, `rq`, or RQ's stop commands) the worker POSTs JSON to it:
 

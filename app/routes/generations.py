@@ -16,15 +16,10 @@ from redis.exceptions import RedisError
 from rq.job import Job
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from worker.contract import (
-    Event,
-    EventType,
-    InputField,
-    SpecError,
-    events_key,
-    image_key,
-    input_key,
-)
+from contract.events import Event, EventType
+from contract.keys import events_key, image_key, input_key
+from contract.limits import InputField
+from contract.spec import SpecError
 
 from .. import media
 from ..deps import Caller, Metrics, Settings, Store, StreamSlot

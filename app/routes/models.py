@@ -6,7 +6,7 @@ from typing import get_args
 
 from fastapi import APIRouter
 
-from worker.contract import Sampler
+from contract.limits import Sampler
 
 from ..deps import Caller, Store
 from ..errors import ERROR_RESPONSES, not_found

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from worker.inputs import MAX_INPUT_BYTES
+from contract.inputs import MAX_INPUT_BYTES
 
 from ..auth import Principal
 from ..deps import Caller, Metrics, Settings, Store

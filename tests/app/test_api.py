@@ -20,9 +20,9 @@ import redis
 from PIL import Image
 from websockets.sync.client import connect
 
+from contract.keys import events_key
+from contract.queueing import cancel
 from ddpm.redis_server import free_port
-from worker.client import cancel
-from worker.contract import events_key
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -577,7 +577,7 @@ def test_a_job_hash_the_api_cannot_decode_is_a_404_everywhere(
     route that looks a job up answers 404, never a 500 from decoding its payload."""
     from rq import Queue
 
-    from worker.contract import JOB_FUNC, SERIALIZER, queue_name
+    from contract.keys import JOB_FUNC, SERIALIZER, queue_name
 
     q = Queue(queue_name("tiny"), connection=r, serializer=SERIALIZER)
     job = q.create_job(JOB_FUNC, kwargs={"model": "tiny"})

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from app.settings import ApiSettings
+from contract.inputs import MAX_INPUT_BYTES
+from contract.limits import INPUT_FIELDS
 from tests.app.test_api import poll, ready
-from worker.contract import INPUT_FIELDS
-from worker.inputs import MAX_INPUT_BYTES
 
 SIZE = 16                    # the `tiny` model: 16×16 RGB
 

@@ -54,7 +54,7 @@ from schemathesis.specs.openapi.checks import (
 
 from app.auth import new_key
 from app.routes.generations import EVENT_ID_PATTERN
-from worker.contract import INPUT_FIELDS
+from contract.limits import INPUT_FIELDS
 
 EXCEPTION_LINE = re.compile(r"^[ |+-]*([A-Za-z_][\w.]*(?:Error|Exception)(?:: .*)?)$",
                             re.MULTILINE)

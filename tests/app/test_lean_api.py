@@ -37,8 +37,9 @@ from test_api import PNG_MAGIC, ready, sse, submit
 from websockets.sync.client import connect
 
 from app.metrics import MULTIPROC_ENV, ApiMetrics, MetricsMiddleware
+from contract.spec import GenerationSpec
+from contract.workers import advertise_worker
 from ddpm.redis_server import free_port
-from worker.contract import GenerationSpec, advertise_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -177,7 +178,7 @@ def queued(r: redis.Redis, model: str) -> int:
 
 def frame_bytes(body: dict[str, Any], image_size: int, channels: int) -> int:
     """What the API counts a request's snapshot frames as: frames × estimated frame bytes
-    at the request's preview (worker.contract)."""
+    at the request's preview (contract)."""
     spec = GenerationSpec(**body)
     return spec.snapshot_frames * spec.preview(image_size).frame_bytes(channels)
 

@@ -27,10 +27,10 @@ from PIL import Image
 from app.auth import new_key
 from app.errors import ApiError
 from app.openai_compat import class_label
+from contract.spec import ModelInfo
 from ddpm.redis_server import RedisServer
 from tests.conftest import ApiProcess, WorkerProcess
 from training.classifier import load_classifier, predict
-from worker.contract import ModelInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIER = ROOT / "checkpoints" / "mnist" / "digit-classifier.safetensors"

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from app.auth import new_key
-from worker.contract import GenerationSpec
+from contract.spec import GenerationSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "page.png"

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import redis
 
-from worker.contract import advertise_worker
+from contract.workers import advertise_worker
 
 BODY = {"model": "tiny", "steps": 2}
 LIMIT = 2

@@ -18,13 +18,9 @@ from app.openai_wait import partial_event
 from app.routes.generations import _check_webhook
 from app.settings import ApiSettings
 from app.streams import StreamEvent, _client_data, _entry, _with, check_event_id
-from worker.contract import (
-    MAX_IMAGES,
-    STREAM_MAX_BYTES,
-    Event,
-    EventType,
-    ModelInfo,
-)
+from contract.events import Event, EventType
+from contract.limits import MAX_IMAGES, STREAM_MAX_BYTES
+from contract.spec import ModelInfo
 
 
 def test_settings_take_comma_lists_and_digests(monkeypatch: pytest.MonkeyPatch) -> None:

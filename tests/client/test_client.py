@@ -25,10 +25,10 @@ import pytest
 import redis
 from PIL import Image
 
+from contract.keys import events_key
 from ddpm.redis_server import free_port
 from tests.client.conftest import Stack
 from tests.conftest import ApiProcess
-from worker.contract import events_key
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 16                    # the `tiny` models: 16×16 RGB

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from contract.spec import GenerationSpec
 from models import Checkpoint, ModelConfig, Schedule, UNet, load_checkpoint, preset
-from worker.contract import GenerationSpec
 from worker.engine import Engine, LoadedModel
 
 ROOT = Path(__file__).resolve().parents[2]

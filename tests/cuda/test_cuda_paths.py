@@ -32,9 +32,10 @@ from imagediff import (
     stacked,
 )
 
+from contract.limits import MAX_IMAGES
+from contract.queueing import enqueue, fetch_job
+from contract.spec import GenerationSpec
 from models import SlotSpec, UNet, preset, sample, sampler_kind, save_checkpoint, to_uint8
-from worker.client import enqueue, fetch_job
-from worker.contract import MAX_IMAGES, GenerationSpec
 from worker.engine import Engine, Forward, LoadedModel, frame_pixels
 
 pytestmark = pytest.mark.cuda

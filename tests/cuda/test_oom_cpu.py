@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from contract.spec import GenerationSpec
 from models import Checkpoint, Schedule, UNet, preset
-from worker.contract import GenerationSpec
 from worker.engine import Engine, LoadedModel
 
 

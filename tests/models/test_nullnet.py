@@ -21,6 +21,9 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from contract.keys import image_key
+from contract.queueing import enqueue, fetch_job
+from contract.spec import GenerationSpec
 from models import (
     PRESETS,
     CheckpointError,
@@ -39,8 +42,6 @@ from models import (
 )
 from models.checkpoint import CONFIG_FILE
 from worker.catalog import load_models
-from worker.client import enqueue, fetch_job
-from worker.contract import GenerationSpec, image_key
 from worker.main import build_worker
 from worker.settings import WorkerSettings
 

@@ -44,9 +44,9 @@ from app.errors import _field
 from app.main import create_app
 from app.schemas import GenerationRequest
 from app.settings import ApiSettings
-from worker.client import enqueue
-from worker.contract import (
-    JOB_FUNC,
+from contract.events import EventType
+from contract.keys import JOB_FUNC, SERIALIZER, events_key, queue_name
+from contract.limits import (
     MAX_CLASS_LABEL,
     MAX_GUIDANCE,
     MAX_IMAGES,
@@ -56,13 +56,10 @@ from worker.contract import (
     MAX_STEPS,
     MIN_SNAPSHOT_SIZE,
     MODEL_NAME_PATTERN,
-    SERIALIZER,
     SNAPSHOT_FORMATS,
-    EventType,
-    GenerationSpec,
-    events_key,
-    queue_name,
 )
+from contract.queueing import enqueue
+from contract.spec import GenerationSpec
 
 FIELDS = set(GenerationRequest.model_fields)
 MAX_BODY = 256 * 1024

@@ -31,9 +31,9 @@ from rq.job import JobStatus
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from contract.queueing import enqueue, fetch_job
+from contract.spec import GenerationSpec
 from ddpm.redis_server import RedisServer
-from worker.client import enqueue, fetch_job
-from worker.contract import GenerationSpec
 from worker.main import build_worker
 from worker.settings import WorkerSettings
 

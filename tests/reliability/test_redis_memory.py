@@ -35,8 +35,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from app import errors
+from contract.redis_errors import redis_full
 from ddpm.redis_server import RedisServer
-from worker.client import redis_full
 
 MAXMEMORY = 16 * 2**20    # Redis's cap in these tests
 FILLER = "test:filler"    # the key that fills Redis up

@@ -52,9 +52,10 @@ from app.auth import KeyAuth, new_key
 from app.errors import ApiError
 from app.routes.page import PAGE_HEADERS
 from app.settings import ApiSettings
+from contract.keys import JOB_FUNC, SERIALIZER, queue_name
+from contract.workers import advertise_worker
 from ddpm.redis_server import free_port
 from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from worker.contract import JOB_FUNC, SERIALIZER, advertise_worker, queue_name
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_ROUTES = ("", "/events", "/images/0", "/grid.png", "/animation.gif")

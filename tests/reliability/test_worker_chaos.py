@@ -39,18 +39,12 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.results import Result
 
+from contract.events import Event, EventType
+from contract.keys import SERIALIZER, events_key, image_key, queue_name
+from contract.limits import PRIORITIES
+from contract.queueing import DEFAULT_RETRIES, cancel, enqueue, fetch_job
+from contract.spec import GenerationSpec
 from worker.catalog import load_models
-from worker.client import DEFAULT_RETRIES, cancel, enqueue, fetch_job
-from worker.contract import (
-    PRIORITIES,
-    SERIALIZER,
-    Event,
-    EventType,
-    GenerationSpec,
-    events_key,
-    image_key,
-    queue_name,
-)
 from worker.engine import Engine
 
 SEED = int(os.environ.get("DDPM_CHAOS_SEED", "20240607"))

@@ -14,8 +14,8 @@ import pytest
 import redis
 from rq.job import JobStatus
 
-from worker.client import enqueue, fetch_job
-from worker.contract import GenerationSpec
+from contract.queueing import enqueue, fetch_job
+from contract.spec import GenerationSpec
 from worker.engine import StepReport
 from worker.main import build_worker
 from worker.settings import ADMISSIONS, Admission, WorkerSettings

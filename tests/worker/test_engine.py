@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from contract.spec import GenerationSpec
 from models import Checkpoint, ModelConfig, Schedule, UNet, preset
-from worker.contract import GenerationSpec
 from worker.engine import Engine, EngineJob, LoadedModel, StepReport
 
 SIZE = 16   # the tiny preset's image size

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from test_engine import SIZE, loaded
 
+from contract.preview import Preview
+from contract.spec import GenerationSpec
 from models import to_uint8
-from worker.contract import GenerationSpec, Preview
 from worker.engine import Engine, frame_pixels
 
 

@@ -13,9 +13,11 @@ from rq.command import send_stop_job_command
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
+from contract.events import Event, EventType
+from contract.keys import events_key
+from contract.queueing import cancel, enqueue, fetch_job
+from contract.spec import GenerationSpec
 from ddpm.redis_server import free_port
-from worker.client import cancel, enqueue, fetch_job
-from worker.contract import Event, EventType, GenerationSpec, events_key
 
 ROOT = Path(__file__).resolve().parents[2]
 

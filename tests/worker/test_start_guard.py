@@ -19,8 +19,10 @@ from rq.executions import ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from worker.client import cancel, enqueue, fetch_job
-from worker.contract import SERIALIZER, Event, EventType, GenerationSpec, events_key, queue_name
+from contract.events import Event, EventType
+from contract.keys import SERIALIZER, events_key, queue_name
+from contract.queueing import cancel, enqueue, fetch_job
+from contract.spec import GenerationSpec
 from worker.main import build_worker
 from worker.settings import WorkerSettings
 

@@ -25,8 +25,10 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.job import JobStatus
 from rq.utils import now
 
-from worker.client import enqueue, fetch_job
-from worker.contract import PRIORITIES, SERIALIZER, GenerationSpec, queue_name
+from contract.keys import SERIALIZER, queue_name
+from contract.limits import PRIORITIES
+from contract.queueing import enqueue, fetch_job
+from contract.spec import GenerationSpec
 from worker.main import build_worker
 from worker.settings import WorkerSettings
 

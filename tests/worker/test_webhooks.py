@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from rq.job import JobStatus
 
+from contract.queueing import cancel, enqueue, fetch_job
+from contract.spec import GenerationSpec
 from ddpm.redis_server import free_port
-from worker.client import cancel, enqueue, fetch_job
-from worker.contract import GenerationSpec
 from worker.settings import (
     MAKE_WEBHOOK_SECRET,
     WEBHOOK_KEY_MIN_BYTES,

@@ -13,16 +13,10 @@ from rq import Queue
 from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 
-from worker.client import cancel, enqueue, fetch_job
-from worker.contract import (
-    JOB_FUNC,
-    SERIALIZER,
-    Event,
-    EventType,
-    GenerationSpec,
-    events_key,
-    queue_name,
-)
+from contract.events import Event, EventType
+from contract.keys import JOB_FUNC, SERIALIZER, events_key, queue_name
+from contract.queueing import cancel, enqueue, fetch_job
+from contract.spec import GenerationSpec
 from worker.main import build_worker
 from worker.redis_batch import SCRIPT, WriteBatch
 from worker.settings import WorkerSettings

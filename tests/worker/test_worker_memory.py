@@ -18,18 +18,14 @@ import torch
 from PIL import Image
 from test_writer_bounds import entries
 
+from contract.events import EventType
+from contract.keys import events_key, frames_key, image_key
+from contract.limits import STREAM_MAX_BYTES
+from contract.queueing import enqueue
+from contract.spec import GenerationSpec
 from models import UNet, build_network, preset, save_checkpoint
 from models.config import UNetConfig
 from tests.app.test_api import ready, sse
-from worker.client import enqueue
-from worker.contract import (
-    STREAM_MAX_BYTES,
-    EventType,
-    GenerationSpec,
-    events_key,
-    frames_key,
-    image_key,
-)
 
 MiB = 2**20
 

@@ -10,8 +10,10 @@ from rq import Queue, Worker
 from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 
-from worker.client import cancel, enqueue, fetch_job
-from worker.contract import SERIALIZER, Event, EventType, GenerationSpec, events_key, queue_name
+from contract.events import Event, EventType
+from contract.keys import SERIALIZER, events_key, queue_name
+from contract.queueing import cancel, enqueue, fetch_job
+from contract.spec import GenerationSpec
 
 SLOW = {"model": "tiny", "steps": 1000, "sampler": "ddpm"}   # ~10 s on a 2-core CPU
 

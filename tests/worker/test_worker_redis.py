@@ -16,17 +16,10 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
 
-from worker.client import cancel, enqueue, fetch_job
-from worker.contract import (
-    JOB_FUNC,
-    SERIALIZER,
-    Event,
-    EventType,
-    GenerationSpec,
-    events_key,
-    image_key,
-    queue_name,
-)
+from contract.events import Event, EventType
+from contract.keys import JOB_FUNC, SERIALIZER, events_key, image_key, queue_name
+from contract.queueing import cancel, enqueue, fetch_job
+from contract.spec import GenerationSpec
 from worker.loop import BatchWorker
 from worker.main import build_worker
 from worker.settings import WorkerSettings

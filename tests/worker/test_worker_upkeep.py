@@ -20,19 +20,13 @@ from rq import Queue
 from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 
+from contract.events import Event, EventType
+from contract.inputs import image_input
+from contract.keys import SERIALIZER, events_key, input_key, queue_name
+from contract.queueing import cancel, enqueue, fetch_job
+from contract.spec import GenerationSpec
 from ddpm.redis_server import free_port
 from models import build_network, preset, save_checkpoint
-from worker.client import cancel, enqueue, fetch_job
-from worker.contract import (
-    SERIALIZER,
-    Event,
-    EventType,
-    GenerationSpec,
-    events_key,
-    input_key,
-    queue_name,
-)
-from worker.inputs import image_input
 from worker.loop import BatchWorker
 from worker.main import build_worker
 from worker.settings import WorkerSettings

@@ -15,18 +15,10 @@ import redis
 import torch
 from PIL import Image
 
-from worker.contract import (
-    FRAMES_EXPIRING,
-    Event,
-    EventType,
-    GenerationSpec,
-    ModelInfo,
-    Preview,
-    SpecError,
-    events_key,
-    frames_key,
-    image_key,
-)
+from contract.events import Event, EventType
+from contract.keys import FRAMES_EXPIRING, events_key, frames_key, image_key
+from contract.preview import Preview
+from contract.spec import GenerationSpec, ModelInfo, SpecError
 from worker.engine import Frame
 from worker.events import Batch, EventWriter
 from worker.frames import FrameExpiry, encode_frame

@@ -1,19 +1,13 @@
-"""The job contract between the API and the workers: request spec, Redis names, events.
-
-Both sides import this one torch-free module, so what the API validates and enqueues is
-exactly what a worker reads, and the event stream has one schema. Keep it free of torch,
-rq and anything heavy: the API image has none of those at import time.
-"""
+"""One generation request, as the API accepts it and the worker runs it, and what a
+worker says of the models it serves. Torch-free: the API, `ddpm sample` and the worker
+validate with the same code."""
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import secrets
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
-from typing import Annotated, Any, Literal, get_args
+from dataclasses import dataclass, field
+from typing import Annotated, Any, get_args
 
 from pydantic import (
     BaseModel,
@@ -24,93 +18,34 @@ from pydantic import (
     model_validator,
 )
 
-# ---------------------------------------------------------------------------------------
-# Limits: every request field is bounded.
-
-MAX_IMAGES = 64                 # images per request
-MAX_STEPS = 1000                # denoising steps (also capped by the model's T)
-MAX_SNAPSHOT_EVERY = MAX_STEPS
-MAX_GUIDANCE = 20.0
-MAX_CLASS_LABEL = 9999
-MAX_SEED = 2**63 - 1
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-MAX_JUMP_LENGTH = 100           # RePaint resampling: timesteps per jump back
-MAX_JUMP_N_SAMPLE = 20          # RePaint resampling: passes over each jump
-
-Sampler = Literal["ddpm", "ddim", "dpm++2m"]
-SnapshotKind = Literal["x0", "xt"]
-SnapshotFormat = Literal["png", "webp", "jpeg"]
-SNAPSHOT_FORMATS: tuple[SnapshotFormat, ...] = get_args(SnapshotFormat)
-LOSSY_FORMATS: frozenset[str] = frozenset({"webp", "jpeg"})
-MIN_SNAPSHOT_SIZE = 8           # pixels a side of a preview frame
-Priority = Literal["high", "normal", "low"]
-PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")   # dequeue order
-
-# Image-conditioned generation. The images travel beside the job, fitted to the model, as
-# PNGs under input_key(job, field) (worker/inputs.py fits them); the spec names each by its
-# digest, so the RQ payload stays small JSON.
-Kind = Literal["generate", "img2img", "inpaint", "interpolate"]
-InputField = Literal["init_image", "mask", "interpolate_to"]
-INPUT_FIELDS: tuple[InputField, ...] = get_args(InputField)
-INPUT_REF_PATTERN = r"^sha256:[0-9a-f]{64}$"
-# strength when a request leaves it out: SDEdit's usual 0.75, the paper's t = 500 of 1000
-# for interpolation (Ho et al. 2020 §4.4), and pure noise for inpainting (RePaint).
-DEFAULT_STRENGTH: dict[Kind, float] = {"generate": 1.0, "img2img": 0.75, "inpaint": 1.0,
-                                       "interpolate": 0.5}
-InputRef = Annotated[str, Field(pattern=INPUT_REF_PATTERN,
-                                description="digest of the fitted input image")]
-
-
-# Snapshot frames ("previews") cost what they are worth: lossless at the image's own size
-# for small images, downscaled lossy frames for large ones (a 256x256 RGB frame is 196 KB of
-# pixels, ~175 KB as PNG and ~8 KB as a 128x128 JPEG; BENCHMARKS.md). Final images are
-# always lossless PNG.
-LOSSLESS_PREVIEW_MAX = 64       # images up to this side get PNG frames at full size
-DEFAULT_PREVIEW_SIZE = 128      # larger ones: frames this big, lossy
-DEFAULT_PREVIEW_FORMAT: SnapshotFormat = "jpeg"   # 10x faster to encode than WebP, as small
-DEFAULT_PREVIEW_QUALITY = 75
-MAX_PREVIEW_SIDE = 1024
-# Bytes per pixel of a lossy frame by quality, measured on uniform noise (the costliest
-# content: x_t frames are mostly noise) at 64x64, the larger of grey and RGB; interpolated.
-# PNG is estimated at its raw pixels plus 4 %.
-LOSSY_BYTES_PER_PIXEL: dict[str, tuple[tuple[int, float], ...]] = {
-    "jpeg": ((10, 0.27), (25, 0.39), (50, 0.57), (75, 0.75), (90, 1.05), (100, 2.13)),
-    "webp": ((10, 0.36), (25, 0.48), (50, 0.60), (75, 0.72), (90, 0.96), (100, 2.67)),
-}
-FRAME_HEADER_BYTES = 1024       # a frame's container overhead (JPEG tables, PNG chunks)
-
-
-@dataclass(frozen=True)
-class Preview:
-    """How a job's snapshot frames are made: side in pixels, format, quality (lossy only)."""
-
-    size: int
-    format: SnapshotFormat
-    quality: int = 0
-
-    @classmethod
-    def default(cls, image_size: int) -> Preview:
-        if image_size <= LOSSLESS_PREVIEW_MAX:
-            return cls(image_size, "png")
-        return cls(min(image_size, DEFAULT_PREVIEW_SIZE), DEFAULT_PREVIEW_FORMAT,
-                   DEFAULT_PREVIEW_QUALITY)
-
-    @property
-    def media_type(self) -> str:
-        return f"image/{self.format}"
-
-    def frame_bytes(self, channels: int) -> int:
-        """An upper estimate of one encoded frame's bytes (noise is the worst case)."""
-        pixels = self.size * self.size
-        if self.format == "png":
-            return int(pixels * channels * 1.04) + FRAME_HEADER_BYTES
-        points = LOSSY_BYTES_PER_PIXEL[self.format]
-        q = min(max(self.quality, points[0][0]), points[-1][0])
-        for (q0, b0), (q1, b1) in itertools.pairwise(points):
-            if q <= q1:
-                return int(pixels * (b0 + (b1 - b0) * (q - q0) / (q1 - q0))) \
-                    + FRAME_HEADER_BYTES
-        raise AssertionError("unreachable")
+from .limits import (
+    DEFAULT_STRENGTH,
+    INPUT_FIELDS,
+    LOSSY_FORMATS,
+    MAX_CLASS_LABEL,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_JUMP_LENGTH,
+    MAX_JUMP_N_SAMPLE,
+    MAX_PREVIEW_SIDE,
+    MAX_SEED,
+    MAX_SNAPSHOT_EVERY,
+    MAX_STEPS,
+    MIN_SNAPSHOT_SIZE,
+    MODEL_NAME_PATTERN,
+    InputRef,
+    Kind,
+    Priority,
+    Sampler,
+    SnapshotFormat,
+    SnapshotKind,
+)
+from .preview import (
+    DEFAULT_PREVIEW_QUALITY,
+    DEFAULT_PREVIEW_SIZE,
+    LOSSLESS_PREVIEW_MAX,
+    Preview,
+)
 
 
 class SpecError(ValueError):
@@ -363,166 +298,3 @@ class ModelInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-# ---------------------------------------------------------------------------------------
-# RQ and Redis names.
-
-JOB_FUNC = "worker.tasks.generate"   # what RQ records as the job's function
-SERIALIZER = "json"                  # RQ serializer alias: payloads are data, never pickles
-PREFIX = "ddpm"
-
-
-def queue_name(model: str, priority: Priority = "normal") -> str:
-    """One RQ queue per (model, priority): a job only reaches workers holding its model."""
-    return f"{PREFIX}.{model}.{priority}"
-
-
-def events_key(job_id: str) -> str:
-    return f"{PREFIX}:events:{job_id}"
-
-
-def input_key(job_id: str, field: str) -> str:
-    """A job's fitted input image (INPUT_FIELDS), written with the job, same TTL."""
-    return f"{PREFIX}:input:{job_id}:{field}"
-
-
-def image_key(job_id: str, index: int) -> str:
-    return f"{PREFIX}:image:{job_id}:{index}"
-
-
-def worker_key(worker_name: str) -> str:
-    return f"{PREFIX}:workers:{worker_name}"
-
-
-# Idle workers block on their models' wake lists (BLPOP) instead of polling the queues:
-# every enqueue of ours pushes a token (`wake_commands`), bounded and expiring, so a token
-# nobody waits for costs nothing. Jobs enqueued by other tools (plain RQ) push none: an idle
-# worker still looks at the queues every WAKE_TIMEOUT seconds.
-WAKE_MAXLEN = 64
-WAKE_TTL = 60
-WAKE_TIMEOUT = 0.25
-
-
-def wake_key(model: str) -> str:
-    return f"{PREFIX}:wake:{model}"
-
-
-def wake_commands(pipe: Any, model: str) -> None:
-    """Queue on `pipe` the writes that wake one idle worker of `model`."""
-    key = wake_key(model)
-    pipe.rpush(key, 1)
-    pipe.ltrim(key, -WAKE_MAXLEN, -1)
-    pipe.expire(key, WAKE_TTL)
-
-
-# Live workers by name, scored by when their advertisement expires: readers find the
-# advertisements without SCANning the whole keyspace (a SCAN per POST grew with every job's
-# keys: 47 ms per submission with 100k keys in Redis, bench/api_overhead.py --prefill-keys).
-WORKERS_INDEX = f"{PREFIX}:workers"
-
-
-def advertise_worker(redis: Any, name: str, doc: str, ttl: int, now: float) -> None:
-    """Publish (or renew) a worker's advertisement `doc` (JSON) for `ttl` seconds."""
-    with redis.pipeline(transaction=True) as p:
-        p.set(worker_key(name), doc, ex=ttl)
-        p.zadd(WORKERS_INDEX, {name: now + ttl})
-        p.expire(WORKERS_INDEX, ttl)      # gone with the last worker
-        p.execute()
-
-
-def withdraw_worker(redis: Any, name: str) -> None:
-    with redis.pipeline(transaction=True) as p:
-        p.delete(worker_key(name))
-        p.zrem(WORKERS_INDEX, name)
-        p.execute()
-
-
-def live_worker_keys(redis: Any, now: float) -> list[str]:
-    """Advertisement keys of workers whose advertisement has not expired at `now` (epoch s);
-    drops the expired names from the index on the way."""
-    with redis.pipeline(transaction=False) as p:
-        p.zremrangebyscore(WORKERS_INDEX, "-inf", now)
-        p.zrange(WORKERS_INDEX, 0, -1)
-        _, names = p.execute()
-    return [worker_key(n.decode() if isinstance(n, bytes) else n) for n in names]
-
-
-# ---------------------------------------------------------------------------------------
-# The event stream: one Redis Stream per job; each entry is {"type", "data" (JSON), "png"?}.
-
-# Entries a job's stream keeps (XADD MAXLEN ~): the default of DDPM_STREAM_MAXLEN, which
-# the workers' and the API's settings both read, so both trim alike.
-STREAM_MAXLEN = 2000
-# Bytes of snapshot frames a job's stream keeps (DDPM_STREAM_MAX_BYTES, both sides): past
-# it the oldest frames are deleted as new ones arrive, and the API refuses a request whose
-# frames alone would exceed it (GenerationSpec.check_stream_budget).
-STREAM_MAX_BYTES = 8 * 2**20
-
-
-def frames_key(job_id: str) -> str:
-    """The job's snapshot ledger: a list of "<stream id> <bytes>", oldest first, and a
-    counter of their bytes (`frames_key(job) + ":bytes"`), so frames are trimmed by bytes."""
-    return f"{PREFIX}:frames:{job_id}"
-
-
-# Ended jobs whose snapshot frames are deleted at their score (epoch seconds): snapshot
-# entries expire `snapshot_ttl` after the job ends, sooner than its results.
-FRAMES_EXPIRING = f"{PREFIX}:frames:expiring"
-
-
-class EventType(StrEnum):
-    STARTED = "started"      # a worker took the job
-    PROGRESS = "progress"    # steps done / total
-    SNAPSHOT = "snapshot"    # an intermediate frame of one image (PNG)
-    IMAGE = "image"          # a final image is stored under image_key(job, index)
-    DONE = "done"            # every image is stored; the job succeeded
-    ERROR = "error"          # the job failed; data.message says why
-    CANCELED = "canceled"    # the job was canceled; its slots are free
-    REQUEUED = "requeued"    # the worker stopped; the job went back to its queue
-
-
-TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR, EventType.CANCELED})
-
-
-@dataclass(frozen=True)
-class Event:
-    """One entry of a job's event stream."""
-
-    type: EventType
-    data: dict[str, Any] = field(default_factory=dict)
-    image: bytes | None = None   # snapshot frames only: the encoded frame (data["format"])
-
-    def to_fields(self) -> dict[str, str | bytes]:
-        fields: dict[str, str | bytes] = {"type": str(self.type),
-                                          "data": json.dumps(self.data, separators=(",", ":"))}
-        if self.image is not None:
-            fields["image"] = self.image
-        return fields
-
-    @classmethod
-    def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> Event:
-        def text(v: bytes | str) -> str:
-            return v.decode() if isinstance(v, bytes) else v
-
-        f = {text(k): v for k, v in fields.items()}
-        image = f.get("image", f.get("png"))       # "png": written before frame formats
-        return cls(type=EventType(text(f["type"])), data=json.loads(text(f.get("data", "{}"))),
-                   image=image.encode() if isinstance(image, str) else image)
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """What a finished job returns through RQ (its images live under image_key)."""
-
-    model: str
-    num_images: int
-    seed: int
-    sampler: str
-    steps: int
-    image_keys: list[str]
-    queue_wait_s: float
-    run_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

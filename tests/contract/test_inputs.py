@@ -1,6 +1,6 @@
 """Input images of image-conditioned generation: hostile uploads refused, the rest fitted.
 
-`worker.inputs` runs in the API process on bytes a client sent: every upload that is not a
+`contract.inputs` runs in the API process on bytes a client sent: every upload that is not a
 usable single image must end as a `SpecError` naming the field with a message a user
 understands, and nothing else may escape. Every image here is a few pixels, made by the
 test itself; the decompression bombs are crafted headers, never decoded.
@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
-from worker import inputs
-from worker.contract import SpecError
-from worker.inputs import (
+from contract import inputs
+from contract.inputs import (
     MAX_BASE64_CHARS,
     MAX_INPUT_BYTES,
     MAX_INPUT_PIXELS,
@@ -36,6 +35,7 @@ from worker.inputs import (
     mask_input,
     open_image,
 )
+from contract.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(16)
@@ -102,8 +102,8 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 
 
 def test_importing_inputs_imports_neither_torch_nor_numpy() -> None:
-    """The API process imports worker.inputs; its image has no torch and no NumPy."""
-    code = ("import sys, worker.inputs\n"
+    """The API process imports contract.inputs; its image has no torch and no NumPy."""
+    code = ("import sys, contract.inputs\n"
             "print(','.join(m for m in ('torch', 'numpy') if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=60, cwd=ROOT)

@@ -1,8 +1,8 @@
-"""Enqueueing, fetching and cancelling generation jobs as RQ jobs.
+"""Enqueueing, fetching and cancelling generation jobs as RQ jobs: the API's side of RQ.
 
 The API builds its one-command submission from `enqueue_commands` (run inside its
-admission script, app/jobs.py) and reads jobs with `fetch_job`; tests and benchmarks use
-`enqueue` and `cancel`. Torch-free, like the contract: it needs only redis and rq.
+admission script) and reads jobs with `fetch_job`; tests and benchmarks use `enqueue` and
+`cancel`. Torch-free: it needs only redis and rq.
 """
 
 from __future__ import annotations
@@ -11,14 +11,22 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import OutOfMemoryError, ResponseError
 from rq import Queue, Retry
 from rq.job import Job
 from rq.webhook import Webhook
 
-from .contract import JOB_FUNC, SERIALIZER, GenerationSpec, queue_name, wake_commands
+from .keys import JOB_FUNC, SERIALIZER, WAKE_MAXLEN, WAKE_TTL, queue_name, wake_key
+from .spec import GenerationSpec
 
 DEFAULT_RETRIES = 3   # re-queues after a worker dies mid-job (abandoned executions)
+
+
+def wake_commands(pipe: Any, model: str) -> None:
+    """Queue on `pipe` the writes that wake one idle worker of `model`."""
+    key = wake_key(model)
+    pipe.rpush(key, 1)
+    pipe.ltrim(key, -WAKE_MAXLEN, -1)
+    pipe.expire(key, WAKE_TTL)
 
 
 def generation_queue(redis: Redis, spec: GenerationSpec) -> Queue:
@@ -71,10 +79,3 @@ def fetch_job(redis: Redis, job_id: str) -> Job:
 def cancel(redis: Redis, job_id: str) -> None:
     """Cancel a queued or running job; a worker frees its slots at its next step."""
     fetch_job(redis, job_id).cancel()
-
-
-def redis_full(error: BaseException) -> bool:
-    """Whether `error` is Redis refusing a write at its `maxmemory` (noeviction): raised
-    as OutOfMemoryError by a command, as a script error (`-OOM ...`) inside a Lua script."""
-    return isinstance(error, OutOfMemoryError) or (
-        isinstance(error, ResponseError) and "OOM command not allowed" in str(error))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from worker.contract import SpecError
+from .spec import SpecError
 
 if TYPE_CHECKING:  # the worker's side only: the API image has no NumPy
     import numpy as np

@@ -1,6 +1,6 @@
 """The API/worker contract: every request field bounded, one event schema, Redis names.
 
-`worker.contract` is imported by the API as well as by the workers, so it must stay light
+`contract` is imported by the API as well as by the workers, so it must stay light
 (no torch, no rq) and reject anything a worker could not run before it is enqueued.
 """
 
@@ -15,18 +15,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from worker.contract import (
-    MAX_SEED,
-    PREFIX,
-    Event,
-    EventType,
-    GenerationSpec,
-    ModelInfo,
-    events_key,
-    image_key,
-    queue_name,
-    worker_key,
-)
+from contract.events import Event, EventType
+from contract.keys import PREFIX, events_key, image_key, queue_name, worker_key
+from contract.limits import MAX_SEED
+from contract.spec import GenerationSpec, ModelInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -274,7 +266,7 @@ def test_names_are_distinct_and_prefixed() -> None:
 
 def test_contract_imports_no_torch_or_rq() -> None:
     code = (
-        "import sys, worker.contract\n"
+        "import sys, contract\n"
         "heavy = [m for m in ('torch', 'rq') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
@@ -289,9 +281,9 @@ def test_the_contract_counts_the_steps_the_sampler_takes() -> None:
     """The API reports progress from the contract's arithmetic (torch-free); the sampler's
     plan is what runs. A RePaint jump miscounted, or a start timestep rounded differently,
     shows here."""
+    from contract.spec import GenerationSpec, start_timestep
     from models import repaint_plan
     from models import start_timestep as models_start
-    from worker.contract import GenerationSpec, start_timestep
 
     ref = "sha256:" + "0" * 64
     for steps in (1, 2, 5, 9, 10, 11, 20, 33):
@@ -317,7 +309,7 @@ def test_frame_bytes_bounds_real_frames_of_noise(fmt: str, channels: int) -> Non
     import numpy as np
     from PIL import Image
 
-    from worker.contract import Preview
+    from contract.preview import Preview
 
     rng = np.random.default_rng(0)
     for size in (8, 28, 64, 128):
