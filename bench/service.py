@@ -66,7 +66,7 @@ import time
 import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ from bench.worker_throughput import sample_in_process
 from contract.keys import worker_key
 from contract.spec import GenerationSpec
 from ddpm.redis_server import RedisServer, free_port
-from models import PRESETS, init_checkpoint, preset, resolve_device
+from models import PRESETS, ModelConfig, init_checkpoint, preset, resolve_device
 from worker.catalog import load_models
 from worker.engine import Engine, LoadedModel
 from worker.settings import WorkerSettings
@@ -509,12 +509,24 @@ def print_ceiling(runs: dict[tuple[str, int, int], Run], ceiling: list[Run], m: 
 
 # -- main ----------------------------------------------------------------------------------
 
+MICRO = "micro"
+
+
+def micro_config() -> ModelConfig:
+    """The null preset's shape (8x8 grey, ch 8, one level, one block, no attention) as a
+    real UNet, ~10.6k parameters: a small model whose forward still costs something, where
+    the service's per-job host work shows against the model's own (issue 25's model)."""
+    null = preset("null")
+    return replace(null, unet=replace(null.unet, arch="ddpm"))
+
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="random-weight model of this preset (null: a forward of ~zero cost)")
+    p.add_argument("--preset", default="tiny", choices=[*sorted(PRESETS), MICRO],
+                   help="random-weight model of this preset (null: a forward of ~zero cost; "
+                   f"{MICRO}: the null preset's 8x8 grey shape as a real ~10k-parameter UNet)")
     p.add_argument("--checkpoint", type=Path, help="use this checkpoint instead")
     p.add_argument("--clients", default="1,16,32", help="concurrencies, comma-separated")
     p.add_argument("--images", type=int, default=48, help="images (requests) per run")
@@ -563,7 +575,7 @@ def main() -> None:
             label = f"checkpoint {args.checkpoint}"
         else:
             models_dir, model = tmp / "models", "bench"
-            cfg = preset(args.preset)
+            cfg = micro_config() if args.preset == MICRO else preset(args.preset)
             init_checkpoint(models_dir / model, cfg)
             label = f"preset {args.preset}, random weights"
         try:
