@@ -14,11 +14,15 @@ here asserts a speed.
     python -m bench.worker_throughput --preset cifar10 --device cuda --images 256 --steps 50
     python -m bench.worker_throughput --checkpoint checkpoints/mnist
     python bench/worker_throughput.py                      # as a script, the same
+    python -m bench.worker_throughput --preset null --max-batch 64 --images 1024 \
+        --steps 20 --sampler ddim --repeats 1 --profile 40  # where the worker's CPU goes
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import signal
 import tempfile
 import time
@@ -38,15 +42,22 @@ from worker.settings import WorkerSettings
 
 
 def scenario(url: str, models: Path, name: str, specs: list[GenerationSpec],
-             max_batch: int, device: str) -> float:
-    """Seconds from the first enqueue until the worker has finished every job."""
+             max_batch: int, device: str, profile: int = 0) -> float:
+    """Seconds from the first enqueue until the worker has finished every job. `profile`:
+    print the top this many functions (own time) of the worker's loop thread."""
     r = redis.Redis.from_url(url)
     r.flushall()
     worker = build_worker(WorkerSettings(redis_url=url, models_dir=models, device=device,
                                          max_batch=max_batch, log_level="WARNING"))
     t0 = time.perf_counter()
     jobs = [enqueue(r, s) for s in specs]
-    worker.work(burst=True, logging_level="WARNING")
+    if profile:
+        prof = cProfile.Profile()
+        prof.runcall(worker.work, burst=True, logging_level="WARNING")
+        print(f"-- {name}: the loop thread's top {profile} functions by own time --")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(profile)
+    else:
+        worker.work(burst=True, logging_level="WARNING")
     seconds = time.perf_counter() - t0
     bad = [j.id for j in jobs if fetch_job(r, j.id).get_status() != "finished"]
     if bad:
@@ -90,6 +101,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs each")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile the loop of 'many 1-image jobs' (first run), print top N")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,8 +130,10 @@ def main() -> None:
         scenario(srv.url, models, "warm-up", [spec(2, 0)], args.max_batch, args.device)
         seconds = {}
         for name, (specs, mb) in runs.items():
-            seconds[name] = min(scenario(srv.url, models, name, specs, mb, args.device)
-                                for _ in range(args.repeats))
+            prof = args.profile if name == "many 1-image jobs" else 0
+            seconds[name] = min(scenario(srv.url, models, name, specs, mb, args.device,
+                                         prof if i == 0 else 0)
+                                for i in range(args.repeats))
             for s, h in saved.items():
                 signal.signal(s, h)
         loaded = load_models(models, torch.device(args.device), [model]).loaded[model]

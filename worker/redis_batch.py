@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from redis import Redis
+from redis.client import Pipeline
 
 from .frames import FRAME_COMMAND, FRAME_LUA
 
 Guard = Literal["", "not-canceled", "absent"]
+Command = tuple[Any, ...]
 
 # ARGV: per group: guard, guard key, number of commands; per command: number of args, args.
 # Returns one flag per group: 1 if it ran, 0 if its guard did not hold.
@@ -57,7 +59,24 @@ return out
 class _Group:
     guard: Guard
     key: str
-    commands: list[tuple[Any, ...]] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+
+
+class Recorder(Pipeline):
+    """A pipeline that only records: every command RQ's methods (or anyone) write into it
+    lands in `commands` through redis-py's public staging hook, and it is never executed
+    (its `execute` refuses)."""
+
+    def __init__(self, redis: Redis, commands: list[Command]) -> None:
+        super().__init__(redis.connection_pool, redis.response_callbacks, False, None)
+        self.commands = commands
+
+    def pipeline_execute_command(self, *args: Any, **options: Any) -> Recorder:
+        self.commands.append(args)
+        return self
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        raise RuntimeError("recorded writes run through WriteBatch.run, never execute()")
 
 
 class WriteBatch:
@@ -70,10 +89,9 @@ class WriteBatch:
     def group(self, guard: Guard = "", key: str = "") -> Any:
         """A pipeline to hand to RQ's methods (and to write into directly); its commands
         form one group, run only where `guard` holds for `key` when the batch runs."""
-        p = self.redis.pipeline(transaction=False)
-        self._groups.append(_Group(guard, key))
-        self._groups[-1].commands = p.command_stack    # type: ignore[assignment]
-        return p
+        g = _Group(guard, key)
+        self._groups.append(g)
+        return Recorder(self.redis, g.commands)
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -86,7 +104,7 @@ class WriteBatch:
         argv: list[Any] = []
         for g in self._groups:
             argv += [g.guard, g.key, len(g.commands)]
-            for args, _options in g.commands:      # redis-py's command stack entries
+            for args in g.commands:
                 argv.append(len(args))
                 argv += args
         self._groups = []

@@ -13,43 +13,50 @@ every live execution is renewed in one pipeline.
 The workarounds (each found by a test in tests/reliability, and explained where it lives):
 the atomic take into RQ's intermediate list, marking started only where no cancel came
 first, putting back jobs taken as Redis went away, pruning dead executions,
-a short registry-cleaning lock, expiring canceled jobs, failing unreadable job hashes.
+failing unreadable job hashes (the maintenance ones are in rq_registries.py).
+
+Internal to the RQ side: `RqSide` (rq_side.py) is what the rest of the worker calls.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from redis import Redis
-from rq import worker_registration
 from rq.executions import Execution, ExecutionRegistry
-from rq.group import Group
 from rq.job import Job, JobStatus, parse_job_id, validate_job_id
 from rq.queue import Queue
 from rq.rate_limit import release_slot
-from rq.registry import FinishedJobRegistry, StartedJobRegistry, clean_registries
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.utils import now, utcformat
 from rq.worker.base import WorkerStatus
 
 from . import redis_batch
 from .redis_batch import WriteBatch
 
-if TYPE_CHECKING:
-    from .loop import BatchWorker
-
 log = logging.getLogger("ddpm.worker")
 
 # Move up to ARGV[1] jobs from the first non-empty queues (KEYS: queue, its intermediate
 # list, ... in priority order) to the end of their intermediate lists, in one atomic step,
 # and return, per job: its queue key, its id, its hash (flat) and its execution ids
-# (ARGV[2], ARGV[3]: the job and execution registry key prefixes).
+# (ARGV[2], ARGV[3]: the job and execution registry key prefixes). The last ARGV[4] KEYS
+# are wake lists: unless ARGV[5] is '1' (look anyway), it looks only when one holds a
+# token, and takes them all (every job enqueued before this instant is then seen).
 _TAKE = """
 local want, out = tonumber(ARGV[1]), {}
-for i = 1, #KEYS, 2 do
+local nwake = tonumber(ARGV[4] or '0')
+local nq = #KEYS - nwake
+if nwake > 0 then
+  local wake = {unpack(KEYS, nq + 1, #KEYS)}
+  if ARGV[5] ~= '1' and redis.call('EXISTS', unpack(wake)) == 0 then return out end
+  redis.call('DEL', unpack(wake))
+end
+for i = 1, nq, 2 do
   while #out < 4 * want do
     local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
     if not id then break end
@@ -71,13 +78,22 @@ return out
 """
 
 
+# Where RQ's own code sends a job's webhooks (its failure path; jobs abandoned past their
+# retries, found by the maintenance pass): (job, status, error) → the worker's sender.
+Notify = Callable[[Job, str, "str | None"], None]
+
+
 class BatchJob(Job):
     """RQ's Job, with its started and finished registries made once per queue: RQ builds a
     new registry object at every use (and checks its serializer against a typing Protocol,
     ~35 µs each), several times per job on the worker's hot path. Registry objects hold only
-    their key, connection and serializer, so the jobs of one queue can share them."""
+    their key, connection and serializer, so the jobs of one queue can share them.
+
+    Use `bound_job_class`: each RQ side gets its own subclass, holding its registries and
+    where its webhooks go, so two workers in one process share nothing."""
 
     _shared: ClassVar[dict[tuple[type, str, int], Any]] = {}
+    _notify: ClassVar[Notify | None] = None
 
     def _registry(self, kind: type) -> Any:
         key = (kind, self.origin, id(self.connection))
@@ -96,15 +112,18 @@ class BatchJob(Job):
     def finished_job_registry(self) -> FinishedJobRegistry:  # type: ignore[override]
         return self._registry(FinishedJobRegistry)
 
-    # Where RQ's own code sends a job's webhooks (its failure path; jobs abandoned past their
-    # retries, found by the maintenance pass): the worker's WebhookSender (signed, retried,
-    # on its own threads), never RQ's urlopen on the loop's thread. None: none are sent.
-    webhook_sender: ClassVar[Any] = None
-
     def send_webhooks(self, status: str | JobStatus, *, exc_string: str | None = None) -> None:
-        sender = BatchJob.webhook_sender
-        if sender is not None:
-            sender.send(self, JobStatus(status).value, error=exc_string)
+        """RQ's webhook calls go to the worker's sender (signed, retried, on its own
+        threads), never RQ's urlopen on the loop's thread. None bound: none are sent."""
+        notify = type(self)._notify
+        if notify is not None:
+            notify(self, JobStatus(status).value, exc_string)
+
+
+def bound_job_class(notify: Notify | None) -> type[BatchJob]:
+    """A BatchJob subclass of one RQ side: its own registry cache and webhook target."""
+    return type("BatchJob", (BatchJob,), {"_shared": {}, "_notify": staticmethod(notify)
+                                          if notify is not None else None})
 
 
 class Unreadable(Exception):
@@ -137,7 +156,9 @@ class Success:
 class RqJobs:
     """RQ's job bookkeeping for `worker`, batched per step."""
 
-    def __init__(self, worker: BatchWorker) -> None:
+    def __init__(self, worker: Any) -> None:
+        """`worker`: RQ's worker object (rq_worker.RqWorker; the take alone needs only its
+        connection, job class and serializer)."""
         self.worker = worker
         self.redis: Redis = worker.connection
         self._take = self.redis.register_script(_TAKE)
@@ -146,8 +167,8 @@ class RqJobs:
 
     # -- taking and starting -----------------------------------------------------------
 
-    def take(self, queues: list[Queue], want: int) -> tuple[list[tuple[Job, Queue]],
-                                                            list[Unreadable]]:
+    def take(self, queues: list[Queue], want: int, wake_keys: tuple[str, ...] = (),
+             look: bool = True) -> tuple[list[tuple[Job, Queue]], list[Unreadable]]:
         """Up to `want` jobs in priority order, moved atomically from their queues into the
         queues' intermediate lists (where RQ's maintenance finds them if this worker dies
         before they are marked started), fetched in one round-trip.
@@ -158,10 +179,14 @@ class RqJobs:
         test). The jobs' hashes come back with them, in the same round-trip. Jobs whose
         hash is gone leave the intermediate list; jobs whose hash cannot be read come back
         as `Unreadable`, to be failed.
+
+        `wake_keys`: the wake lists of these queues' models; without `look`, the queues are
+        looked at only if one of them holds a token (an enqueue since the last take).
         """
-        keys = [k for q in queues for k in (q.key, q.intermediate_queue_key)]
+        keys = [k for q in queues for k in (q.key, q.intermediate_queue_key)] + list(wake_keys)
         hit = self._take(keys=keys, args=[want, Job.redis_job_namespace_prefix,
-                                          ExecutionRegistry.key_template.format("")])
+                                          ExecutionRegistry.key_template.format(""),
+                                          len(wake_keys), int(look)])
         if not hit:
             return [], []
         by_key = {q.key: q for q in queues}
@@ -223,14 +248,14 @@ class RqJobs:
         candidates = []
         for job, queue in taken:
             p = writes.group("not-canceled", job.key)
-            ttl = w.get_heartbeat_ttl(job)
+            ttl = w.execution_ttl
             execution = Execution.create(job, ttl, pipeline=p, worker_name=w.name)
             job.heartbeat(now(), ttl, pipeline=p)
             job.prepare_for_execution(w.name, pipeline=p)
             p.persist(job.key)
             candidates.append(Started(job, queue, execution))
         p = writes.group()
-        w.heartbeat(w.settings.execution_ttl, pipeline=p)
+        w.heartbeat(w.execution_ttl, pipeline=p)
         w.set_state(WorkerStatus.BUSY, pipeline=p)
         ran = writes.run(self._run)[1:-1]
         started = [s for s, ok in zip(candidates, ran, strict=True) if ok]
@@ -251,14 +276,15 @@ class RqJobs:
 
     # -- ending --------------------------------------------------------------------------
 
-    def succeed(self, jobs: list[Success]) -> None:
+    def succeed(self, jobs: list[Success]) -> list[Job]:
         """RQ's success bookkeeping (`handle_job_success`: result, finished registry, TTLs,
         worker counters, execution cleanup) for all of `jobs` in one atomic round-trip.
         Jobs with dependents, repeats or success callbacks (never ours, but RQ lets anyone
         add them) take RQ's own path; whether a job has dependents is decided inside the
-        script, so one added meanwhile is never missed."""
+        script, so one added meanwhile is never missed. Returns the jobs that succeeded
+        here, not through RQ's own path (which sends their webhooks itself)."""
         if not jobs:
-            return
+            return []
         w = self.worker
         ended = now()
         writes = WriteBatch(self.redis)
@@ -280,6 +306,8 @@ class RqJobs:
                 theirs.append(s)
         for s in theirs:
             w._finalize_success(s.job, s.queue, s.execution, s.result)
+        done = {id(s) for s in theirs}
+        return [s.job for s in own if id(s) not in done]
 
     def _queue_success(self, p: Any, s: Success) -> None:
         """What RQ's handle_job_success writes for one job (its last-heartbeat write aside:
@@ -354,56 +382,6 @@ class RqJobs:
                 p.hset(w.key, mapping=w.serialize())
                 p.expire(w.key, worker_ttl)
             if len(p):
-                p.execute()
-
-    # -- maintenance ---------------------------------------------------------------------
-
-    def clean_registries(self, queues: list[Queue], lock_ttl: int) -> None:
-        """RQ's pass, under a per-queue lock that expires after `lock_ttl` (one maintenance
-        interval, at least 10 s) instead of RQ's 899 s: a worker SIGKILLed mid-pass leaves
-        its lock behind, and while it lives no worker re-queues that queue's abandoned
-        jobs."""
-        w = self.worker
-        for queue in queues:
-            if self.redis.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_ttl):
-                log.debug("cleaning registries for queue %s", queue.name)
-                clean_registries(queue, w._exc_handlers)
-                worker_registration.clean_worker_registry(queue)
-                queue.intermediate_queue.cleanup(w, queue)
-                queue.release_maintenance_lock()
-
-    def clean_group_registries(self, lock_ttl: int) -> None:
-        """RQ's group pass (`BaseWorker.clean_group_registries`), logged at debug: RQ logs it
-        at info, so `ddpm worker` said "cleaning group registries" every maintenance
-        interval. The lock, as RQ's, expires just before the next interval."""
-        if Group.acquire_maintenance_lock(self.redis, lock_ttl):
-            log.debug("cleaning group registries")
-            Group.clean_registries(connection=self.redis)
-
-    def clean_canceled(self, queues: list[Queue], ttl: int) -> None:
-        """RQ never cleans its canceled registries, and a job canceled without us (`rq`,
-        `contract.queueing.cancel`) keeps its hash forever. Like finished jobs: each newly
-        canceled job's hash gets the result TTL and its member is re-scored to expire with
-        it; members whose job is gone are removed. Touches only members due (score ≤ now)."""
-        t = time.time()
-        for queue in queues:
-            key = queue.canceled_job_registry.key
-            due = self.redis.zrangebyscore(key, 0, t)
-            if not due:
-                continue
-            with self.redis.pipeline(transaction=False) as p:
-                for job_id in due:
-                    p.ttl(Job.key_for(job_id.decode()))
-                ttls = p.execute()
-            with self.redis.pipeline(transaction=False) as p:
-                for job_id, left in zip(due, ttls, strict=True):
-                    if left == -2:                     # expired or deleted
-                        p.zrem(key, job_id)
-                        continue
-                    if left == -1:
-                        left = ttl
-                        p.expire(Job.key_for(job_id.decode()), left)
-                    p.zadd(key, {job_id: t + left}, xx=True)
                 p.execute()
 
 

@@ -41,11 +41,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
-
-from rq.job import Job
-from rq.utils import now
 
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings, webhook_signing_key
@@ -104,31 +102,22 @@ class WebhookSender:
 
     # -- what the worker calls --------------------------------------------------------
 
-    def send(self, job: Job, status: str, *, error: str | None = None) -> None:
-        """Queue the job's webhooks for `status` (finished, failed, canceled). Cheap: no
-        I/O on the caller's thread."""
-        urls = self.urls(job, status)
+    def send(self, job_id: str, status: str, urls: list[str], *,
+             enqueued_at: datetime | None, ended_at: datetime | None,
+             error: str | None = None) -> None:
+        """Queue a job's webhooks (`urls`, each once) for `status` (finished, failed,
+        canceled). Cheap: no I/O on the caller's thread."""
         if not urls:
             return
         payload: dict[str, Any] = {
-            "type": EVENT_TYPES[status], "job_id": job.id, "status": status,
-            "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
-            "ended_at": (job.ended_at or now()).isoformat(),
+            "type": EVENT_TYPES[status], "job_id": job_id, "status": status,
+            "enqueued_at": enqueued_at.isoformat() if enqueued_at else None,
+            "ended_at": (ended_at or datetime.now(UTC)).isoformat(),
             "error": None if status == "finished" else error}
         body = json.dumps(payload).encode()
         for i, url in enumerate(urls):
             suffix = f"_{i}" if i else ""
-            self._push(Delivery(url, f"msg_{job.id}_{status}{suffix}", body, job.id), 0.0)
-
-    @staticmethod
-    def urls(job: Job, status: str) -> list[str]:
-        """The URLs to call: RQ webhooks stored for `status` (any of them for canceled,
-        which RQ has no webhooks for), each once."""
-        seen: list[str] = []
-        for hook in job.webhooks:
-            if (status == "canceled" or hook.job_status == status) and hook.url not in seen:
-                seen.append(hook.url)
-        return seen
+            self._push(Delivery(url, f"msg_{job_id}_{status}{suffix}", body, job_id), 0.0)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking deliveries; wait up to `timeout` for the queued ones, then drop what

@@ -98,12 +98,11 @@ def test_a_job_taken_as_redis_goes_is_put_back(aof_redis: RedisServer, r: redis.
     w = build_worker(WorkerSettings(redis_url=aof_redis.url, models_dir=models_dir,
                                     device="cpu", max_batch=4))
     first, second = (enqueue(r, GenerationSpec(model="tiny", steps=5, seed=s)) for s in (1, 2))
-    taken = w.queue_class.dequeue_any(w._ordered_queues, None, connection=w.connection,
-                                      job_class=w.job_class, serializer=w.serializer)
-    assert taken is not None and taken[0].id == first.id
+    taken, _ = w.rq.take(1)
+    assert taken == [first.id]
     aof_redis.kill(signal.SIGKILL)
     with pytest.raises(RedisError):
-        w._start([taken])                    # what _admit does next, with Redis gone
+        w.admission.start(taken)             # what admit does next, with Redis gone
     aof_redis.start()
     burst(w)
     assert [fetch_job(r, j.id).get_status() for j in (first, second)] == \

@@ -1,7 +1,7 @@
 """The window between taking a job and marking it started, made deterministic, and the
 guard of `worker.tasks` against plain RQ workers.
 
-Starting is one guarded Lua replay (rq_jobs.RqJobs.start through redis_batch.py): each
+Starting is one guarded Lua replay (rq_jobs.RqJobs.start, behind RqSide.start; redis_batch.py): each
 job's writes run only if, when the script runs, the job is neither canceled nor gone. A
 check made in Python before the writes are sent (as RQ's WATCH-less path would) loses a
 cancel that lands in between; so does writing unguarded. In-process worker, real Redis.
@@ -47,19 +47,19 @@ def test_a_cancel_landing_after_the_writes_are_recorded_still_wins(
     loop frees nothing for it, announces the cancellation and admits the other jobs."""
     jobs = [enqueue(r, GenerationSpec(model="tiny", steps=2, seed=s)) for s in range(3)]
     w = _worker(redis_url, models_dir)
-    taken, bad = w.rq.take(w._ordered_queues, 8)
-    assert not bad and [j.id for j, _ in taken] == [j.id for j in jobs]
-    run_script = w.rq._run
+    taken, bad = w.rq.take(8)
+    assert not bad and taken == [j.id for j in jobs]
+    run_script = w.rq.jobs._run
 
     def cancel_then_run(**kwargs: Any) -> Any:
         cancel(r, jobs[1].id)                 # in the window, after the writes were recorded
         return run_script(**kwargs)
 
-    w.rq._run = cancel_then_run
+    w.rq.jobs._run = cancel_then_run
     try:
-        w._start(taken)
+        w.admission.start(taken)
     finally:
-        w.rq._run = run_script
+        w.rq.jobs._run = run_script
     w.writer.close()                          # flush the events the start wrote
     assert fetch_job(r, jobs[1].id).get_status() == JobStatus.CANCELED
     assert w.live.get(jobs[1].id) is None
@@ -79,15 +79,15 @@ def test_a_job_deleted_between_take_and_start_is_not_recreated(
     would otherwise bring back a hash of nothing but started-fields, forever."""
     jobs = [enqueue(r, GenerationSpec(model="tiny", steps=2, seed=s)) for s in range(2)]
     w = _worker(redis_url, models_dir)
-    taken, _ = w.rq.take(w._ordered_queues, 8)
+    taken, _ = w.rq.take(8)
     r.delete(Job.key_for(jobs[0].id))
     started, canceled = w.rq.start(taken)
-    assert [s.job.id for s in started] == [jobs[1].id]
-    assert [j.id for j in canceled] == [jobs[0].id]
+    assert [s.job_id for s in started] == [jobs[1].id]
+    assert canceled == [jobs[0].id]
     assert not r.exists(Job.key_for(jobs[0].id))
     assert r.llen(_queue(r).intermediate_queue_key) == 0
     for s in started:
-        w.rq.release(s.job, s.execution)
+        w.rq.release(s.job_id)
 
 
 def test_a_plain_rq_worker_fails_a_generation_job_and_says_why(

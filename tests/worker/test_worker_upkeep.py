@@ -49,7 +49,7 @@ def test_the_command_listener_stops_without_waiting_for_its_read_timeout(
     """The race behind 60-second shutdowns, made deterministic: the listener thread has
     read an UNSUBSCRIBE's reply (no subscription left, so it waits for one) before it is
     stopped. RQ's listener waits 60 s at a time, and redis-py's stop() joins it."""
-    w = _worker(redis_url, models_dir)
+    w = _worker(redis_url, models_dir).rq.worker      # RQ's worker object, inside the RQ side
     w.subscribe()
     assert w.pubsub is not None and w.pubsub_thread is not None
     w.pubsub.unsubscribe()

@@ -1,0 +1,130 @@
+"""The RQ and redis-py names the RQ side relies on (worker/rq_surface.py) exist on the
+installed, pinned versions, as what we use them as; and only worker/rq_*.py imports rq or
+touches a private name of it.
+
+An RQ upgrade that renames or reshapes any of them fails here, in one place, naming it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq.job import Job
+from rq.worker.base import BaseWorker
+
+from worker.rq_surface import PRIVATE, SURFACE, Name
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "worker"
+RQ_SIDE = {"redis_batch.py"}        # records redis-py pipelines for the RQ side's scripts
+
+
+def _instance(cls: type, r: redis.Redis) -> Any:
+    """An instance to look for attributes set in __init__, or None."""
+    if issubclass(cls, Job):
+        return Job("surface", connection=r)
+    if issubclass(cls, BaseWorker):
+        return BaseWorker(["surface"], connection=r)
+    if issubclass(cls, redis.Redis):
+        return r
+    return None
+
+
+def _resolve(name: Name) -> tuple[Any, Any]:
+    """(the object named, the class it is found on or None)."""
+    obj: Any = importlib.import_module(name.module)
+    owner = None
+    for part in name.qualname.split("."):
+        owner = obj if inspect.isclass(obj) else owner
+        if not hasattr(obj, part) and owner is not None:
+            return inspect.getattr_static(owner, part, None), owner
+        obj = inspect.getattr_static(obj, part) if inspect.isclass(obj) else getattr(obj, part)
+    return obj, owner
+
+
+@pytest.mark.parametrize("name", SURFACE, ids=lambda n: f"{n.module}:{n.qualname}")
+def test_each_name_the_rq_side_uses_exists_as_used(name: Name, r: redis.Redis) -> None:
+    obj, owner = _resolve(name)
+    if name.kind == "callable":
+        assert obj is not None, f"{name.module}:{name.qualname} is gone"
+        func = obj.__func__ if isinstance(obj, staticmethod | classmethod) else obj
+        assert callable(func), f"{name.qualname} is no longer callable"
+        params = set(inspect.signature(func).parameters)
+        missing = [p for p in name.params if p not in params]
+        assert not missing, f"{name.qualname} no longer takes {missing}: {sorted(params)}"
+    else:
+        attr = name.qualname.rsplit(".", 1)[-1]
+        found = obj is not None or (owner is not None and (
+            hasattr(owner, attr) or hasattr(_instance(owner, r), attr)))
+        assert found, f"{name.module}:{name.qualname} is gone"
+    if name.qualname.rsplit(".", 1)[-1].startswith("_") and \
+            not name.qualname.endswith("__init__"):
+        assert name.why, f"private {name.qualname} must say why we use it"
+
+
+def _worker_modules() -> list[Path]:
+    return sorted(WORKER.glob("*.py"))
+
+
+def _rq_side(path: Path) -> bool:
+    return path.name.startswith("rq_") or path.name in RQ_SIDE
+
+
+def test_only_the_rq_side_imports_rq() -> None:
+    offenders = []
+    for path in _worker_modules():
+        if _rq_side(path):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n == "rq" or n.startswith("rq.")]
+    assert not offenders, offenders
+
+
+def test_private_library_names_are_used_only_on_the_rq_side() -> None:
+    """Any `x._name` of RQ, redis-py or Starlette's privates we know of, outside the RQ
+    side; our own private members (self._x) are not theirs, so only the surface's private
+    names and redis-py's command stack are looked for."""
+    watched = set(PRIVATE) | {"command_stack", "_body"}
+    offenders = []
+    for path in _worker_modules():
+        if _rq_side(path):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in watched:
+                offenders.append(f"{path.name}:{node.lineno}: .{node.attr}")
+    assert not offenders, offenders
+
+
+def test_every_private_name_the_rq_side_uses_is_declared() -> None:
+    """The RQ side's `x._name` of an RQ object, each in SURFACE: a private name used but
+    not declared would not be checked by the first test."""
+    ours = set()            # our own private members, defined in the RQ side's modules
+    used = {}
+    for path in WORKER.glob("*.py"):
+        if not _rq_side(path):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name.startswith("_"):
+                ours.add(node.name)
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) \
+                            and t.value.id == "self" and path.name != "rq_worker.py":
+                        ours.add(t.attr)
+                    if isinstance(t, ast.Name):
+                        ours.add(t.id)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__"):
+                used.setdefault(node.attr, f"{path.name}:{node.lineno}")
+    undeclared = {a: where for a, where in used.items() if a not in ours and a not in PRIVATE}
+    assert not undeclared, undeclared

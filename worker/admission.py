@@ -1,0 +1,159 @@
+"""Taking jobs into the engine: as many as it has room for, started in one round-trip.
+
+Each admitted job is marked started through the RQ side (RqSide.start), read as a request
+spec, given its stored input images (one MGET for all) and admitted into the engine; a job
+that cannot run fails alone, with the reason. When idle, the loop blocks on the wake token
+each enqueue pushes (contract.wake_commands: no blocking pop exists for several lists).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from contract.events import Event, EventType
+from contract.keys import WAKE_TIMEOUT, input_key, wake_key
+from contract.redis_errors import redis_full
+
+from .catalog import Catalog
+from .engine import Engine, input_tensors
+from .events import Batch, EventWriter
+from .live import JobError, LiveJob, LiveJobs, parse_spec
+from .metrics import WorkerMetrics
+from .rq_side import RqSide, Unstartable
+from .settings import WorkerSettings
+
+log = logging.getLogger("ddpm.worker")
+
+
+class Admission:
+    """Takes and starts jobs for one worker's loop."""
+
+    def __init__(self, redis: Redis, rq: RqSide, engine: Engine, live: LiveJobs,
+                 writer: EventWriter, catalog: Catalog, metrics: WorkerMetrics,
+                 settings: WorkerSettings, on_full: Callable[[], None]) -> None:
+        self.redis = redis
+        self.rq = rq
+        self.engine = engine
+        self.live = live
+        self.writer = writer
+        self.catalog = catalog
+        self.metrics = metrics
+        self.settings = settings
+        self._on_full = on_full
+        self._wake_keys = tuple(wake_key(m) for m in catalog.names)
+        self.unstarted: list[str] = []      # taken as Redis went away: to put back
+
+    def put_back_unstarted(self) -> None:
+        while self.unstarted:
+            job_id = self.unstarted[0]
+            self.rq.put_back(job_id)
+            self.unstarted.pop(0)
+            log.warning("job %s put back after a Redis error", job_id)
+
+    def admit(self, batch: Batch, *, block: bool, stopping: Callable[[], bool]) -> bool:
+        """Take as many jobs as the engine has room for (every job has at least one image);
+        with `block`, wait up to 1 s for one, woken by an enqueue's token."""
+        deadline = time.monotonic() + (1.0 if block else 0.0)
+        took = False
+        woken = block           # idle: look at the queues now, then wait for a token
+        while self.engine.has_room(self.settings.admission) and not stopping():
+            try:
+                taken, bad = self.rq.take(self.engine.room, self._wake_keys,
+                                          poll=0.0 if woken else WAKE_TIMEOUT)
+            except RedisError as e:
+                if redis_full(e):
+                    self._on_full()
+                else:
+                    log.error("dequeue failed: %s; retrying", e)
+                time.sleep(1)
+                return took
+            for b in bad:
+                self._fail_unreadable(b)
+            if taken:
+                self.start(taken, batch)
+                took = True
+                continue
+            if bad:
+                continue
+            left = deadline - time.monotonic()
+            if took or stopping() or left <= 0:
+                return took
+            # A token (or WAKE_TIMEOUT, for jobs of plain RQ): look at the queues again.
+            self.redis.blpop(list(self._wake_keys), timeout=max(0.01, min(left, WAKE_TIMEOUT)))
+            woken = True
+        return took
+
+    def start(self, taken: list[str], batch: Batch | None = None) -> None:
+        """Mark `taken` started and admit each into the engine; a job that cannot run fails
+        alone, with the reason. Without `batch`, its events are sent here."""
+        try:
+            started, canceled = self.rq.start(taken)
+        except RedisError:
+            self.unstarted.extend(taken)    # in no queue and no registry: put back
+            raise
+        for job_id in canceled:
+            self.live.canceled_before_start(job_id)
+        own = batch if batch is not None else Batch()
+        runs: list[LiveJob] = []
+        for s in started:
+            run = LiveJob(id=s.job_id, queue_wait=s.queue_wait)
+            self.metrics.queue_wait.observe(run.queue_wait)
+            self.live.add(run)
+            try:
+                run.spec = parse_spec(s.spec, s.error)
+                if run.spec.model in self.catalog.broken:
+                    raise JobError(self.catalog.broken[run.spec.model])
+            except JobError as e:
+                self.live.fail(run, str(e), retry=False)
+                continue
+            runs.append(run)
+        try:
+            pngs = self._input_images(runs)
+        except RedisError as e:             # RQ's Retry brings them back
+            for run in [r for r in runs if r.spec and r.spec.inputs]:
+                runs.remove(run)
+                self.live.fail(run, f"input images could not be read: {e}", retry=True)
+            pngs = {}
+        for run in runs:
+            spec = run.spec
+            assert spec is not None
+            try:
+                model = self.engine.models.get(spec.model)
+                inputs = input_tensors(spec, pngs.get(run.id, {}), model.info) \
+                    if model is not None else None
+                self.engine.admit(run.id, spec, inputs)     # ValueError: not served
+            except ValueError as e:
+                self.live.fail(run, str(e), retry=False)
+                continue
+            run.preview = spec.preview(model.info.image_size)   # type: ignore[union-attr]
+            own.event(run.id, Event(EventType.STARTED, {
+                "worker": self.rq.name, "model": spec.model,
+                "num_images": spec.num_images, "steps": spec.steps_per_image,
+                "queue_wait_s": round(run.queue_wait, 3)}))
+            log.info("job %s started: %s ×%d, %s %d steps", run.id, spec.model,
+                     spec.num_images, spec.sampler, spec.steps)
+        if batch is None:
+            self.live.send(own)
+
+    def _input_images(self, runs: list[LiveJob]) -> dict[str, dict[str, bytes | None]]:
+        """The stored input images of these jobs (job → field → PNG): one MGET for all."""
+        wanted = [(run.id, f) for run in runs if run.spec for f in run.spec.inputs]
+        if not wanted:
+            return {}
+        found = self.redis.mget([input_key(job_id, f) for job_id, f in wanted])
+        out: dict[str, dict[str, bytes | None]] = {}
+        for (job_id, f), png in zip(wanted, found, strict=True):
+            out.setdefault(job_id, {})[f] = png
+        return out
+
+    def _fail_unreadable(self, bad: Unstartable) -> None:
+        message = f"job cannot be read: {bad.reason}"
+        log.warning("job %s failed: %s", bad.job_id, message)
+        self.rq.fail_unreadable(bad)
+        self.writer.event(bad.job_id, Event(EventType.ERROR, {"message": message}))
+        self.metrics.jobs.labels("failed").inc()

@@ -1,0 +1,164 @@
+"""Every name of RQ and redis-py the RQ side (worker/rq_*.py, redis_batch.py) relies on.
+
+tests/worker/test_rq_surface.py checks each against the installed, pinned RQ (pyproject:
+`rq>=3.0,<3.1`): it exists, is of the kind stated, and takes the parameters named where a
+call passes them by name. Upgrading RQ: run that test first; every name it reports is a
+place in worker/rq_*.py to read again. Private (`_`) names carry why we use them; the test
+also checks that no other worker module imports rq or uses them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Name(NamedTuple):
+    """`module:qualname` of one name we use. kind: "callable" (with the parameter names
+    our calls pass by keyword or position) or "attribute" (on the class or an instance)."""
+
+    module: str
+    qualname: str
+    kind: str
+    params: tuple[str, ...] = ()
+    why: str = ""
+
+
+C, A = "callable", "attribute"
+
+SURFACE: tuple[Name, ...] = (
+    # -- the worker object (rq_worker.py): registration, state, commands, maintenance ----
+    Name("rq.worker.base", "BaseWorker.__init__", C,
+         ("queues", "name", "connection", "serializer", "job_class", "worker_ttl",
+          "maintenance_interval", "job_monitoring_interval", "default_result_ttl")),
+    Name("rq.worker.base", "BaseWorker.bootstrap", C, ("logging_level",)),
+    Name("rq.worker.base", "BaseWorker.teardown", C),
+    Name("rq.worker.base", "BaseWorker.heartbeat", C, ("timeout", "pipeline")),
+    Name("rq.worker.base", "BaseWorker.set_state", C, ("state", "pipeline")),
+    Name("rq.worker.base", "BaseWorker.serialize", C),
+    Name("rq.worker.base", "BaseWorker.key", A),
+    Name("rq.worker.base", "BaseWorker.name", A),
+    Name("rq.worker.base", "BaseWorker.queues", A),
+    Name("rq.worker.base", "BaseWorker.executions", A),
+    Name("rq.worker.base", "BaseWorker.job_monitoring_interval", A),
+    Name("rq.worker.base", "BaseWorker.default_result_ttl", A),
+    Name("rq.worker.base", "BaseWorker.last_cleaned_at", A),
+    Name("rq.worker.base", "BaseWorker.should_run_maintenance_tasks", A),
+    Name("rq.worker.base", "BaseWorker.run_maintenance_tasks", C),
+    Name("rq.worker.base", "BaseWorker.clean_registries", C),
+    Name("rq.worker.base", "BaseWorker.clean_group_registries", C),
+    Name("rq.worker.base", "BaseWorker.get_heartbeat_ttl", C, ("job", "working_time")),
+    Name("rq.worker.base", "BaseWorker.subscribe", C),
+    Name("rq.worker.base", "BaseWorker.unsubscribe", C),
+    Name("rq.worker.base", "BaseWorker.handle_payload", C, ("message",)),
+    Name("rq.worker.base", "BaseWorker.request_stop_execution", C, ("execution_id",)),
+    Name("rq.worker.base", "BaseWorker.pubsub", A),
+    Name("rq.worker.base", "BaseWorker.pubsub_thread", A),
+    Name("rq.worker.base", "BaseWorker.pubsub_channel_name", A),
+    Name("rq.worker.base", "BaseWorker.cleanup_execution", C, ("job", "pipeline", "execution")),
+    Name("rq.worker.base", "BaseWorker.handle_job_failure", C,
+         ("job", "queue", "exc_string", "execution")),
+    Name("rq.worker.base", "BaseWorker.increment_successful_job_count", C, ("pipeline",)),
+    Name("rq.worker.base", "BaseWorker.increment_total_working_time", C,
+         ("job_execution_time", "pipeline")),
+    Name("rq.worker.base", "BaseWorker._pubsub_exception_handler", C,
+         ("exc", "pubsub", "pubsub_thread"),
+         "RQ's reconnecting handler, reused by our shorter-polling listener (subscribe)"),
+    Name("rq.worker.base", "BaseWorker._stopped_job_id", A,
+         why="how handle_job_failure tells `stopped` from `failed` (RqSide.fail)"),
+    Name("rq.worker.base", "BaseWorker._stop_requested", A,
+         why="RQ's record of a warm shutdown request (RqWorker.note_stop_requested)"),
+    Name("rq.worker.base", "BaseWorker._shutdown_requested_date", A,
+         why="as _stop_requested; RQ reads it back for `shutdown_requested_date`"),
+    Name("rq.worker.base", "BaseWorker._exc_handlers", A,
+         why="RQ's exception handlers, passed to rq.registry.clean_registries as RQ does"),
+    Name("rq.worker.base", "BaseWorker._finalize_success", C,
+         ("job", "queue", "execution", "return_value"),
+         "RQ's whole success path, for jobs with dependents, repeats or callbacks"),
+    Name("rq.worker.base", "WorkerStatus.IDLE", A),
+    Name("rq.worker.base", "WorkerStatus.BUSY", A),
+    Name("rq.command", "handle_command", C, ("worker", "payload")),
+    Name("rq.command", "parse_payload", C, ("payload",)),
+    # -- jobs ---------------------------------------------------------------------------
+    Name("rq.job", "Job.__init__", C, ("id", "connection", "serializer")),
+    Name("rq.job", "Job.restore", C, ("raw_data",)),
+    Name("rq.job", "Job.key_for", C, ("job_id",)),
+    Name("rq.job", "Job.redis_job_namespace_prefix", A),
+    Name("rq.job", "Job.key", A),
+    Name("rq.job", "Job.dependents_key", A),
+    Name("rq.job", "Job.origin", A),
+    Name("rq.job", "Job.func_name", A),
+    Name("rq.job", "Job.args", A),
+    Name("rq.job", "Job.kwargs", A),
+    Name("rq.job", "Job.meta", A),
+    Name("rq.job", "Job.webhooks", A),
+    Name("rq.job", "Job.enqueued_at", A),
+    Name("rq.job", "Job.started_at", A),
+    Name("rq.job", "Job.ended_at", A),
+    Name("rq.job", "Job.retries_left", A),
+    Name("rq.job", "Job.repeats_left", A),
+    Name("rq.job", "Job.should_retry", A),
+    Name("rq.job", "Job.started_job_registry", A),
+    Name("rq.job", "Job.finished_job_registry", A),
+    Name("rq.job", "Job.heartbeat", C, ("timestamp", "ttl", "pipeline", "xx")),
+    Name("rq.job", "Job.prepare_for_execution", C, ("worker_name", "pipeline")),
+    Name("rq.job", "Job.get_result_ttl", C, ("default_ttl",)),
+    Name("rq.job", "Job.cleanup", C, ("ttl", "pipeline", "remove_from_queue")),
+    Name("rq.job", "Job.send_webhooks", C, ("status", "exc_string"),
+         "overridden (rq_jobs.BatchJob): RQ's own calls go to our sender"),
+    Name("rq.job", "Job._serialize_meta", C, (),
+         "RQ's encoding of `meta`, written by our writer in order with the progress event"),
+    Name("rq.job", "Job._result", A,
+         why="the return value _handle_success / _finalize_success store"),
+    Name("rq.job", "Job._status", A,
+         why="RQ's cached status, set as RQ's success path sets it"),
+    Name("rq.job", "Job._success_callback_name", A,
+         why="a job with a success callback takes RQ's own success path"),
+    Name("rq.job", "Job._handle_success", C,
+         ("result_ttl", "pipeline", "worker_name", "execution_id", "execution_started_at",
+          "execution_ended_at"),
+         "RQ's success writes (status, hash, Result, finished registry), recorded and "
+         "replayed in one script for many jobs"),
+    Name("rq.job", "JobStatus.CANCELED", A),
+    Name("rq.job", "JobStatus.FINISHED", A),
+    Name("rq.job", "JobStatus.FAILED", A),
+    Name("rq.job", "parse_job_id", C),
+    Name("rq.job", "validate_job_id", C),
+    # -- executions, queues, registries -------------------------------------------------
+    Name("rq.executions", "Execution.__init__", C, ("id", "job_id", "connection")),
+    Name("rq.executions", "Execution.create", C, ("job", "ttl", "pipeline", "worker_name")),
+    Name("rq.executions", "Execution.heartbeat", C, ("started_job_registry", "ttl", "pipeline")),
+    Name("rq.executions", "Execution.key", A),
+    Name("rq.executions", "ExecutionRegistry.key_template", A),
+    Name("rq.queue", "Queue.key", A),
+    Name("rq.queue", "Queue.intermediate_queue_key", A),
+    Name("rq.queue", "Queue.intermediate_queue", A),
+    Name("rq.queue", "Queue.registry_cleaning_key", A),
+    Name("rq.queue", "Queue.release_maintenance_lock", C),
+    Name("rq.queue", "Queue.canceled_job_registry", A),
+    Name("rq.queue", "Queue.failed_job_registry", A),
+    Name("rq.queue", "Queue.count", A),
+    Name("rq.queue", "Queue.enqueue_job", C, ("job", "pipeline", "at_front")),
+    Name("rq.intermediate_queue", "IntermediateQueue.cleanup", C, ("worker", "queue")),
+    Name("rq.registry", "StartedJobRegistry", C),
+    Name("rq.registry", "FinishedJobRegistry", C),
+    Name("rq.registry", "clean_registries", C, ("queue", "exception_handlers")),
+    Name("rq.worker_registration", "clean_worker_registry", C, ("queue",)),
+    Name("rq.group", "Group.acquire_maintenance_lock", C, ("connection", "timeout")),
+    Name("rq.group", "Group.clean_registries", C, ("connection",)),
+    Name("rq.rate_limit", "release_slot", C, ("job",)),
+    Name("rq.utils", "now", C),
+    Name("rq.utils", "utcformat", C),
+    # -- redis-py: the recording pipeline (redis_batch.Recorder) ------------------------
+    Name("redis.client", "Pipeline.__init__", C,
+         ("connection_pool", "response_callbacks", "transaction", "shard_hint")),
+    Name("redis.client", "Pipeline.pipeline_execute_command", C,
+         why="the staging hook every pipeline command goes through"),
+    Name("redis.client", "Redis.response_callbacks", A),
+    Name("redis.client", "Redis.connection_pool", A),
+    Name("redis.client", "Redis.register_script", C, ("script",)),
+)
+
+PRIVATE = tuple(sorted({n.qualname.rsplit(".", 1)[-1] for n in SURFACE
+                        if n.qualname.rsplit(".", 1)[-1].startswith("_")
+                        and not n.qualname.endswith("__init__")}))
+"""The private names the RQ side uses; nowhere else in worker/ may use one."""
