@@ -55,6 +55,7 @@ from typing import Any
 import redis
 from PIL import Image
 
+from contract.frame_plan import snapshot_steps
 from contract.spec import GenerationSpec
 from ddpm.processes import child_kwargs, stop
 from ddpm.redis_server import free_port
@@ -93,6 +94,7 @@ class Serve:
         self.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         self.redis_url: str | None = None
         self._log = open(log, "w")  # noqa: SIM115 (closed in stop)
+        self._log_lock = threading.Lock()   # the reader may outlive stop's join (children)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ddpm", "serve", "--models-dir", str(models),
              "--host", "127.0.0.1", "--port", str(port), "--device", device,
@@ -105,8 +107,11 @@ class Serve:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace")
-            self._log.write(line)
-            self._log.flush()
+            with self._log_lock:
+                if self._log.closed:
+                    return
+                self._log.write(line)
+                self._log.flush()
             m = re.search(r"redis at (redis://[^\s;]+)", line)
             if m:
                 self.redis_url = m.group(1)
@@ -139,7 +144,8 @@ class Serve:
     def stop(self) -> None:
         stop(self.proc, timeout=30)
         self._reader.join(timeout=5)
-        self._log.close()
+        with self._log_lock:
+            self._log.close()
 
 
 def rss_peak_mb(pid: int | None) -> float | None:
@@ -251,7 +257,8 @@ def _key_kind(key: str, job_id: str) -> str:
 def run_job(serve: Serve, r: redis.Redis, body: dict[str, Any], sample_s: float,
             timeout: float) -> JobRun:
     run = JobRun(every=body["snapshot_every"],
-                 expected=GenerationSpec(**body).snapshot_frames // body["num_images"])
+                 expected=len(snapshot_steps(GenerationSpec(**body).steps_per_image,
+                                             body["snapshot_every"])))
     time.sleep(0.5)                     # let the last job's writes and expiries settle
     run.used_before = run.used_peak = int(r.info("memory")["used_memory"])
     stop_sampling = threading.Event()

@@ -9,21 +9,27 @@ sampler, and reports the frames that are due: snapshots every k steps and final 
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contract.inputs import decode_canonical
+from contract.frame_plan import FramePlan
 from contract.spec import GenerationSpec, ModelInfo
-from models import Checkpoint, SlotSpec, from_uint8, sampler_kind, to_uint8
+from models import Checkpoint, SlotSpec, sampler_kind, to_uint8
+
+from .forward import Forward
+from .job_inputs import conditioning, input_tensor, input_tensors
+
+__all__ = ["Engine", "EngineJob", "Forward", "Frame", "JobProgress", "LoadedModel",
+           "StepOutOfMemory", "StepReport", "conditioning", "frame_pixels", "input_tensor",
+           "input_tensors", "snapshot_due"]
 
 if TYPE_CHECKING:
     from .settings import Admission
@@ -55,6 +61,7 @@ class EngineJob:
     job_id: str
     spec: GenerationSpec
     waiting: deque[int]              # image indices not started yet
+    plan: FramePlan                  # its frames: made here, at admission, once
     inputs: dict[str, Tensor] = field(default_factory=dict)   # input_tensors(...)
     running: int = 0
     finished: int = 0
@@ -79,46 +86,6 @@ class EngineJob:
                 for i in range(self.spec.num_images)]
 
 
-def input_tensors(spec: GenerationSpec, pngs: Mapping[str, bytes | None],
-                  info: ModelInfo) -> dict[str, Tensor]:
-    """A job's stored input images (field → fitted PNG) as model-space tensors `[C x H x W]`
-    (a mask: `[1 x H x W]`, 1 = generate); ValueError naming the field if one is missing,
-    is not the image the spec names, or does not fit the model."""
-    out: dict[str, Tensor] = {}
-    for name, digest in spec.inputs.items():
-        png = pngs.get(name)
-        if png is None:
-            raise ValueError(f"{name}: the input image is gone (expired, or never stored)")
-        if "sha256:" + hashlib.sha256(png).hexdigest() != digest:
-            raise ValueError(f"{name}: the stored input image is not the one the job names")
-        out[name] = input_tensor(name, png, info.image_size, info.in_channels)
-    return out
-
-
-def input_tensor(name: str, png: bytes, size: int, channels: int) -> Tensor:
-    """A fitted input PNG (contract/inputs.py) as the sampler takes it: an image in model
-    space `[C x H x W]`, a mask `[1 x H x W]` with 1 = generate."""
-    if name == "mask":
-        return torch.from_numpy(decode_canonical(png, size=size, channels=1) >= 128) \
-            .permute(2, 0, 1).float()
-    pixels = torch.from_numpy(decode_canonical(png, size=size, channels=channels))
-    return from_uint8(pixels.permute(2, 0, 1))
-
-
-def conditioning(inputs: Mapping[str, Tensor], index: int, num_images: int, *,
-                 strength: float, jump_length: int, jump_n_sample: int) -> dict[str, Any]:
-    """The SlotSpec fields of image `index` of a request with these input images (none: a
-    plain one). The frames of an interpolation share image 0's noise (the paper fixes
-    it), each at its own λ from 0 (init_image) to 1 (interpolate_to)."""
-    if "init_image" not in inputs:
-        return {"index": index}
-    b = inputs.get("interpolate_to")
-    return {"index": 0 if b is not None else index, "init": inputs["init_image"],
-            "strength": strength, "mask": inputs.get("mask"), "init_b": b,
-            "mix": index / max(1, num_images - 1) if b is not None else 0.0,
-            "jump_length": jump_length, "jump_n_sample": jump_n_sample}
-
-
 @dataclass(frozen=True)
 class Frame:
     """Pixels of one image of one job: a snapshot (`final=False`) or the final image."""
@@ -128,6 +95,7 @@ class Frame:
     step: int                        # steps this image has completed
     pixels: Tensor                   # `[H x W x C]` uint8 on the CPU
     final: bool
+    plan: FramePlan | None = None    # its job's frame plan (None: made outside an engine)
 
 
 class JobProgress:
@@ -176,36 +144,6 @@ class StepOutOfMemory(torch.OutOfMemoryError):
         self.failed = failed
 
 
-class Forward:
-    """The network as the batch calls it: bf16 autocast and channels-last on CUDA, and
-    split into chunks of at most `chunk` rows once an out-of-memory error has been seen.
-    """
-
-    def __init__(self, net: torch.nn.Module, device: torch.device, *, bf16: bool,
-                 channels_last: bool) -> None:
-        self.net = net
-        self.device = device
-        self.bf16 = bf16 and device.type == "cuda"
-        self.channels_last = channels_last and device.type == "cuda"
-        self.chunk: int | None = None
-        self.last_rows = 0                  # rows of the latest call (guided rows count twice)
-        if self.channels_last:
-            net.to(memory_format=torch.channels_last)
-
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        n = self.last_rows = len(x)
-        size = self.chunk or n
-        outs = []
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for lo in range(0, n, size):
-                sl = slice(lo, lo + size)
-                outs.append(self.net(x[sl], t[sl], None if y is None else y[sl]))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.float().contiguous()
-
-
 def slot_specs(job: EngineJob, indices: list[int], variance_type: str) -> list[SlotSpec]:
     """The slots of these images of a job."""
     s = job.spec
@@ -215,6 +153,13 @@ def slot_specs(job: EngineJob, indices: list[int], variance_type: str) -> list[S
                      **conditioning(job.inputs, i, s.num_images, strength=s.effective_strength,
                                     jump_length=s.jump_length, jump_n_sample=s.jump_n_sample))
             for i in indices]
+
+
+def snapshot_due(steps: Tensor, every: Tensor, finished: Tensor) -> Tensor:
+    """Rows due a snapshot after this step: `FramePlan.snapshot_at`, row-wise (`steps`:
+    each row's steps done, `every`: its plan's period, 0 = none; a finished row makes its
+    final image instead). tests/worker/test_engine.py ties the two."""
+    return (every > 0) & (steps % every.clamp(min=1) == 0) & ~finished
 
 
 def frame_pixels(x: Tensor, sizes: list[int]) -> list[Tensor]:
@@ -254,13 +199,12 @@ class _ModelBatch:
         """Start these images of these jobs: one append to the batch for all of them."""
         specs, every, use_xt, preview = [], [], [], []
         vtype = self.model.checkpoint.config.diffusion.variance_type
-        size = self.model.info.image_size
         for job, indices in starts:
             specs += slot_specs(job, indices, vtype)
             self.owner += [(job.job_id, i) for i in indices]
-            every += [job.spec.snapshot_every] * len(indices)
-            use_xt += [job.spec.snapshot_kind == "xt"] * len(indices)
-            preview += [job.spec.preview(size).size] * len(indices)
+            every += [job.plan.every] * len(indices)
+            use_xt += [job.plan.kind == "xt"] * len(indices)
+            preview += [job.plan.preview.size] * len(indices)
         self.batch.add(specs)
         self.every = torch.cat([self.every, torch.tensor(every, dtype=torch.long)])
         self.use_xt = torch.cat([self.use_xt, torch.tensor(use_xt, dtype=torch.bool)])
@@ -335,6 +279,7 @@ class Engine:
         if missing:
             raise ValueError(f"{sorted(missing)[0]}: the job's input image was not given")
         job = EngineJob(job_id=job_id, spec=spec, waiting=deque(range(spec.num_images)),
+                        plan=FramePlan.of(spec, model.info.image_size),
                         inputs={k: v.to(self.device) for k, v in (inputs or {}).items()})
         self.jobs[job_id] = job
         return job
@@ -405,9 +350,7 @@ class Engine:
         report.slots[name] = len(mb)
 
         steps, finished = out.steps_done, out.finished
-        every = mb.every
-        due = (every > 0) & (steps % every.clamp(min=1) == 0) & ~finished
-        emit = torch.nonzero(due | finished).flatten()
+        emit = torch.nonzero(snapshot_due(steps, mb.every, finished) | finished).flatten()
         if len(emit):
             rows = emit.to(self.device)
             use_xt = (mb.use_xt | finished)[emit].to(self.device).view(-1, 1, 1, 1)
@@ -417,7 +360,8 @@ class Engine:
             for k, row in enumerate(emit.tolist()):
                 job_id, index = mb.owner[row]
                 report.frames.append(Frame(job_id, index, int(steps[row]), pixels[k],
-                                           final=bool(finished[row])))
+                                           final=bool(finished[row]),
+                                           plan=self.jobs[job_id].plan))
 
         stepped = [j for j in self.jobs.values() if j.running and j.spec.model == name]
         for job in stepped:                  # a job's rows in this batch = its running images

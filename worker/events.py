@@ -4,8 +4,9 @@ The step loop never waits on Redis or on an image encoder for what a step produc
 collects the step's writes (events, frames, progress metadata) in a `Batch` and hands the
 whole batch over at once. The writer thread takes every batch that is waiting, encodes the
 frames on a small thread pool (Pillow's encoders release the GIL; BENCHMARKS.md §9), and
-sends everything as one command (redis_batch.py), refreshing each touched stream's TTL
-once. Batches are written in order, so each job's events keep their order.
+sends everything as one command (redis_batch.py). Batches are written in order, so each
+job's events keep their order. The writes are typed (writes.py), and each turns itself
+into commands on the flush, which sets each job's key TTLs once, not per batch.
 
 Memory between the step loop and Redis is bounded (`max_pending_bytes`): past half of it
 the writer is behind, and a snapshot superseded by a newer one of the same image before it
@@ -21,6 +22,7 @@ says whether the writer has got that far (`error(job)` whether one of them faile
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -28,24 +30,35 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import NoScriptError
 
-from contract.events import TERMINAL_EVENTS, Event, EventType
-from contract.keys import events_key, image_key
-from contract.preview import Preview
+from contract.events import Event, TypedEvent
 from contract.redis_errors import redis_full
 
 from . import redis_batch
-from .engine import Frame
-from .frames import encode_frame, frame_command, schedule_expiry
+from .frames import encode_frame
 from .redis_batch import WriteBatch
+from .writes import (
+    EVENT_BYTES,
+    FINAL,
+    Batch,
+    EventWrite,
+    Flush,
+    FrameWrite,
+    HashWrite,
+    KeyTtls,
+    StreamLimits,
+    ttl_slack,
+)
+
+__all__ = ["EVENT_BYTES", "FINAL", "Batch", "EventWrite", "EventWriter", "FrameWrite",
+           "HashWrite", "default_encode_threads"]
 
 log = logging.getLogger("ddpm.worker")
 
-EVENT_BYTES = 256            # what an event (not a frame) is counted as, pending
 FULL_RETRY = (0.1, 2.0)      # seconds between retries while Redis is full: first, most
 
 
@@ -54,51 +67,9 @@ def default_encode_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-@dataclass(eq=False)
-class _FrameWrite:
-    frame: Frame
-    total_steps: int
-    kind: str
-    preview: Preview
-    nbytes: int
-    dropped: bool = False     # superseded before it was taken: not written
-    skipped: int = 0          # frames of this image dropped just before this one
-    encoded: bytes | None = None
-
-
-@dataclass
-class Batch:
-    """The writes of one pass of the loop, in the order they are to reach Redis."""
-
-    ops: list[tuple[str, Any]] = field(default_factory=list)
-    jobs: set[str] = field(default_factory=set)
-    seq: int = 0
-    nbytes: int = 0           # counted against the writer's pending bytes
-
-    def __bool__(self) -> bool:
-        return bool(self.ops)
-
-    def event(self, job_id: str, event: Event) -> None:
-        self.ops.append(("event", (job_id, event)))
-        self.jobs.add(job_id)
-        self.nbytes += EVENT_BYTES
-
-    def frame(self, frame: Frame, total_steps: int, kind: str, preview: Preview) -> None:
-        """A snapshot goes into the stream (encoded as `preview` says); a final image is
-        stored (always PNG), then announced."""
-        n = frame.pixels.numel()
-        self.ops.append(("frame", _FrameWrite(frame, total_steps, kind, preview, n)))
-        self.jobs.add(frame.job_id)
-        self.nbytes += n
-
-    def hset(self, job_id: str, key: str, field_name: str, value: bytes | str) -> None:
-        """A hash field of the job's (RQ's `meta`, say), written in order with its events."""
-        self.ops.append(("hset", (key, field_name, value)))
-        self.jobs.add(job_id)
-        self.nbytes += EVENT_BYTES + len(value)
-
-    def snapshots(self) -> list[_FrameWrite]:
-        return [op for kind, op in self.ops if kind == "frame" and not op.frame.final]
+class ScriptsLost(Exception):
+    """Redis no longer had the writer's script: it restarted (its data likely gone) or its
+    scripts were flushed. Nothing of the write ran; the TTLs remembered are stale."""
 
 
 class EventWriter:
@@ -111,10 +82,9 @@ class EventWriter:
                  on_drop: Callable[[int], None] | None = None,
                  on_full: Callable[[], None] | None = None) -> None:
         self.redis = redis
-        self.ttl = ttl           # every key expires; refreshed while the job runs
-        self.maxlen = maxlen
-        self.stream_max_bytes = stream_max_bytes
-        self.snapshot_ttl = snapshot_ttl
+        self.limits = StreamLimits(ttl=ttl, maxlen=maxlen, stream_max_bytes=stream_max_bytes,
+                                   snapshot_ttl=snapshot_ttl)
+        self.ttls = KeyTtls(ttl_slack(ttl))    # when each job's key TTLs were set (thread)
         self.max_pending_bytes = max_pending_bytes
         self.encode_threads = encode_threads or default_encode_threads()
         self._on_drop = on_drop
@@ -125,12 +95,12 @@ class EventWriter:
         self._written = 0                      # ... and of the last one the thread finished
         self._errors: dict[str, BaseException] = {}
         self._pending_bytes = 0                # sent, not yet written
-        self._waiting: dict[tuple[str, int], _FrameWrite] = {}   # newest untaken snapshots
+        self._waiting: dict[tuple[str, int], FrameWrite] = {}   # newest untaken snapshots
         self._framed: set[str] = set()         # jobs with frames, whose ending expires them
         self._closing = False
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._run_script = redis.register_script(redis_batch.SCRIPT)
+        self._sha = hashlib.sha1(redis_batch.SCRIPT.encode()).hexdigest()   # as EVALSHA's
 
     # -- the loop's side ---------------------------------------------------------------
 
@@ -162,7 +132,7 @@ class EventWriter:
             self._on_drop(dropped)
         return batch.seq
 
-    def event(self, job_id: str, event: Event) -> int:
+    def event(self, job_id: str, event: Event | TypedEvent) -> int:
         """One event on its own (a job ending outside a step)."""
         b = Batch()
         b.event(job_id, event)
@@ -251,10 +221,10 @@ class EventWriter:
         """Encode the frames not encoded yet. PNG and WebP go to the pool, a contiguous share
         per thread (1.9x on 2 cores; one task per frame lost to the hand-off for small ones,
         0.68x); JPEG here (Pillow's encoder does not run in parallel; BENCHMARKS.md §8)."""
-        todo = [op for b in batches for kind, op in b.ops
-                if kind == "frame" and not op.dropped and op.encoded is None]
-        here = [op for op in todo if not op.frame.final and op.preview.format == "jpeg"]
-        pooled = [op for op in todo if op.frame.final or op.preview.format != "jpeg"]
+        todo = [op for b in batches for op in b.frames()
+                if not op.dropped and op.encoded is None]
+        here = [op for op in todo if op.encoding.format == "jpeg"]
+        pooled = [op for op in todo if op.encoding.format != "jpeg"]
         n = min(self.encode_threads, len(pooled))
         shares = [pooled[k * len(pooled) // n:(k + 1) * len(pooled) // n] for k in range(n)]
         if n > 1 and self._pool is None:
@@ -269,19 +239,26 @@ class EventWriter:
 
     def _write(self, batches: list[Batch]) -> None:
         delay = FULL_RETRY[0]
+        flush: Flush | None = None
+        lost = 0
         while True:
             try:
                 self._encode(batches)
                 writes = WriteBatch(self.redis)
-                p = writes.group()
-                streams: set[str] = set()
+                flush = Flush(writes.group(), self.limits, self.ttls, time.monotonic(),
+                              self._framed)
                 for batch in batches:
-                    for kind, op in batch.ops:
-                        self._queue_op(p, kind, op, streams)
-                for key in streams:
-                    p.expire(key, self.ttl)
+                    for op in batch.ops:
+                        op.commands(flush)
+                flush.finish()
                 writes.run(self._run_script)
-            except Exception as e:     # Redis down or full, or a bug
+            except Exception as e:     # Redis down, full or restarted, or a bug
+                if isinstance(e, ScriptsLost) and lost < 2:
+                    log.warning("Redis lost the writer's script (restarted?): setting every "
+                                "job's TTLs again")
+                    self.ttls.clear()
+                    lost += 1
+                    continue
                 if redis_full(e) and not self._closing:
                     # Nothing of the script ran: keep these writes and try again; the loop,
                     # soon behind, waits with its jobs.
@@ -299,60 +276,34 @@ class EventWriter:
                     for batch in batches:
                         for job_id in batch.jobs:
                             self._errors.setdefault(job_id, e)
+                flush = None
             else:
                 if delay != FULL_RETRY[0]:
                     log.warning("Redis has room again: writes resumed")
             break
-        self._framed -= {job_id for b in batches for kind, op in b.ops if kind == "event"
-                         for job_id, event in [op] if event.type in TERMINAL_EVENTS}
+        if flush is not None:                   # written: its TTLs are set
+            self.ttls.mark(flush.marks)
+            self.ttls.forget(flush.ended)
+            self.ttls.prune(time.monotonic())
+        self._framed -= {op.job_id for b in batches for op in b.ops
+                         if isinstance(op, EventWrite) and op.terminal}
         with self._written_cond:
             self._written = batches[-1].seq
             self._pending_bytes -= sum(b.nbytes for b in batches) - sum(
                 op.nbytes for b in batches for op in b.snapshots() if op.dropped)
             self._written_cond.notify_all()
 
-    def _queue_op(self, p: Any, kind: str, op: Any, streams: set[str]) -> None:
-        if kind == "event":
-            job_id, event = op
-            self._xadd(p, job_id, event, streams)
-            if event.type in TERMINAL_EVENTS and job_id in self._framed \
-                    and self.snapshot_ttl < self.ttl:     # else they go with the stream
-                schedule_expiry(p, job_id, self.snapshot_ttl)
-        elif kind == "frame":
-            fw: _FrameWrite = op
-            if fw.dropped:
-                return
-            f = fw.frame
-            data: dict[str, Any] = {"index": f.index, "step": f.step,
-                                    "total_steps": fw.total_steps}
-            if f.final:
-                p.set(image_key(f.job_id, f.index), fw.encoded, ex=self.ttl)
-                self._xadd(p, f.job_id, Event(EventType.IMAGE, data), streams)
-                return
-            data.update(kind=fw.kind, format=fw.preview.format, size=int(f.pixels.shape[0]))
-            if fw.skipped:
-                data["dropped"] = fw.skipped
-            assert fw.encoded is not None
-            frame_command(p, f.job_id, Event(EventType.SNAPSHOT, data,
-                                             image=fw.encoded).to_fields(),
-                          budget=self.stream_max_bytes, maxlen=self.maxlen, ttl=self.ttl)
-            self._framed.add(f.job_id)
-            streams.add(events_key(f.job_id))
-        else:
-            key, name, value = op
-            p.hset(key, name, value)
-
-    def _xadd(self, p: Any, job_id: str, event: Event, streams: set[str]) -> None:
-        key = events_key(job_id)
-        p.xadd(key, event.to_fields(), maxlen=self.maxlen, approximate=True)
-        streams.add(key)
+    def _run_script(self, keys: list[Any], args: list[Any]) -> Any:
+        """EVALSHA of the batch script (WriteBatch.run's `script`); ScriptsLost, after
+        loading it again, when Redis no longer had it."""
+        try:
+            return self.redis.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._sha = self.redis.script_load(redis_batch.SCRIPT)
+            raise ScriptsLost() from None
 
 
-def _encode_all(ops: list[_FrameWrite]) -> None:
+def _encode_all(ops: list[FrameWrite]) -> None:
     """Encode each frame: a final image as lossless PNG, a snapshot as its preview says."""
     for op in ops:
-        op.encoded = encode_frame(op.frame.pixels.numpy(), FINAL if op.frame.final
-                                  else op.preview)
-
-
-FINAL = Preview(size=0, format="png")      # final images: lossless, full size
+        op.encoded = encode_frame(op.frame.pixels.numpy(), op.encoding)

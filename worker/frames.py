@@ -32,7 +32,8 @@ from models import png_bytes
 FRAME_COMMAND = "ddpm.frame"     # a pseudo-command the writer's script runs as FRAME_LUA
 
 # ddpm.frame stream ledger budget bytes maxlen ttl field value [field value ...]
-# (`i`: the index in ARGV of its first argument, the stream; `last`: of its last).
+# (`i`: the index in ARGV of its first argument, the stream; `last`: of its last; `ttl` 0:
+# the ledger's TTL is left as it is, set by an earlier frame of the job: writes.KeyTtls).
 FRAME_LUA = """
 local function ddpm_frame(i, last)
   local stream, ledger = ARGV[i], ARGV[i + 1]
@@ -49,8 +50,10 @@ local function ddpm_frame(i, last)
     redis.call('XDEL', stream, string.sub(oldest, 1, sp - 1))
     total = redis.call('DECRBY', counter, tonumber(string.sub(oldest, sp + 1)))
   end
-  redis.call('EXPIRE', ledger, ttl)
-  redis.call('EXPIRE', counter, ttl)
+  if ttl ~= '0' then                      -- 0: the writer set their TTL recently
+    redis.call('EXPIRE', ledger, ttl)
+    redis.call('EXPIRE', counter, ttl)
+  end
 end
 """
 
@@ -95,7 +98,8 @@ def encode_frame(pixels: np.ndarray, preview: Preview) -> bytes:
 def frame_command(pipe: Any, job_id: str, fields: dict[str, str | bytes], *, budget: int,
                   maxlen: int, ttl: int) -> None:
     """Queue on `pipe` (a WriteBatch group) the budgeted append of one snapshot entry, which
-    counts the bytes of its encoded frame (`fields["image"]`) against `budget`."""
+    counts the bytes of its encoded frame (`fields["image"]`) against `budget`; `ttl`: of
+    the job's ledger, set now (0: left as it is)."""
     size = len(fields["image"])
     args: list[Any] = [FRAME_COMMAND, events_key(job_id), frames_key(job_id), budget, size,
                        maxlen, ttl]
@@ -107,11 +111,12 @@ def frame_command(pipe: Any, job_id: str, fields: dict[str, str | bytes], *, bud
 EXPIRING_SLACK = 600            # FRAMES_EXPIRING outlives its newest entry by this (s)
 
 
-def schedule_expiry(pipe: Any, job_id: str, delay: int) -> None:
-    """Queue the writes that have the job's frames deleted `delay` seconds from now. The
-    index itself expires soon after its newest entry is due (every entry has the same
-    delay), so an idle service keeps no key without a TTL."""
-    pipe.zadd(FRAMES_EXPIRING, {job_id: time.time() + delay})
+def schedule_expiry(pipe: Any, job_ids: list[str], delay: int) -> None:
+    """Queue the writes that have these jobs' frames deleted `delay` seconds from now (one
+    ZADD and one EXPIRE for all). The index itself expires soon after its newest entry is
+    due (every entry has the same delay), so an idle service keeps no key without a TTL."""
+    due = time.time() + delay
+    pipe.zadd(FRAMES_EXPIRING, dict.fromkeys(job_ids, due))
     pipe.expire(FRAMES_EXPIRING, delay + EXPIRING_SLACK)
 
 

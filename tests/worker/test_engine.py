@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from contract.frame_plan import FramePlan
 from contract.spec import GenerationSpec
 from models import Checkpoint, ModelConfig, Schedule, UNet, preset
-from worker.engine import Engine, EngineJob, LoadedModel, StepReport
+from worker.engine import Engine, EngineJob, LoadedModel, StepReport, snapshot_due
 
 SIZE = 16   # the tiny preset's image size
 
@@ -298,6 +299,47 @@ def test_snapshots_every_k_steps(tiny: LoadedModel) -> None:
     # Snapshots are views only: the same seed ends at the same image whatever was emitted.
     assert_same(run.images("x0"), run.images("xt"))
     assert_same(run.images("x0"), run.images("none"))
+
+
+def test_frames_follow_the_frame_plan_made_at_admission(tiny: LoadedModel) -> None:
+    """The engine emits a snapshot exactly at its job's plan's steps (RePaint's jumps
+    counted: the plan's steps are network steps), labels every frame with that plan, and
+    the spec's frame count (what the API admits by) is what comes out."""
+    eng = make_engine(tiny, max_batch=16)
+    digest = "sha256:" + "0" * 64
+    inputs = {"init_image": torch.zeros(3, SIZE, SIZE), "mask": torch.ones(1, SIZE, SIZE)}
+    specs = {"plain": spec(num_images=2, steps=9, snapshot_every=4, snapshot_kind="xt"),
+             "repaint": spec(num_images=1, steps=6, init_image=digest, mask=digest,
+                             jump_length=2, jump_n_sample=2, snapshot_every=5),
+             "small": spec(num_images=1, steps=5, snapshot_every=1, snapshot_size=8)}
+    plans = {}
+    for job_id, s in specs.items():
+        job = eng.admit(job_id, s, inputs if s.inputs else None)
+        plans[job_id] = job.plan
+        assert job.plan == FramePlan.of(s, SIZE)
+    assert plans["repaint"].steps_per_image > 6, "RePaint's jumps are steps of the plan"
+    frames = [f for r in (eng.step() for _ in range(60) if eng.jobs) for f in r.frames]
+    for job_id, s in specs.items():
+        mine = [f for f in frames if f.job_id == job_id]
+        assert all(f.plan is plans[job_id] for f in mine)
+        for i in range(s.num_images):
+            snaps = [f.step for f in mine if f.index == i and not f.final]
+            assert snaps == list(plans[job_id].snapshot_steps), (job_id, i)
+            assert [f.step for f in mine if f.index == i and f.final] == \
+                [plans[job_id].steps_per_image]
+        assert sum(not f.final for f in mine) == s.snapshot_frames
+        side = plans[job_id].preview.size
+        assert all(f.pixels.shape[0] == (SIZE if f.final else side) for f in mine)
+
+
+@pytest.mark.parametrize("steps_per_image", [1, 2, 5, 12])
+@pytest.mark.parametrize("every", [0, 1, 2, 5, 12])
+def test_the_engines_due_rows_are_the_plans_snapshot_steps(steps_per_image: int,
+                                                           every: int) -> None:
+    plan = FramePlan(steps_per_image, every, "x0", None)  # type: ignore[arg-type]
+    steps = torch.arange(1, steps_per_image + 1)
+    due = snapshot_due(steps, torch.full_like(steps, every), steps == steps_per_image)
+    assert [int(s) for s in steps[due]] == list(plan.snapshot_steps)
 
 
 # ---------------------------------------------------------------------------------------

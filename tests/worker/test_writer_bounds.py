@@ -15,13 +15,25 @@ import redis
 import torch
 from PIL import Image
 
-from contract.events import Event, EventType
+from contract.events import (
+    Error,
+    Event,
+    EventType,
+    FinalImage,
+    Progress,
+    Requeued,
+    Snapshot,
+    Started,
+    decode,
+)
+from contract.frame_plan import FramePlan
 from contract.keys import FRAMES_EXPIRING, events_key, frames_key, image_key
 from contract.preview import Preview
 from contract.spec import GenerationSpec, ModelInfo, SpecError
 from worker.engine import Frame
 from worker.events import Batch, EventWriter
 from worker.frames import FrameExpiry, encode_frame
+from worker.writes import ttl_slack
 
 PNG16 = Preview(16, "png")
 
@@ -288,3 +300,120 @@ def test_closing_while_redis_is_full_gives_up_with_an_error(small_redis: redis.R
     closer.join(timeout=20)
     assert not closer.is_alive(), "close() hung on a full Redis"
     assert w.flushed(seq) and w.error("j7") is not None
+
+
+# ---------------------------------------------------------------------------------------
+# Redis commands per job: one expiry per key family, merged hash writes, typed writes.
+
+
+def command_calls(r: redis.Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT (commands scripts ran included)."""
+    return {k.removeprefix("cmdstat_"): int(v["calls"])
+            for k, v in r.info("commandstats").items()}
+
+
+def one_job(w: EventWriter, job: str, steps: int = 3) -> None:
+    """A 1-image job as the loop writes it, each pass flushed before the next: started,
+    a snapshot and progress per step, the final image, done."""
+    plan = FramePlan(steps, 1, "xt", PNG16)
+    seq = w.event(job, Started(worker="w", model="m", num_images=1, steps_per_image=steps))
+    assert w.wait(seq, timeout=30)
+    for s in range(1, steps + 1):
+        b = Batch()
+        b.frame(Frame(job, 0, s, noise(16, s), s == steps, plan=plan))
+        b.event(job, Progress(steps_done=s, total_steps=steps, num_images=1))
+        b.hset(job, f"h:{job}", "meta", f"step {s}")
+        assert w.wait(w.send(b), timeout=30)
+    assert w.wait(w.event(job, Event(EventType.DONE, {})), timeout=30)
+
+
+def test_a_job_sets_each_key_familys_ttl_once_not_per_batch(r: redis.Redis) -> None:
+    w = EventWriter(r, ttl=600, maxlen=100, snapshot_ttl=3600)
+    r.config_resetstat()
+    one_job(w, "t1")
+    calls = command_calls(r)
+    w.close()
+    # the stream once; the frames' ledger and its byte counter once each
+    assert calls["expire"] == 3, calls
+    assert calls["xadd"] == 1 + 2 + 3 + 1 + 1, "every event and snapshot written"
+    for key in (events_key("t1"), frames_key("t1"), frames_key("t1") + ":bytes"):
+        assert 540 <= r.ttl(key) <= 600, key
+
+
+def test_ttls_are_set_again_once_older_than_the_slack(r: redis.Redis) -> None:
+    w = EventWriter(r, ttl=600, maxlen=100)
+    assert w.ttls.slack == ttl_slack(600) == 60
+    key = events_key("t2")
+    assert w.wait(w.event("t2", Started()), timeout=30)
+    r.persist(key)                            # so that a refresh shows
+    assert w.wait(w.event("t2", Progress(steps_done=1)), timeout=30)
+    assert r.ttl(key) == -1, "set less than the slack ago: not set again"
+    w.ttls.slack = 0.05
+    time.sleep(0.1)
+    assert w.wait(w.event("t2", Progress(steps_done=2)), timeout=30)
+    assert 0 < r.ttl(key) <= 600, "older than the slack: set again"
+    w.close()
+
+
+def test_a_job_that_ended_here_gets_its_ttls_set_again_when_it_runs_again(
+        r: redis.Redis) -> None:
+    """A re-run (RQ's retry after `requeued`, or `rq requeue` after an ending) starts
+    afresh: whatever happened to its keys meanwhile, they get a TTL."""
+    w = EventWriter(r, ttl=600, maxlen=100)
+    key = events_key("t3")
+    for ending in (Requeued(message="retry"), Error(message="failed")):
+        assert w.wait(w.event("t3", Started()), timeout=30)
+        assert w.wait(w.event("t3", ending), timeout=30)
+        r.persist(key)
+        assert w.wait(w.event("t3", Started()), timeout=30)
+        assert 0 < r.ttl(key) <= 600, type(ending).__name__
+    w.close()
+
+
+def test_a_redis_that_lost_the_writers_script_gets_every_ttl_again(r: redis.Redis) -> None:
+    """Redis restarted (its data gone) or SCRIPT FLUSH: the writer cannot know which keys
+    still have the TTLs it set, so it sets them all again."""
+    w = EventWriter(r, ttl=600, maxlen=100)
+    key = events_key("t4")
+    assert w.wait(w.event("t4", Started()), timeout=30)
+    r.persist(key)
+    r.script_flush()
+    seq = w.event("t4", Progress(steps_done=1))
+    assert w.wait(seq, timeout=30) and w.error("t4") is None
+    assert 0 < r.ttl(key) <= 600
+    assert [e.type for _, e in entries(r, "t4")] == [EventType.STARTED, EventType.PROGRESS]
+    w.close()
+
+
+def test_writes_of_one_hash_field_in_one_flush_merge_to_the_last(r: redis.Redis) -> None:
+    w = EventWriter(r, ttl=600, maxlen=100)
+    b = Batch()
+    for s in range(1, 4):
+        b.event("t5", Progress(steps_done=s))
+        b.hset("t5", "h:t5", "meta", f"step {s}")
+    b.hset("t5", "h:t5", "other", "x")
+    r.config_resetstat()
+    assert w.wait(w.send(b), timeout=30)
+    calls = command_calls(r)
+    w.close()
+    assert calls["hset"] == 1, calls
+    assert r.hgetall("h:t5") == {b"meta": b"step 3", b"other": b"x"}
+    assert [e.data["steps_done"] for _, e in entries(r, "t5")] == [1, 2, 3], \
+        "events are never merged"
+
+
+def test_frames_are_labelled_by_their_plan_as_typed_events(r: redis.Redis) -> None:
+    w = EventWriter(r, ttl=600, maxlen=100)
+    plan = FramePlan(7, 3, "xt", Preview(8, "png"))
+    b = Batch()
+    b.frame(Frame("t6", 1, 3, noise(8, 1), False, plan=plan))
+    b.frame(Frame("t6", 1, 7, noise(16, 2), True, plan=plan))
+    assert w.wait(w.send(b), timeout=30)
+    w.close()
+    snap, final = (decode(f) for _, f in r.xrange(events_key("t6")))
+    assert isinstance(snap, Snapshot) and isinstance(final, FinalImage)
+    assert (snap.index, snap.step, snap.steps_per_image, snap.kind, snap.format, snap.size) \
+        == (1, 3, 7, "xt", "png", 8)
+    assert (final.index, final.step, final.steps_per_image) == (1, 7, 7)
+    with pytest.raises(ValueError):
+        Batch().frame(Frame("t6", 0, 1, noise(8, 1), False))    # no plan, no labels
