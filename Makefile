@@ -22,6 +22,7 @@ install: $(STAMP)
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # The page test drives Debian's chromium; install it when missing and possible (root or
 # password-less sudo). Never fails: without chromium that test skips and says why.

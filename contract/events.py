@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 
 class EventType(StrEnum):
@@ -115,7 +115,7 @@ class _Typed:
         return self.event.to_fields()
 
     @classmethod
-    def from_event(cls, event: Event) -> Any:
+    def from_event(cls, event: Event) -> Self:
         if event.type != cls.type:
             raise ValueError(f"a {event.type} event is not {cls.type}")
         names = cls.__dataclass_fields__  # type: ignore[attr-defined]
@@ -252,7 +252,7 @@ class Requeued(_Typed):
 
 
 TypedEvent = Started | Progress | Snapshot | FinalImage | Done | Error | Canceled | Requeued
-KINDS: dict[EventType, type[Any]] = {k.type: k for k in (
+KINDS: dict[EventType, type[TypedEvent]] = {k.type: k for k in (
     Started, Progress, Snapshot, FinalImage, Done, Error, Canceled, Requeued)}
 assert set(KINDS) == set(EventType), "one typed event per kind"
 

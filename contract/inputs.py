@@ -18,7 +18,7 @@ import io
 import re
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, cast
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -236,12 +236,12 @@ def _wide_to_8bit(im: Image.Image) -> Image.Image:
     [0, 1] are scaled by 255; other floats are clipped to 0..255.
     """
     if im.mode == "F":
-        lo, hi = im.getextrema()
+        lo, hi = cast("tuple[float, float]", im.getextrema())   # one band
         if lo >= 0.0 and hi <= 1.0:
             im = im.point(lambda v: v * 255.0 + 0.5)
         return Image.frombytes("L", im.size, im.convert("L").tobytes())
     wide = im if im.mode == "I" else im.convert("I")
-    lo, hi = wide.getextrema()
+    lo, hi = cast("tuple[int, int]", wide.getextrema())        # one band
     full = 65535 if lo >= 0 and hi <= 65535 else 2**31 - 1
     scaled = wide.point(lambda v: v * (255.0 / full) + 0.5)  # then truncated: rounds >= 0
     return Image.frombytes("L", im.size, scaled.convert("L").tobytes())
@@ -340,7 +340,7 @@ def _mask_bits(im: Image.Image) -> Image.Image:
     """255 where the mask says generate, else 0 (before fitting)."""
     if _has_alpha(im):
         a = im.convert("RGBA").getchannel("A")
-        if a.getextrema()[0] < 255:
+        if cast("tuple[int, int]", a.getextrema())[0] < 255:
             return a.point(lambda v: 255 if v == 0 else 0)
     grey = _to_channels(im, 1, "drop")
     return grey.point(lambda v: 255 if v >= 128 else 0)

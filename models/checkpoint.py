@@ -155,7 +155,8 @@ def load_checkpoint(
     state = load_state_dict(path / WEIGHTS_FILE)
     net = build_network(config.unet)
     _load_into(net, state, path / WEIGHTS_FILE)
-    net.to(device=device, dtype=dtype, memory_format=memory_format).eval()
+    # Module.to takes memory_format at run time; torch's stubs leave it out.
+    net.to(device=device, dtype=dtype, memory_format=memory_format).eval()  # type: ignore[call-overload]
     return Checkpoint(net=net, config=config, schedule=Schedule.from_config(config.diffusion),
                       path=path)
 

@@ -8,6 +8,8 @@ y `[N]` long in 0..num_classes (num_classes is the null label of classifier-free
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,8 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        out: Tensor = self.skip(x) + h
+        return out
 
 
 class AttnBlock(nn.Module):
@@ -64,7 +67,8 @@ class AttnBlock(nn.Module):
         seq = self.norm(x).flatten(2).transpose(1, 2)              # [N x HW x C]
         q, k, v = (m(seq)[:, None] for m in (self.q, self.k, self.v))  # [N x 1 x HW x C]
         out = F.scaled_dot_product_attention(q, k, v)[:, 0]          # scale 1/sqrt(C)
-        return x + self.proj(out).transpose(1, 2).reshape(n, c, h, w)
+        y: Tensor = x + self.proj(out).transpose(1, 2).reshape(n, c, h, w)
+        return y
 
 
 class Downsample(nn.Module):
@@ -76,7 +80,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
+        y: Tensor = self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
+        return y
 
 
 class Upsample(nn.Module):
@@ -87,7 +92,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        y: Tensor = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return y
 
 
 class Level(nn.Module):
@@ -170,7 +176,7 @@ class UNet(nn.Module):
             temb = temb + self.label_emb(y)
 
         hs = [self.conv_in(x)]
-        for level in self.down:
+        for level in cast("Iterable[Level]", self.down):   # ModuleLists of Level
             for res, att in zip(level.res, level.attn, strict=True):
                 hs.append(att(res(hs[-1], temb)))
             if not isinstance(level.resample, nn.Identity):
@@ -179,12 +185,13 @@ class UNet(nn.Module):
         h = self.mid["res1"](hs[-1], temb)
         h = self.mid["res2"](self.mid["attn"](h), temb)
 
-        for level in reversed(self.up):
+        for level in cast("Iterable[Level]", reversed(self.up)):
             for res, att in zip(level.res, level.attn, strict=True):
                 h = att(res(torch.cat([h, hs.pop()], dim=1), temb))
             h = level.resample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # whatever the layout
+        eps: Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        return eps.contiguous()                            # whatever the layout
 
 
 def build_network(cfg: UNetConfig) -> nn.Module:
