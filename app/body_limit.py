@@ -23,7 +23,7 @@ from contract.inputs import MAX_INPUT_BYTES
 from contract.limits import INPUT_FIELDS
 
 from .errors import error_response
-from .openai_compat import openai_error
+from .openai.errors import openai_error
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -38,7 +38,7 @@ BODY_TYPES: dict[str, tuple[str, ...]] = {
 # The POSTs whose bodies may carry input images (as files, and so as base64 in JSON too),
 # and get the larger limit.
 UPLOAD_PATHS = frozenset(p for p, types in BODY_TYPES.items() if MULTIPART in types)
-OPENAI_PATHS = "/v1/images/"    # their errors in OpenAI's shape (app/openai_compat.py)
+OPENAI_PATHS = "/v1/images/"    # their errors in OpenAI's shape (app/openai/errors.py)
 # How a multipart body is laid out, by route.
 _PARTS = {"/v1/generations": "a JSON `request` part and the images ({}) as file parts"
           .format(", ".join(INPUT_FIELDS)),

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the per-process objects hung on `app.state` at start-up."""
+"""FastAPI dependencies: the per-process objects hung on `app.state` at start-up (the
+rooms routes reach Redis through: catalog, admission, jobs, views, listing)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from .admission import Admission
 from .auth import KeyAuth, Principal
+from .catalog import Catalog
 from .jobs import JobStore
+from .listing import Listing
 from .metrics import ApiMetrics
 from .settings import ApiSettings
 from .stream_slots import StreamSlots
+from .views import Views
 
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the service has keys")
 
@@ -28,8 +33,24 @@ async def caller(request: Request,
     return auth.caller(request)
 
 
-async def store(request: Request) -> JobStore:
-    return request.app.state.store
+async def catalog(request: Request) -> Catalog:
+    return request.app.state.catalog
+
+
+async def admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
+async def jobs(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+async def views(request: Request) -> Views:
+    return request.app.state.views
+
+
+async def listing(request: Request) -> Listing:
+    return request.app.state.listing
 
 
 async def settings(request: Request) -> ApiSettings:
@@ -40,17 +61,26 @@ async def metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
+async def slots(request: Request) -> StreamSlots:
+    return request.app.state.streams
+
+
 async def stream_slot(request: Request, who: Annotated[Principal, Depends(caller)]
                       ) -> AsyncIterator[None]:
     """Holds one of the caller's stream slots until the response has been sent (on the
     event loop, like every other use of the slots)."""
-    slots: StreamSlots = request.app.state.streams
-    with slots.hold(who.client):
+    held: StreamSlots = request.app.state.streams
+    with held.hold(who.client):
         yield
 
 
 Caller = Annotated[Principal, Depends(caller)]
-Store = Annotated[JobStore, Depends(store)]
+CatalogDep = Annotated[Catalog, Depends(catalog)]
+AdmissionDep = Annotated[Admission, Depends(admission)]
+Jobs = Annotated[JobStore, Depends(jobs)]
+ViewsDep = Annotated[Views, Depends(views)]
+ListingDep = Annotated[Listing, Depends(listing)]
 Settings = Annotated[ApiSettings, Depends(settings)]
 Metrics = Annotated[ApiMetrics, Depends(metrics)]
+Slots = Annotated[StreamSlots, Depends(slots)]
 StreamSlot = Annotated[None, Depends(stream_slot)]

@@ -16,15 +16,21 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Mount
 
 from . import docs, errors, openapi, redact
+from .admission import Admission
 from .auth import KeyAuth
 from .body_limit import BodyLimitMiddleware
+from .catalog import Catalog
 from .disconnects import ClientGoneMiddleware
 from .jobs import JobStore
+from .listing import Listing
 from .metrics import ApiMetrics, MetricsMiddleware
-from .openai_compat import openai_error
-from .routes import generations, health, listing, models, openai_images, page
+from .openai import routes as openai_images
+from .openai.errors import openai_error
+from .routes import generations, health, listing, models, page
 from .settings import ApiSettings
 from .stream_slots import StreamSlots
+from .streams import longest_block_ms
+from .views import Views
 
 log = logging.getLogger("ddpm.api")
 
@@ -105,15 +111,21 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                socket_connect_timeout=5)
         # Every open stream blocks in XREAD on a connection of its own: the pool must hold
         # them all (redis-py's default of 100 failed the 101st stream with a traceback).
-        # Their XREAD BLOCKs last up to stream_poll_ms: the socket timeout must outlast one
-        # (redis-py 8 defaults to 5 s, which cut every stream polled for longer).
+        # Their XREAD BLOCKs last up to longest_block_ms (an idle stream's backoff): the
+        # socket timeout must outlast one (redis-py 8 defaults to 5 s, which cut every
+        # stream polled for longer).
+        block_s = longest_block_ms(settings.stream_poll_ms) / 1000
         aredis = AsyncRedis.from_url(settings.redis_url, health_check_interval=30,
-                                     socket_connect_timeout=5,
-                                     socket_timeout=settings.stream_poll_ms / 1000 + 5,
+                                     socket_connect_timeout=5, socket_timeout=block_s + 5,
                                      max_connections=settings.max_streams + 64)
-        store = JobStore(redis, settings, aredis)
-        app.state.store, app.state.aredis = store, aredis
-        metrics.watch(store)
+        # The rooms routes reach Redis through (app/deps.py).
+        jobs = JobStore(redis, settings, aredis)
+        views = Views(redis)
+        app.state.jobs, app.state.views = jobs, views
+        app.state.catalog = catalog = Catalog(redis, settings)
+        app.state.admission = Admission(redis, aredis, settings, jobs)
+        app.state.listing = Listing(redis, views)
+        metrics.watch(catalog)
         if auth.open:
             log.warning("no API keys configured (DDPM_API_KEYS): the API is open to anyone "
                         "who can reach it")

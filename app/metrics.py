@@ -19,21 +19,13 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from redis import Redis
 from redis.exceptions import RedisError
-from rq.job import Job
-from rq.registry import (
-    CanceledJobRegistry,
-    FailedJobRegistry,
-    FinishedJobRegistry,
-    StartedJobRegistry,
-)
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contract.keys import PREFIX, SERIALIZER
+from contract.queueing import COUNTED, queue_counts
 
-from .jobs import JobStore
+from .catalog import Catalog
 
 log = logging.getLogger("ddpm.api")
 
@@ -62,8 +54,8 @@ class ApiMetrics:
         if self.multiprocess:
             multiprocess.MultiProcessCollector(r)
 
-    def watch(self, store: JobStore) -> None:
-        self.registry.register(RedisCollector(store))
+    def watch(self, catalog: Catalog) -> None:
+        self.registry.register(RedisCollector(catalog))
 
     def close(self) -> None:
         """At the process's exit: its open-streams gauge no longer counts (its counters
@@ -72,24 +64,12 @@ class ApiMetrics:
             multiprocess.mark_process_dead(os.getpid())
 
 
-# Jobs in a failed registry (KEYS[1]) whose status is `stopped` (ARGV[1]: the job key
-# prefix): RQ files a stopped job (its stop-job / stop-execution commands) as failed, the
-# API reports it canceled, and so do these metrics.
-_STOPPED = """
-local n = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if redis.call('HGET', ARGV[1] .. id, 'status') == 'stopped' then n = n + 1 end
-end
-return n
-"""
-
-
 class RedisCollector(Collector):
-    """Queue depth per queue, jobs by status, live workers: read when scraped."""
+    """Queue depth per queue, jobs by status, live workers: read when scraped (RQ's
+    registries through `contract.queueing.queue_counts`)."""
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
-        self._stopped = store.redis.register_script(_STOPPED)
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         depth = GaugeMetricFamily("ddpm_queue_depth", "Jobs waiting, per queue", labels=["queue"])
@@ -97,30 +77,14 @@ class RedisCollector(Collector):
                                  labels=["status"])
         workers = GaugeMetricFamily("ddpm_workers_live", "Workers advertising models")
         try:
-            redis: Redis = self.store.redis
-            names = sorted(n.decode() if isinstance(n, bytes) else n
-                           for n in redis.smembers("rq:queues"))
-            names = [n.removeprefix("rq:queue:") for n in names]
-            names = [n for n in names if n.startswith(f"{PREFIX}.")]
-            totals = dict.fromkeys(("queued", "running", "succeeded", "failed", "canceled"), 0)
-            for name in names:
-                kw = {"name": name, "connection": redis, "serializer": SERIALIZER}
-                with redis.pipeline(transaction=False) as p:
-                    p.llen(f"rq:queue:{name}")
-                    for reg in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry,
-                                CanceledJobRegistry):
-                        p.zcard(reg(**kw).key)
-                    self._stopped(keys=[FailedJobRegistry(**kw).key],
-                                  args=[Job.redis_job_namespace_prefix], client=p)
-                    queued, started, finished, failed, canceled, stopped = p.execute()
-                failed, canceled = failed - stopped, canceled + stopped
-                depth.add_metric([name], queued)
-                for k, v in zip(totals, (queued, started, finished, failed, canceled),
-                                strict=True):
+            totals = dict.fromkeys(COUNTED, 0)
+            for name, counts in queue_counts(self.catalog.redis).items():
+                depth.add_metric([name], counts["queued"])
+                for k, v in counts.items():
                     totals[k] += v
             for k, v in totals.items():
                 jobs.add_metric([k], v)
-            workers.add_metric([], len(self.store.live_workers()))
+            workers.add_metric([], len(self.catalog.live_workers()))
         except RedisError as e:
             log.warning("metrics: redis unreachable: %s", e)
             return []

@@ -1,9 +1,17 @@
-"""A job's event stream, read live from its Redis Stream for SSE and WebSocket clients.
+"""A job's event stream, read live from its Redis Stream for SSE, WebSocket and OpenAI
+clients.
 
 Stream entry ids are the event ids, so a client that reconnects with the last id it saw
 gets exactly what it missed. A stream ends after its terminal event; if the job ended
 without one reaching the stream (a worker died, the job expired), the job's RQ status
 decides and a terminal event without an id closes the stream.
+
+Entries are decoded by the one codec, `contract.events.Event.from_fields`. `entries` yields
+them as decoded (a snapshot's frame as the bytes the worker encoded: the OpenAI routes take
+it from there, with no base64 round-trip); `follow` turns them into what SSE and WebSocket
+clients read. While a stream is idle the follower waits longer each time (up to
+IDLE_BACKOFF × `DDPM_STREAM_POLL_MS`) before it looks at the job's status again: a job
+waiting in a queue costs a few commands a minute, not two every poll.
 """
 
 from __future__ import annotations
@@ -13,24 +21,30 @@ import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
-from rq.job import Job
 
-from contract.events import TERMINAL_EVENTS, EventType
+from contract.events import TERMINAL_EVENTS, Event, EventType
 from contract.keys import events_key, image_key
+from contract.queueing import read_state
 
 from .errors import ApiError
-from .jobs import api_status
 from .schemas import TERMINAL_STATUSES
 
 EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
 BATCH = 64               # entries per XREAD
 END_GRACE_MS = 1000      # a worker writes the terminal event just after the status
+IDLE_BACKOFF = 4         # an idle stream's XREAD BLOCK grows to this many poll intervals
 
 _ENDING = {"succeeded": EventType.DONE, "failed": EventType.ERROR,
            "canceled": EventType.CANCELED}
+
+
+def longest_block_ms(poll_ms: int) -> int:
+    """The longest XREAD BLOCK a follower sends: the socket timeout must outlast it."""
+    return max(poll_ms * IDLE_BACKOFF, END_GRACE_MS)
 
 
 def check_event_id(value: str | None, field_name: str) -> str:
@@ -57,11 +71,15 @@ class StreamEvent:
         return f'{{"id":{json.dumps(self.id)},"event":"{self.event}","data":{self.data}}}'
 
 
+def _dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
 def _with(data: str, **extra: str | None) -> str:
     """The JSON object `data` plus `extra` fields, spliced in without parsing `data` (a
     snapshot's base64 frame is the bulk of its event: it is encoded once and copied once)."""
     if any(f'"{k}"' in data for k in extra):          # not what workers write: the slow way
-        return json.dumps({**json.loads(data), **extra}, separators=(",", ":"))
+        return _dumps({**json.loads(data), **extra})
     fields = ",".join(f'"{k}":' + ("null" if v is None else f'"{v}"')
                       for k, v in extra.items())
     data = data.strip()
@@ -72,78 +90,81 @@ def _b64(blob: bytes | None) -> str | None:
     return base64.b64encode(blob).decode("ascii") if blob else None
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def frame_format(ev: Event) -> str:
+    """A snapshot's frame format (one written before frame formats is a PNG)."""
+    return str(ev.data.get("format") or "png")
 
 
-async def _client_data(redis: AsyncRedis, job_id: str, kind: EventType, data: str,
-                       image: bytes | None, inline_images: bool) -> str:
-    """What a client gets for an entry: a snapshot's frame as base64 `image` (in the
+async def client_data(redis: AsyncRedis | None, job_id: str, ev: Event,
+                      inline_images: bool) -> str:
+    """What a client gets for an event: a snapshot's frame as base64 `image` (in the
     `format` its data names: png, webp or jpeg), image URLs (and the final PNG as base64
     `png` when asked for)."""
     root = f"/v1/generations/{job_id}"
-    if kind == EventType.SNAPSHOT:
-        if '"format"' not in data:          # written before frame formats: always PNG
-            return _with(data, format="png", image=_b64(image))
-        return _with(data, image=_b64(image))
-    if kind == EventType.IMAGE:
-        index = int(json.loads(data).get("index", 0))
+    data = _dumps(ev.data)
+    if ev.type == EventType.SNAPSHOT:
+        if "format" not in ev.data:          # written before frame formats: always PNG
+            return _with(data, format="png", image=_b64(ev.image))
+        return _with(data, image=_b64(ev.image))
+    if ev.type == EventType.IMAGE:
+        index = int(ev.data.get("index", 0))
         url = f"{root}/images/{index}"
         if not inline_images:
             return _with(data, url=url)
+        assert redis is not None
         return _with(data, url=url, png=_b64(await redis.get(image_key(job_id, index))))
-    if kind == EventType.DONE:
-        doc = json.loads(data)
-        n = int(doc.get("num_images", 0))
-        doc = {k: v for k, v in doc.items() if k != "image_keys"}
-        doc["images"] = [f"{root}/images/{i}" for i in range(n)]
-        return json.dumps(doc, separators=(",", ":"))
+    if ev.type == EventType.DONE:
+        doc = {k: v for k, v in ev.data.items() if k != "image_keys"}
+        doc["images"] = [f"{root}/images/{i}" for i in range(int(ev.data.get("num_images", 0)))]
+        return _dumps(doc)
     return data
 
 
-def _entry(fields: dict[bytes | str, bytes | str]) -> tuple[EventType, str, bytes | None]:
-    """An entry's type, data (JSON object text, not parsed) and encoded frame (field
-    `image`; `png` as written before frame formats); ValueError or KeyError if it is not an
-    event (`contract.Event.to_fields` is the format)."""
-    f = {_text(k): v for k, v in fields.items()}
-    kind = EventType(_text(f["type"]))
-    data = _text(f.get("data", "{}"))
-    if not (data.startswith("{") and data.endswith("}")):
-        raise ValueError("event data is not a JSON object")
-    image = f.get("image", f.get("png"))
-    return kind, data, image.encode() if isinstance(image, str) else image
+async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int
+                  ) -> AsyncIterator[tuple[str | None, Event]]:
+    """The job's events after id `after`, live, as (entry id, event), until its terminal
+    event; an ending read from the job's status comes with the id None."""
+    key = events_key(job_id)
+    cursor = after
+    ending = False            # the job's status is terminal; waiting for its last events
+    block = poll_ms
+    while True:
+        resp = await redis.xread({key: cursor}, count=BATCH,
+                                 block=END_GRACE_MS if ending else block)
+        found = resp[0][1] if resp else []
+        for entry_id, fields in found:
+            cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            try:
+                ev = Event.from_fields(fields)
+            except (KeyError, ValueError, TypeError, AttributeError):
+                continue                       # not ours: skip rather than end the stream
+            if not isinstance(ev.data, dict):
+                continue
+            yield cursor, ev
+            if ev.type in TERMINAL_EVENTS:
+                return
+        if found:
+            block = poll_ms
+            continue
+        status = await read_state(redis, job_id)
+        if status is None:
+            yield None, Event(EventType.CANCELED, {"message": "the job no longer exists"})
+            return
+        if status in TERMINAL_STATUSES:
+            if ending:
+                yield None, Event(_ENDING[status], {"status": status})
+                return
+            ending = True
+        block = min(block * 2, poll_ms * IDLE_BACKOFF)
 
 
 async def follow(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
                  inline_images: bool = False) -> AsyncIterator[StreamEvent]:
-    """Events of `job_id` after id `after`, live, until the job's terminal event; with
-    `inline_images`, `image` events carry the final PNG (base64) as well as its URL."""
-    key = events_key(job_id)
-    cursor = after
-    ending = False            # the job's status is terminal; waiting for its last events
-    while True:
-        resp = await redis.xread({key: cursor}, count=BATCH,
-                                 block=END_GRACE_MS if ending else poll_ms)
-        entries = resp[0][1] if resp else []
-        for entry_id, fields in entries:
-            cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            try:
-                kind, data, image = _entry(fields)
-                data = await _client_data(redis, job_id, kind, data, image, inline_images)
-            except (KeyError, ValueError, TypeError, AttributeError):
-                continue                       # not ours: skip rather than end the stream
-            yield StreamEvent(str(kind), data, cursor)
-            if kind in TERMINAL_EVENTS:
-                return
-        if entries:
+    """`entries` as SSE and WebSocket clients read them; with `inline_images`, `image`
+    events carry the final PNG (base64) as well as its URL."""
+    async for entry_id, ev in entries(redis, job_id, after, poll_ms=poll_ms):
+        try:
+            data = await client_data(redis, job_id, ev, inline_images)
+        except (KeyError, ValueError, TypeError, AttributeError):
             continue
-        raw = await redis.hget(Job.key_for(job_id), "status")
-        status = api_status(raw.decode()) if raw else None
-        if status is None:
-            yield StreamEvent(str(EventType.CANCELED), '{"message":"the job no longer exists"}')
-            return
-        if status in TERMINAL_STATUSES:
-            if ending:
-                yield StreamEvent(str(_ENDING[status]), f'{{"status":"{status}"}}')
-                return
-            ending = True
+        yield StreamEvent(str(ev.type), data, entry_id)

@@ -24,7 +24,7 @@ from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from starlette.types import Message
 
 from contract.inputs import MAX_INPUT_BYTES, decode_base64
 from contract.inputs import fit_inputs as fit_images  # this module's fit_inputs is async
@@ -32,6 +32,7 @@ from contract.limits import INPUT_FIELDS
 from contract.spec import ModelInfo, SpecError
 
 from .errors import ApiError
+from .multipart import file_bytes, form_parts, image_too_large, is_multipart
 
 REQUEST_PART = "request"
 
@@ -60,22 +61,13 @@ class UploadRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             # The media type is checked before (app/body_limit.py): JSON or multipart.
-            ctype = request.headers.get("content-type", "")
-            if ctype.split(";")[0].strip().lower() == "multipart/form-data":
+            if is_multipart(request):
                 request = await as_json(request)
             else:
                 await check_json(request)
             return await handler(request)
 
         return route
-
-
-def image_too_large(field: str, size: int, limit: int = MAX_INPUT_BYTES) -> ApiError:
-    """The one refusal of an input image over MAX_INPUT_BYTES, in bytes of the image, the
-    same whether it came as base64 in JSON or as a file part, natively or on the OpenAI
-    routes (where the 422 is OpenAI's 400)."""
-    return ApiError(422, "invalid_request", f"{field}: the image is {size} bytes; at most "
-                    f"{limit} bytes", field=field)
 
 
 def rest_too_large(size: int, limit: int) -> ApiError:
@@ -130,18 +122,12 @@ async def as_json(request: Request) -> Request:
     part in base64. 422 for a form that is not one, 413 for a `request` part over
     DDPM_MAX_BODY_BYTES."""
     limit = _max_body_bytes(request)
-    try:        # parts are bounded here, by the limits they are held to, not by Starlette
-        form = await request.form(max_files=len(INPUT_FIELDS),
-                                  max_fields=len(INPUT_FIELDS) + 1,
-                                  max_part_size=request.app.state.settings.max_upload_bytes)
-    except HTTPException as e:      # malformed, too many parts
-        if e.status_code == 413:    # the body past its limit (app/body_limit.py)
-            raise
-        raise ApiError(422, "invalid_request", f"the multipart form cannot be read: "
-                       f"{e.detail}") from None
     body: dict[str, Any] = {}
-    try:
-        for name, value in form.multi_items():
+    # Parts are bounded here, by the limits they are held to, not by Starlette's defaults.
+    async with form_parts(request, max_files=len(INPUT_FIELDS),
+                          max_fields=len(INPUT_FIELDS) + 1,
+                          max_part_size=request.app.state.settings.max_upload_bytes) as parts:
+        for name, value in parts:
             if name == REQUEST_PART and isinstance(value, str):
                 if (size := len(value.encode())) > limit:
                     raise rest_too_large(size, limit)
@@ -165,15 +151,27 @@ async def as_json(request: Request) -> Request:
             if clash:
                 raise ApiError(422, "invalid_request", f"{clash[0]} is given twice",
                                field=clash[0])
-    finally:
-        await form.close()
+    return with_body(request, json.dumps(body).encode(), b"application/json")
+
+
+def with_body(request: Request, body: bytes, content_type: bytes) -> Request:
+    """A request like `request` whose body is `body` (of `content_type`): its ASGI receive
+    hands out `body`, then what the client's connection says (its disconnect)."""
     scope = dict(request.scope)
     scope["headers"] = [(k, v) for k, v in request.scope["headers"]
                         if k not in (b"content-type", b"content-length")]
-    scope["headers"].append((b"content-type", b"application/json"))
-    converted = Request(scope, request.receive)
-    converted._body = json.dumps(body).encode()     # what Request.body() returns
-    return converted
+    scope["headers"] += [(b"content-type", content_type),
+                         (b"content-length", str(len(body)).encode())]
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return await request.receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, receive)
 
 
 async def _part_base64(name: str, value: UploadFile | str) -> str:
@@ -181,12 +179,7 @@ async def _part_base64(name: str, value: UploadFile | str) -> str:
         if (size := base64_size(value)) > MAX_INPUT_BYTES:
             raise image_too_large(name, size)
         return value
-    if value.size is not None and value.size > MAX_INPUT_BYTES:   # spooled: its size known
-        raise image_too_large(name, value.size)
-    data = await value.read(MAX_INPUT_BYTES + 1)
-    if len(data) > MAX_INPUT_BYTES:
-        raise image_too_large(name, len(data) + len(await value.read()))
-    return base64.b64encode(data).decode()
+    return base64.b64encode(await file_bytes(name, value)).decode()
 
 
 async def fit_inputs(images: dict[str, str], info: ModelInfo) -> dict[str, bytes]:

@@ -9,26 +9,26 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, WebSocket
+from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from redis.exceptions import RedisError
-from rq.job import Job
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from contract.events import Event, EventType
-from contract.keys import events_key, image_key, input_key
+from contract.events import EventType
 from contract.limits import InputField
+from contract.queueing import Job
 from contract.spec import SpecError
 
 from .. import media
-from ..deps import Caller, Metrics, Settings, Store, StreamSlot
+from ..catalog import model_required
+from ..deps import AdmissionDep, Caller, CatalogDep, Jobs, Metrics, Settings, StreamSlot, ViewsDep
 from ..errors import ERROR_RESPONSES, JSON_ERROR_RESPONSES, ApiError, not_found
 from ..jobs import JobStore
 from ..schemas import SOLE_MODEL, Generation, GenerationRequest, NewGeneration
 from ..settings import ApiSettings
 from ..stream_slots import StreamSlots
-from ..streams import MAX_ID_PART, StreamEvent, check_event_id, follow
+from ..streams import MAX_ID_PART, StreamEvent, check_event_id
 from ..uploads import MULTIPART_SCHEMA, UploadRoute, fit_inputs
 
 # UploadRoute: the POST's body may also be multipart/form-data with image files.
@@ -67,18 +67,14 @@ def _check_webhook(url: str | None, settings: ApiSettings) -> None:
                        "(DDPM_WEBHOOK_ALLOW_HOSTS)", field="webhook")
 
 
-async def _sole_model(store: Store) -> None:
+async def _sole_model(catalog: CatalogDep) -> None:
     """Before the body is validated: the model a body without one gets (SOLE_MODEL), from
     the served models as last read (read again in a thread once they are stale)."""
-    served = store.cached_models()
-    if served is None:
-        served = await run_in_threadpool(store.recent_models, None)
+    served = await catalog.recent()
     if len(served) == 1:
         SOLE_MODEL.set((next(iter(served)), ""))
     else:
-        SOLE_MODEL.set((None, "model is required: " + (
-            f"{len(served)} models are served: {', '.join(served)}" if served else
-            "no model is served (no live worker)")))
+        SOLE_MODEL.set((None, model_required(served)))
 
 
 @router.post("", status_code=202, response_model=Generation,
@@ -87,7 +83,8 @@ async def _sole_model(store: Store) -> None:
              openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
 async def create_generation(
-    body: NewGeneration, who: Caller, store: Store, settings: Settings, metrics: Metrics,
+    body: NewGeneration, who: Caller, catalog: CatalogDep, admission: AdmissionDep,
+    views: ViewsDep, settings: Settings, metrics: Metrics,
     idempotency_key: Annotated[str | None, Header(
         min_length=1, max_length=255, json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
         description="same key and body: the same job comes back")] = None,
@@ -102,14 +99,7 @@ async def create_generation(
     file parts of a `multipart/form-data` body whose `request` part holds the rest:
     `curl -F init_image=@digit.png -F 'request={"strength": 0.6}'`."""
     req: GenerationRequest = body       # its model filled in if left out (_sole_model)
-    served = store.cached_models()
-    if served is None or req.model not in served:
-        served = await run_in_threadpool(store.recent_models, req.model)
-    model = served.get(req.model)
-    if model is None:
-        names = ", ".join(served) or "none (no live worker)"
-        raise ApiError(404, "not_found", f"model {req.model!r} is not served; available: "
-                       f"{names}", field="model")
+    model = await catalog.lookup(req.model)
     try:
         req.check_model(model.info)
         req.check_stream_budget(model.info, settings.stream_max_bytes)
@@ -117,11 +107,11 @@ async def create_generation(
         raise ApiError(422, "invalid_request", str(e), field=e.field) from None
     _check_webhook(req.webhook, settings)
     inputs = await fit_inputs(req.images(), model.info)
-    sub = await store.asubmit(req, who, idempotency_key, inputs)
+    sub = await admission.submit(req, who, idempotency_key, inputs)
     if sub.replayed:                 # an earlier job: its status and position are read
-        view = await run_in_threadpool(store.view, sub.job)
+        view = await run_in_threadpool(views.view, sub.job)
     else:
-        view = store.view(sub.job, spec=sub.spec, ahead=sub.ahead)
+        view = views.view(sub.job, spec=sub.spec, ahead=sub.ahead)
     headers = {"Location": view.links.self_}
     if sub.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -138,8 +128,8 @@ def _generation(view: Generation, status: int = 200,
                     media_type="application/json")
 
 
-async def _job(job_id: str, who: Caller, store: Store) -> Job:
-    return await store.aget(job_id, who)
+async def _job(job_id: str, who: Caller, jobs: Jobs) -> Job:
+    return await jobs.aget(job_id, who)
 
 
 JobDep = Annotated[Job, Depends(_job)]
@@ -147,34 +137,30 @@ JobDep = Annotated[Job, Depends(_job)]
 
 @router.get("/{job_id}", response_model=Generation, responses=ERROR_RESPONSES,
             summary="Status, progress, timings and image links")
-def get_generation(job: JobDep, store: Store) -> Response:
-    return _generation(store.view(job))
+def get_generation(job: JobDep, views: ViewsDep) -> Response:
+    return _generation(views.view(job))
 
 
 @router.delete("/{job_id}", response_model=Generation,
                responses=ERROR_RESPONSES | {409: ERROR_RESPONSES[404] | {
                    "description": "the generation has already ended"}},
                summary="Cancel a queued or running generation")
-def cancel_generation(job: JobDep, store: Store) -> Generation:
-    store.cancel(job)
-    job.refresh()
-    return store.view(job)
+def cancel_generation(job: JobDep, jobs: Jobs, views: ViewsDep) -> Generation:
+    jobs.cancel(job)
+    return views.view(jobs.reload(job))
 
 
 @router.get("/{job_id}/images/{index}", response_class=Response,
             responses=PNG | ERROR_RESPONSES, summary="One final image (PNG)")
-async def get_image(job: JobDep, index: int, store: Store) -> Response:
-    spec = store.spec_of(job)
+async def get_image(job: JobDep, index: int, jobs: Jobs) -> Response:
+    spec = jobs.spec_of(job)
     if not 0 <= index < spec.num_images:
         raise not_found(f"image {index}")
-    return await _stored_png(store, image_key(job.id, index),
-                             f"image {index} (not produced yet)")
+    return _stored_png(await jobs.image(job.id, index), f"image {index} (not produced yet)")
 
 
-async def _stored_png(store: JobStore, key: str, missing: str) -> Response:
+def _stored_png(png: bytes | None, missing: str) -> Response:
     """A PNG the job wrote once and never changes (cacheable), or 404 `missing`."""
-    assert store.aredis is not None
-    png = await store.aredis.get(key)
     if png is None:
         raise not_found(missing)
     return Response(png, media_type="image/png",
@@ -184,19 +170,19 @@ async def _stored_png(store: JobStore, key: str, missing: str) -> Response:
 @router.get("/{job_id}/inputs/{name}", response_class=Response,
             responses=PNG | ERROR_RESPONSES,
             summary="An input image as the model sees it (fitted to its size)")
-async def get_input(job: JobDep, name: InputField, store: Store) -> Response:
-    if getattr(store.spec_of(job), name) is None:
+async def get_input(job: JobDep, name: InputField, jobs: Jobs) -> Response:
+    if getattr(jobs.spec_of(job), name) is None:
         raise not_found(f"input {name!r}")
-    return await _stored_png(store, input_key(job.id, name), f"input {name!r} (expired)")
+    return _stored_png(await jobs.input(job.id, name), f"input {name!r} (expired)")
 
 
 @router.get("/{job_id}/grid.png", response_class=Response,
             responses=PNG | NOT_READY | ERROR_RESPONSES, summary="All final images in a grid")
-def get_grid(job: JobDep, store: Store) -> Response:
-    spec = store.spec_of(job)
-    pngs = store.fetch_images(job, range(spec.num_images))
+def get_grid(job: JobDep, jobs: Jobs, views: ViewsDep) -> Response:
+    spec = jobs.spec_of(job)
+    pngs = jobs.images(job, range(spec.num_images))
     if any(p is None for p in pngs):
-        view = store.view(job)
+        view = views.view(job)
         if view.status in ("queued", "running"):
             raise ApiError(409, "not_ready", f"the generation is {view.status}; the grid "
                            "exists once every image is done", headers={"Retry-After": "1"})
@@ -207,18 +193,11 @@ def get_grid(job: JobDep, store: Store) -> Response:
 @router.get("/{job_id}/animation.gif", response_class=Response,
             responses=GIF | ERROR_RESPONSES,
             summary="The denoising as an animated GIF (from the snapshots)")
-def get_animation(job: JobDep, store: Store) -> Response:
-    spec = store.spec_of(job)
-    snapshots = []
-    for _, fields in store.redis.xrange(events_key(job.id)):
-        try:
-            ev = Event.from_fields(fields)
-        except (KeyError, ValueError):
-            continue
-        if ev.type == EventType.SNAPSHOT and ev.image:
-            snapshots.append((int(ev.data.get("step", 0)), int(ev.data.get("index", -1)),
-                              ev.image))
-    finals = store.fetch_images(job, range(spec.num_images))
+def get_animation(job: JobDep, jobs: Jobs) -> Response:
+    spec = jobs.spec_of(job)
+    snapshots = [(int(ev.data.get("step", 0)), int(ev.data.get("index", -1)), ev.image)
+                 for ev in jobs.events(job) if ev.type == EventType.SNAPSHOT and ev.image]
+    finals = jobs.images(job, range(spec.num_images))
     try:
         gif = media.animation_gif(spec.num_images, snapshots, finals)
     except ValueError:
@@ -263,7 +242,7 @@ _IMAGES_QUERY = Query(description="`image` events carry the final image's `url`;
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses=JSON_ERROR_RESPONSES, summary="Server-Sent Events of the generation")
-async def stream_events(request: Request, job: JobDep, settings: Settings,
+async def stream_events(job: JobDep, jobs: Jobs,
                         after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot,
                         images: Annotated[ImageMode, _IMAGES_QUERY] = "url",
                         ) -> AsyncIterator[ServerSentEvent]:
@@ -274,9 +253,7 @@ async def stream_events(request: Request, job: JobDep, settings: Settings,
     resumes exactly after the last one seen. Past the open stream limits: `503` (this
     server) or `429` (this caller), with `Retry-After`."""
     try:
-        async for ev in follow(request.app.state.aredis, job.id, after,
-                               poll_ms=settings.stream_poll_ms,
-                               inline_images=images == "inline"):
+        async for ev in jobs.follow(job.id, after, inline_images=images == "inline"):
             yield ServerSentEvent(event=ev.event, raw_data=ev.data, id=ev.id)
     except RedisError as e:
         # The headers are sent: no 503 now. End the stream without a terminal event, as a
@@ -299,8 +276,8 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
     await websocket.accept()
     try:
         who = state.auth.caller(websocket)
-        store: JobStore = state.store
-        job = await run_in_threadpool(store.get, job_id, who)
+        jobs: JobStore = state.jobs
+        job = await jobs.aget(job_id, who)
         after = check_event_id(last_event_id, "last_event_id")
         if images not in (None, "url", "inline"):
             raise ApiError(422, "invalid_request", "images must be url or inline",
@@ -314,9 +291,8 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
         await websocket.close(code=4503, reason="the job store is unreachable; retry shortly")
         return
     try:
-        await _pump_ws(websocket, follow(state.aredis, job.id, after,
-                                         poll_ms=state.settings.stream_poll_ms,
-                                         inline_images=images == "inline"))
+        await _pump_ws(websocket, jobs.follow(job.id, after,
+                                              inline_images=images == "inline"))
     finally:
         slots.release(who.client)
 

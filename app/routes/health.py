@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from ..deps import Metrics, Store
+from ..deps import CatalogDep, Metrics
 from ..schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -21,16 +21,11 @@ def healthz() -> Health:
 @router.get("/readyz", response_model=Health,
             responses={503: {"model": Health, "description": "not ready"}},
             summary="Readiness: Redis reachable and at least one live worker")
-def readyz(store: Store) -> Response:
+def readyz(catalog: CatalogDep) -> Response:
     checks: dict[str, object] = {}
     try:
-        store.redis.ping()
-        checks["redis"] = "ok"
-        workers = [w for w in store.live_workers() if not w.get("draining")]
-        checks["workers"] = len(workers)
-        checks["models"] = sorted({m.get("name") for w in workers for m in w.get("models", [])
-                                   if isinstance(m, dict) and m.get("name")})
-        ready = bool(workers)
+        checks = catalog.readiness()
+        ready = bool(checks["workers"])
     except RedisError as e:
         checks["redis"] = f"unreachable: {e}"
         ready = False

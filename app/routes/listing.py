@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from ..deps import Caller, Store
+from ..deps import Caller, ListingDep
 from ..errors import ERROR_RESPONSES
-from ..jobs import CURSOR_PATTERN
+from ..listing import CURSOR_PATTERN
 from ..schemas import GenerationList, Status
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -19,7 +19,7 @@ MAX_LIMIT = 100
 @router.get("", response_model=GenerationList, responses=ERROR_RESPONSES,
             summary="Your generations, newest first")
 def list_generations(
-    who: Caller, store: Store,
+    who: Caller, listing: ListingDep,
     status: Annotated[list[Status] | None, Query(
         max_length=5, description="only generations in this status (repeat for several)")
     ] = None,
@@ -33,6 +33,6 @@ def list_generations(
     the last `DDPM_RESULT_TTL` seconds that still exist, at most `DDPM_MAX_LISTED_JOBS` per
     caller. Follow `next_cursor` until it is `null`: a page filtered by status looks at a
     bounded number of jobs, so it may hold fewer than `limit` items, even none."""
-    views, next_cursor = store.list_jobs(who, status, limit, cursor)
+    views, next_cursor = listing.page(who, status, limit, cursor)
     page = GenerationList(generations=views, next_cursor=next_cursor)
     return Response(page.model_dump_json(by_alias=True), media_type="application/json")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from app.auth import new_key
 from app.errors import ApiError
-from app.openai_compat import class_label
+from app.openai.mapping import class_label
 from contract.spec import ModelInfo
 from ddpm.redis_server import RedisServer
 from tests.conftest import ApiProcess, WorkerProcess

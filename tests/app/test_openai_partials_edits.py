@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from app.openai_compat import MAX_PARTIAL_IMAGES
+from app.openai.models import MAX_PARTIAL_IMAGES
 from contract.limits import MAX_JUMP_LENGTH, MAX_JUMP_N_SAMPLE
 from tests.app import test_openai_images as shared
 from tests.app.test_openai_images import Stack, _png, auth, created, pixels

@@ -13,11 +13,13 @@ from PIL import Image
 from app.auth import OPEN, KeyAuth, hash_key, new_key
 from app.errors import ApiError, _field
 from app.media import animation_gif, grid_png
-from app.openai_compat import ImageGenerationRequest, Output, native_request
-from app.openai_wait import partial_event
+from app.openai.mapping import native_request
+from app.openai.models import ImageGenerationRequest
+from app.openai.output import Output
+from app.openai.wait import partial_event
 from app.routes.generations import _check_webhook
 from app.settings import ApiSettings
-from app.streams import StreamEvent, _client_data, _entry, _with, check_event_id
+from app.streams import StreamEvent, _with, check_event_id, client_data
 from contract.events import Event, EventType
 from contract.limits import MAX_IMAGES, STREAM_MAX_BYTES
 from contract.spec import ModelInfo
@@ -172,14 +174,13 @@ def test_snapshot_events_carry_the_frame_in_its_format() -> None:
     old = {"type": "snapshot", "data": '{"index":0,"step":2,"kind":"x0"}', "png": _png(5)}
     for fields, want_format, want in ((new, "jpeg", jpeg), (old, "png", _png(5))):
         raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
-        kind, data, image = _entry(raw)
-        assert kind == EventType.SNAPSHOT and image == want
-        doc = json.loads(asyncio.run(_client_data(None, "j", kind, data, image,  # type: ignore[arg-type]
-                                                  False)))
+        ev = Event.from_fields(raw)     # the one codec
+        assert ev.type == EventType.SNAPSHOT and ev.image == want
+        doc = json.loads(asyncio.run(client_data(None, "j", ev, False)))
         assert doc["format"] == want_format and "png" not in doc
         assert base64.b64decode(doc["image"]) == want
-    assert json.loads(asyncio.run(_client_data(None, "j", EventType.SNAPSHOT,  # type: ignore[arg-type]
-                                               new["data"], jpeg, False)))["size"] == 8
+    assert json.loads(asyncio.run(client_data(None, "j", Event.from_fields(new),
+                                              False)))["size"] == 8
 
 
 def test_animation_of_lossy_previews_smaller_than_the_images() -> None:
@@ -251,9 +252,9 @@ def test_a_partial_image_is_in_the_requested_output_format(
     out = Output("image_generation", info, ImageGenerationRequest(output_format=output_format),
                  "http://test/")
     frame = _encoded(frame_format, 128, 120)
-    data = {"index": 0, "step": 5, "format": frame_format, "size": 128,
-            "image": base64.b64encode(frame).decode()}
-    text = asyncio.run(partial_event(out, data, partial_image_index=0, image_index=0)).decode()
+    ev = Event(EventType.SNAPSHOT, {"index": 0, "step": 5, "format": frame_format,
+                                    "size": 128}, image=frame)   # as the stream holds it
+    text = asyncio.run(partial_event(out, ev, partial_image_index=0, image_index=0)).decode()
     event, payload = text.split("\n")[:2]
     doc = json.loads(payload.removeprefix("data: "))
     assert event == "event: image_generation.partial_image"

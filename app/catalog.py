@@ -1,0 +1,125 @@
+"""The model catalog: what live workers serve, read from their advertisements, and the one
+lookup of a model a request names (one refusal, whatever the route).
+
+The served models are read at most every `DDPM_MODELS_CACHE_S` seconds (and at once for a
+model not among them): a POST does not read every worker's advertisement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from redis import Redis
+
+from contract.queueing import model_queue_keys
+from contract.spec import ModelInfo
+from contract.workers import live_worker_keys
+
+from .errors import ApiError
+from .settings import ApiSettings
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model and how many live workers advertise it."""
+
+    info: ModelInfo
+    workers: int
+
+
+def unknown_model(name: str, served: dict[str, Served]) -> ApiError:
+    """The one refusal of a model nobody serves (404 naming `model`)."""
+    names = ", ".join(served) or "none (no live worker)"
+    return ApiError(404, "not_found", f"model {name!r} is not served; available: {names}",
+                    field="model")
+
+
+def model_required(served: dict[str, Served]) -> str:
+    """Why a request that names no model cannot have one (zero or several are served)."""
+    return "model is required: " + (
+        f"{len(served)} models are served: {', '.join(served)}" if served else
+        "no model is served (no live worker)")
+
+
+class Catalog:
+    def __init__(self, redis: Redis, settings: ApiSettings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._served: tuple[float, dict[str, Served]] = (-math.inf, {})
+
+    def live_workers(self) -> list[dict[str, Any]]:
+        """The advertisements of live workers (each expires unless its worker renews it)."""
+        keys = live_worker_keys(self.redis, time.time())
+        docs = []
+        for raw in self.redis.mget(keys) if keys else []:
+            if raw is None:
+                continue
+            try:
+                docs.append(json.loads(raw))
+            except ValueError:
+                continue
+        return docs
+
+    def served_models(self) -> dict[str, Served]:
+        """The models live, non-draining workers advertise, by name (read now)."""
+        seen: dict[str, Served] = {}
+        for doc in self.live_workers():
+            if doc.get("draining"):
+                continue
+            for m in doc.get("models", []):
+                try:
+                    info = ModelInfo.from_dict(m)
+                except (TypeError, KeyError):
+                    continue
+                prev = seen.get(info.name)
+                seen[info.name] = Served(info, (prev.workers if prev else 0) + 1)
+        served = dict(sorted(seen.items()))
+        self._served = (time.monotonic(), served)
+        return served
+
+    def _cached(self) -> dict[str, Served] | None:
+        at, served = self._served
+        return served if time.monotonic() - at < self.settings.models_cache_s else None
+
+    async def recent(self, want: str | None = None) -> dict[str, Served]:
+        """The served models as read up to `models_cache_s` ago, unless `want` is missing
+        from them (then read again, in a thread)."""
+        served = self._cached()
+        if served is not None and (want is None or want in served):
+            return served
+        return await run_in_threadpool(self.served_models)
+
+    async def lookup(self, name: str | None) -> Served:
+        """The model a request names, or the only one served when it names none: 404
+        (`unknown_model`) for a model nobody serves, 422 when none is named and not exactly
+        one is served."""
+        served = await self.recent(name)
+        if name is None:
+            if len(served) == 1:
+                return next(iter(served.values()))
+            raise ApiError(422, "invalid_request", model_required(served), field="model")
+        model = served.get(name)
+        if model is None:
+            raise unknown_model(name, served)
+        return model
+
+    def queued(self, model: str) -> int:
+        """Jobs waiting in the model's queues."""
+        with self.redis.pipeline(transaction=False) as p:
+            for key in model_queue_keys(model):
+                p.llen(key)
+            return sum(p.execute())
+
+    def readiness(self) -> dict[str, object]:
+        """Redis answers, and which live workers (not draining) serve which models; a
+        RedisError if it does not answer."""
+        self.redis.ping()
+        workers = [w for w in self.live_workers() if not w.get("draining")]
+        return {"redis": "ok", "workers": len(workers),
+                "models": sorted({m.get("name") for w in workers for m in w.get("models", [])
+                                  if isinstance(m, dict) and m.get("name")})}
