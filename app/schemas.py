@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from contract.inputs import MAX_BASE64_CHARS, MAX_INPUT_BYTES
 from contract.limits import INPUT_FIELDS, MODEL_NAME_PATTERN
+from contract.rules import rules_schema
 from contract.spec import GenerationSpec
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -49,37 +50,10 @@ def _webhook_url(url: str) -> str:
 WebhookUrl = Annotated[str, Field(max_length=2048, json_schema_extra={
     "pattern": WEBHOOK_PATTERN}), AfterValidator(_webhook_url)]
 
-# Rules across fields that the API enforces (contract/'s validators), stated in
-# the schema so that clients and fuzzers see them: JSON Schema 2020-12 if/then.
-CROSS_FIELD_RULES = [
-    {"description": "guidance_scale other than 1 needs a class_label (classifier-free "
-                    "guidance of a conditional model)",
-     "if": {"required": ["guidance_scale"],
-            "properties": {"guidance_scale": {"not": {"const": 1}}}},
-     "then": {"required": ["class_label"], "properties": {"class_label": {"type": "integer"}}}},
-    {"description": "eta other than 0 needs the ddim sampler",
-     "if": {"required": ["eta"], "properties": {"eta": {"not": {"const": 0}}}},
-     "then": {"required": ["sampler"], "properties": {"sampler": {"const": "ddim"}}}},
-    {"description": "snapshot_quality applies to webp and jpeg frames: with snapshot_format "
-                    "png it is null",
-     "if": {"required": ["snapshot_format"],
-            "properties": {"snapshot_format": {"const": "png"}}},
-     "then": {"properties": {"snapshot_quality": {"type": "null"}}}},
-    *({"description": f"{f} needs an init_image",
-       "if": {"required": [f], "properties": {f: {"not": {"type": "null"}}}},
-       "then": {"required": ["init_image"],
-                "properties": {"init_image": {"type": "string"}}}}
-      for f in ("mask", "interpolate_to", "strength")),
-    {"description": "an interpolation has no mask and at least 2 frames (num_images)",
-     "if": {"required": ["interpolate_to"],
-            "properties": {"interpolate_to": {"type": "string"}}},
-     "then": {"required": ["num_images"], "properties": {
-         "mask": {"type": "null"}, "num_images": {"minimum": 2}}}},
-    *({"description": f"{f} other than its default applies to inpainting (a mask) only",
-       "if": {"required": [f], "properties": {f: {"not": {"const": default}}}},
-       "then": {"required": ["mask"], "properties": {"mask": {"type": "string"}}}}
-      for f, default in (("jump_length", 10), ("jump_n_sample", 1))),
-]
+# The rules between fields that the API enforces (contract/rules.py, the validators'
+# own), stated in the schema so that clients and fuzzers see them: JSON Schema 2020-12
+# if/then, generated from the rules.
+CROSS_FIELD_RULES = rules_schema(GenerationSpec)
 
 
 # An input image in a JSON body: base64, or a data: URL (what a browser's FileReader gives).

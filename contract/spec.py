@@ -46,6 +46,7 @@ from .preview import (
     LOSSLESS_PREVIEW_MAX,
     Preview,
 )
+from .rules import RULE_FIELDS, check_rule, check_rule_order
 
 
 class SpecError(ValueError):
@@ -130,54 +131,13 @@ class GenerationSpec(RequestModel):
         "RePaint resampling (with a mask): passes over each jump; 1 = none. Each extra "
         "pass adds 2·jump_length steps per jump"))] = 1
 
-    # Field validators (not one model validator) so an error names its field: the API
-    # reports it as such. Each reads fields declared before it.
-    @field_validator("eta")
+    # The rules between fields (contract/rules.py), each checked by a validator of the
+    # field it names, so the API's 422 and `ddpm sample` name that field. A rule reads
+    # fields declared before its own (check_rule_order, below the class).
+    @field_validator(*RULE_FIELDS)
     @classmethod
-    def _eta_ddim_only(cls, eta: float, info: ValidationInfo) -> float:
-        sampler = info.data.get("sampler")
-        if eta != 0.0 and sampler is not None and sampler != "ddim":
-            raise ValueError(f"eta applies to the ddim sampler only, not {sampler!r}")
-        return eta
-
-    @field_validator("guidance_scale")
-    @classmethod
-    def _guidance_needs_label(cls, scale: float, info: ValidationInfo) -> float:
-        if scale != 1.0 and info.data.get("class_label") is None and "class_label" in info.data:
-            raise ValueError("guidance_scale needs a class_label (classifier-free guidance)")
-        return scale
-
-    @field_validator("snapshot_quality")
-    @classmethod
-    def _quality_lossy_only(cls, quality: int | None, info: ValidationInfo) -> int | None:
-        if quality is not None and info.data.get("snapshot_format") == "png":
-            raise ValueError("snapshot_quality applies to webp and jpeg frames, not png")
-        return quality
-
-    @field_validator("mask", "interpolate_to", "strength")
-    @classmethod
-    def _needs_init_image(cls, value: object, info: ValidationInfo) -> object:
-        if value is not None and info.data.get("init_image") is None \
-                and "init_image" in info.data:
-            raise ValueError(f"{info.field_name} needs an init_image")
-        return value
-
-    @field_validator("interpolate_to")
-    @classmethod
-    def _interpolation(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None:
-            if info.data.get("mask") is not None:
-                raise ValueError("interpolate_to and mask exclude each other")
-            if info.data.get("num_images", 2) < 2:
-                raise ValueError("an interpolation needs num_images >= 2 (its frames)")
-        return value
-
-    @field_validator("jump_length", "jump_n_sample")
-    @classmethod
-    def _resampling_needs_mask(cls, value: int, info: ValidationInfo) -> int:
-        default = cls.model_fields[info.field_name or ""].default
-        if value != default and info.data.get("mask") is None and "mask" in info.data:
-            raise ValueError(f"{info.field_name} applies to inpainting (a mask) only")
+    def _rules(cls, value: Any, info: ValidationInfo) -> Any:
+        check_rule(cls, info.field_name or "", value, info.data)
         return value
 
     @property
@@ -275,6 +235,9 @@ class GenerationSpec(RequestModel):
             if self.class_label >= info.num_classes:
                 raise SpecError("class_label", f"must be < {info.num_classes} for model "
                                 f"{info.name!r}")
+
+
+check_rule_order(GenerationSpec)
 
 
 def start_timestep(strength: float, num_timesteps: int) -> int:

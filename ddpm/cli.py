@@ -19,6 +19,21 @@ def _bounded_int(lo: int, hi: int | None = None):  # type: ignore[no-untyped-def
     return parse
 
 
+def _range(field: str, end: str = "") -> str:
+    """A request field's bounds as `GenerationSpec` declares them ("1..1000", "(0, 1]"), or
+    one end of them ("le"): the help states them, the spec checks them."""
+    from contract.rules import bounds
+    from contract.spec import GenerationSpec
+
+    b = bounds(GenerationSpec, field)
+    if end:
+        return f"{b[end]}"
+    lo, hi = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
+    if "gt" in b or "lt" in b:
+        return f"{'(' if 'gt' in b else '['}{lo}, {hi}{')' if 'lt' in b else ']'}"
+    return f"{lo}..{hi}"
+
+
 def _samplers() -> tuple[str, ...]:
     """The sampler names a request may give: contract's (torch-free, so building
     the parser imports no torch; a test ties them to models.SAMPLER_NAMES)."""
@@ -48,15 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate images offline into PNG files")
     s.add_argument("checkpoint", type=Path, help="checkpoint directory")
     s.add_argument("--sampler", choices=_samplers(), default="ddim")
-    s.add_argument("--steps", type=_bounded_int(1), default=50, help="denoising steps (1..T)")
-    s.add_argument("--num-images", type=_bounded_int(1, 100_000), default=16)
-    s.add_argument("--seed", type=_bounded_int(0, 2**63 - 1), default=0)
+    s.add_argument("--steps", type=int, default=50,
+                   help=f"denoising steps ({_range('steps')}; at most the model's T)")
+    s.add_argument("--num-images", type=int, default=16, help=(
+        f"images to write; past {_range('num_images', 'le')} (one request's) they run as "
+        "more requests' images"))
+    s.add_argument("--seed", type=int, default=0, help=_range("seed"))
     s.add_argument("--batch-size", type=_bounded_int(1, 4096), default=64)
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
-    s.add_argument("--class-label", type=int, default=None, help="class of conditional models")
+    s.add_argument("--eta", type=float, default=0.0,
+                   help=f"DDIM η ({_range('eta')}; 0 = deterministic; ddim only)")
+    s.add_argument("--class-label", type=int, default=None,
+                   help=f"class of conditional models ({_range('class_label')}; below the "
+                        "model's number of classes)")
     s.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale (1 = none)")
+                   help=f"classifier-free guidance scale ({_range('guidance_scale')}; 1 = "
+                        "none; needs --class-label)")
     s.add_argument("--out", type=Path, required=True, help="output directory")
     s.add_argument("--grid", action="store_true", help="also write grid.png")
     c = s.add_argument_group(
@@ -68,14 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "with an alpha channel, alpha 0 marks it")
     c.add_argument("--interpolate", type=Path, nargs=2, metavar=("A", "B"),
                    help="interpolate from image A to image B (--frames images)")
-    c.add_argument("--frames", type=_bounded_int(2, 1000), default=8,
-                   help="interpolation frames (with --interpolate)")
-    c.add_argument("--strength", type=float, help="(0, 1]: how far into the noise the input "
-                   "goes; default: img2img 0.75, interpolation 0.5, inpainting 1")
-    c.add_argument("--jump-length", type=_bounded_int(1, 100), default=10,
-                   help="RePaint resampling: timesteps per jump back (with --mask)")
-    c.add_argument("--jump-n-sample", type=_bounded_int(1, 20), default=1,
-                   help="RePaint resampling: passes over each jump; 1 = none (with --mask)")
+    c.add_argument("--frames", type=int, default=8, help=(
+        f"interpolation frames (with --interpolate; 2..{_range('num_images', 'le')})"))
+    c.add_argument("--strength", type=float, help=f"{_range('strength')}: how far into the "
+                   "noise the input goes; default: img2img 0.75, interpolation 0.5, "
+                   "inpainting 1")
+    c.add_argument("--jump-length", type=int, default=10, help=(
+        f"RePaint resampling: timesteps per jump back ({_range('jump_length')}; with --mask)"))
+    c.add_argument("--jump-n-sample", type=int, default=1, help=(
+        f"RePaint resampling: passes over each jump ({_range('jump_n_sample')}; 1 = none; "
+        "with --mask)"))
 
     t = sub.add_parser(
         "train", help="train a DDPM; the output folder is a servable checkpoint",
@@ -220,24 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .sample import SampleOptions, run_sample
+    from .sample import run_sample, sample_options
 
-    if not 0.0 <= args.eta <= 1.0:
-        raise ValueError("--eta must be in [0, 1]")
-    if args.interpolate and (args.init_image or args.mask):
-        raise ValueError("--interpolate takes its two images; not with --init-image or --mask")
-    if (args.mask or args.strength is not None) and not (args.init_image or args.interpolate):
-        raise ValueError("--mask and --strength need --init-image (or --interpolate)")
-    files = run_sample(SampleOptions(
-        checkpoint=args.checkpoint, out=args.out, sampler=args.sampler, steps=args.steps,
-        num_images=args.frames if args.interpolate else args.num_images, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, eta=args.eta,
-        class_label=args.class_label, guidance_scale=args.guidance_scale, grid=args.grid,
-        init_image=args.interpolate[0] if args.interpolate else args.init_image,
-        mask=args.mask, interpolate_to=args.interpolate[1] if args.interpolate else None,
-        strength=args.strength, jump_length=args.jump_length,
-        jump_n_sample=args.jump_n_sample,
-    ))
+    files = run_sample(sample_options(args))
     print(f"wrote {len(files)} files to {args.out}")
     return 0
 

@@ -1,32 +1,53 @@
-"""Offline sampling: a checkpoint to PNG files, with a progress bar."""
+"""Offline sampling: a checkpoint to PNG files, with a progress bar.
+
+An offline run is a request as the API takes it: its options build the same
+`GenerationSpec`, checked by the same code (the spec's validators and `check_model` against
+what a worker would advertise for the checkpoint), its input images fitted by the same
+`fit_inputs`, and its images run as a worker runs a job's (`worker.engine.slot_specs`).
+So `ddpm sample` refuses what `POST /v1/generations` refuses (tests/test_request_rules.py),
+naming the flag of the field the API names. One thing an offline run takes beyond a
+request: more images than one request holds (`--num-images` past MAX_IMAGES; not for an
+interpolation, whose frames are one request's images), checked as a request of MAX_IMAGES
+and run at the image numbers past them.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 from tqdm import tqdm
 
-from contract.inputs import fit_inputs
-from contract.limits import DEFAULT_STRENGTH
-from contract.spec import SpecError, start_timestep
+from contract.inputs import fit_inputs, input_digest
+from contract.limits import INPUT_FIELDS, MAX_IMAGES, MODEL_NAME_PATTERN
+from contract.spec import GenerationSpec, ModelInfo, SpecError
 from models import (
-    SlotSpec,
-    check_steps,
+    Checkpoint,
     inference_memory_format,
     load_checkpoint,
     make_grid,
     resolve_device,
     sample_progressive,
-    sampler_kind,
     save_png,
     to_uint8,
 )
-from worker.engine import conditioning, input_tensor
+from worker.engine import LoadedModel, slot_specs
+from worker.job_inputs import input_tensor
+
+# The spec fields an offline run sets from its options (the input images aside).
+REQUEST_FIELDS = ("sampler", "steps", "num_images", "seed", "eta", "class_label",
+                  "guidance_scale", "strength", "jump_length", "jump_n_sample")
+# What the rules see of an input image given but not yet fitted: the rules and the model's
+# checks ask only whether each is given (the API's too check them before any image is read).
+PENDING_INPUT = "sha256:" + "0" * 64
+MAX_OFFLINE_IMAGES = 100_000    # images one offline run writes (requests of MAX_IMAGES)
 
 
 @dataclass(frozen=True)
@@ -51,41 +72,105 @@ class SampleOptions:
     jump_n_sample: int = 1
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What `slot_specs` reads of a worker's job: its spec and its input images as tensors
+    (`[C x H x W]`, a mask `[1 x H x W]`)."""
+
+    spec: GenerationSpec
+    inputs: dict[str, torch.Tensor]
+
+
 class UsageError(ValueError):
-    """Options that do not fit the checkpoint; the CLI prints it without a traceback."""
+    """Options that do not fit the checkpoint; the CLI prints it without a traceback.
+    `field` names the request field at fault (what the API's 422 names), if one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def flag(field: str, opts: SampleOptions) -> str:
+    """The option that sets a request field."""
+    if opts.interpolate_to is not None and field in ("num_images", *INPUT_FIELDS):
+        return "--frames" if field == "num_images" else "--interpolate"
+    return "--" + field.replace("_", "-")
+
+
+def _refusal(field: str, message: str, opts: SampleOptions) -> UsageError:
+    return UsageError(f"{flag(field, opts)}: {message}", field)
 
 
 def _input_paths(opts: SampleOptions) -> dict[str, Path]:
-    paths = {"init_image": opts.init_image, "mask": opts.mask,
-             "interpolate_to": opts.interpolate_to}
-    return {k: v for k, v in paths.items() if v is not None}
+    return {f: p for f in INPUT_FIELDS if (p := getattr(opts, f)) is not None}
 
 
-def _inputs(opts: SampleOptions, size: int, channels: int, T: int,
-            device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
-    """The input images fitted to the model (as the API fits uploads) and the strength."""
+def model_name(path: Path) -> str:
+    """The name a worker serves this checkpoint directory under (its own name), or
+    `checkpoint` where that is no model name."""
+    name = path.resolve().name
+    return name if re.fullmatch(MODEL_NAME_PATTERN, name) else "checkpoint"
+
+
+def model_info(ck: Checkpoint, path: Path) -> ModelInfo:
+    """What a worker serving this checkpoint advertises: what the API checks against."""
+    return LoadedModel.from_checkpoint(model_name(path), ck, 0.0).info
+
+
+def sample_options(args: argparse.Namespace) -> SampleOptions:
+    """`ddpm sample`'s parsed flags as its options: each request field from its flag, as
+    given (`check_request` checks them as the API checks a request)."""
+    if args.interpolate and args.init_image:
+        raise UsageError("--interpolate takes its two images; not with --init-image",
+                         "init_image")
+    return SampleOptions(
+        checkpoint=args.checkpoint, out=args.out, sampler=args.sampler, steps=args.steps,
+        num_images=args.frames if args.interpolate else args.num_images, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, eta=args.eta,
+        class_label=args.class_label, guidance_scale=args.guidance_scale, grid=args.grid,
+        init_image=args.interpolate[0] if args.interpolate else args.init_image,
+        mask=args.mask, interpolate_to=args.interpolate[1] if args.interpolate else None,
+        strength=args.strength, jump_length=args.jump_length,
+        jump_n_sample=args.jump_n_sample)
+
+
+def check_request(opts: SampleOptions, info: ModelInfo) -> GenerationSpec:
+    """The request this run is, checked as the API checks a POST body: `GenerationSpec`'s
+    validators (bounds, contract/rules.py), then `check_model` against `info`. Its input
+    images are PENDING_INPUT; UsageError naming the flag (and the field) otherwise."""
+    if opts.num_images > MAX_OFFLINE_IMAGES:
+        raise _refusal("num_images", f"at most {MAX_OFFLINE_IMAGES} images a run", opts)
+    fields: dict[str, Any] = {f: getattr(opts, f) for f in REQUEST_FIELDS}
+    if opts.interpolate_to is None:
+        fields["num_images"] = min(opts.num_images, MAX_IMAGES)
+    fields.update(dict.fromkeys(_input_paths(opts), PENDING_INPUT))
+    try:
+        spec = GenerationSpec.model_validate({"model": info.name, **fields})
+        spec.check_model(info)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "request"
+        raise _refusal(field, err["msg"].removeprefix("Value error, "), opts) from None
+    except SpecError as e:
+        raise _refusal(e.field, e.message, opts) from None
+    return spec
+
+
+def fit_request(opts: SampleOptions, info: ModelInfo) -> tuple[GenerationSpec,
+                                                                dict[str, bytes]]:
+    """`check_request`, then the input images read and fitted to the model (as the API
+    fits uploads): the spec naming them by digest, and field → fitted PNG."""
+    spec = check_request(opts, info)
     paths = _input_paths(opts)
     if not paths:
-        return {}, 1.0
-    kind = "inpaint" if opts.mask else "interpolate" if opts.interpolate_to else "img2img"
-    strength = DEFAULT_STRENGTH[kind] if opts.strength is None else opts.strength
-    if not 0.0 < strength <= 1.0:
-        raise UsageError("--strength must be in (0, 1]")
-    if opts.steps > start_timestep(strength, T) + 1:
-        raise UsageError(f"--steps {opts.steps} do not fit in the "
-                         f"{start_timestep(strength, T) + 1} timesteps strength {strength} "
-                         "leaves; ask for fewer steps or a higher strength")
-    if opts.interpolate_to is not None and opts.num_images < 2:
-        raise UsageError("an interpolation needs at least 2 frames")
+        return spec, {}
     try:
-        pngs = fit_inputs({k: _read(p) for k, p in paths.items()}, size=size,
-                          channels=channels)
+        pngs = fit_inputs({f: _read(p) for f, p in paths.items()}, size=info.image_size,
+                          channels=info.in_channels)
     except SpecError as e:
-        flag = {"init_image": "--init-image", "mask": "--mask",
-                "interpolate_to": "--interpolate"}.get(e.field, e.field)
-        raise UsageError(f"{flag}: {e.message}") from None
-    return {k: input_tensor(k, png, size, channels).to(device) for k, png in pngs.items()}, \
-        strength
+        raise _refusal(e.field, e.message, opts) from None
+    digests = {f: input_digest(png) for f, png in pngs.items()}
+    return GenerationSpec.model_validate({**spec.model_dump(), **digests}), pngs
 
 
 def _read(path: Path) -> bytes:
@@ -97,41 +182,33 @@ def _read(path: Path) -> bytes:
 
 def run_sample(opts: SampleOptions) -> list[Path]:
     """Generate `opts.num_images` images into `opts.out`; returns the files written."""
+    if opts.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
     device = resolve_device(opts.device)
     ck = load_checkpoint(opts.checkpoint, device=device,
                          memory_format=inference_memory_format(device))
-    ucfg = ck.config.unet
-    T = ck.config.diffusion.num_timesteps
-    check_steps(opts.steps, T, "--steps")
-    if opts.num_images < 1 or opts.batch_size < 1:
-        raise UsageError("--num-images and --batch-size must be >= 1")
-    if opts.class_label is not None and not ck.conditional:
-        raise UsageError("--class-label was given, but this model is unconditional")
-    if opts.class_label is not None and not 0 <= opts.class_label < ucfg.num_classes:
-        raise UsageError(f"--class-label must be in 0..{ucfg.num_classes - 1}")
-    if opts.guidance_scale != 1.0 and opts.class_label is None:
-        raise UsageError("--guidance-scale needs --class-label (and a class-conditional model)")
-    kind = sampler_kind(opts.sampler, ck.config.diffusion.variance_type)
-    inputs, strength = _inputs(opts, ucfg.image_size, ucfg.in_channels, T, device)
+    info = model_info(ck, opts.checkpoint)
+    spec, pngs = fit_request(opts, info)
+    inputs = {f: input_tensor(f, png, info.image_size, info.in_channels).to(device)
+              for f, png in pngs.items()}
+    job = _Job(spec, inputs)
 
     opts.out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     images = []
     start = time.perf_counter()
-    n_batches = math.ceil(opts.num_images / opts.batch_size)
-    with tqdm(total=n_batches * opts.steps, unit="step", desc="sampling") as bar:
+    # Progress counts network steps over all images, as the API's does (RePaint's jumps
+    # included): the spec's steps_per_image for each image.
+    with tqdm(total=opts.num_images * spec.steps_per_image, unit="step",
+              desc="sampling") as bar:
         for first in range(0, opts.num_images, opts.batch_size):
-            indices = range(first, min(first + opts.batch_size, opts.num_images))
-            specs = [SlotSpec(seed=opts.seed, steps=opts.steps, kind=kind, eta=opts.eta,
-                              label=opts.class_label, guidance=opts.guidance_scale,
-                              **conditioning(inputs, i, opts.num_images, strength=strength,
-                                             jump_length=opts.jump_length,
-                                             jump_n_sample=opts.jump_n_sample))
-                     for i in indices]
-            final = None
-            for progress in sample_progressive(ck.net, ck.schedule, specs, device=device,
+            indices = list(range(first, min(first + opts.batch_size, opts.num_images)))
+            slots = slot_specs(job, indices,  # type: ignore[arg-type]
+                               ck.config.diffusion.variance_type)
+            final, done_before = None, bar.n
+            for progress in sample_progressive(ck.net, ck.schedule, slots, device=device,
                                                **ck.batch_options):
-                bar.update(1)
+                bar.update(done_before + int(progress.steps_done.sum()) - bar.n)
                 final = progress.x_t
             assert final is not None
             pixels = to_uint8(final)
@@ -145,11 +222,11 @@ def run_sample(opts: SampleOptions) -> list[Path]:
         save_png(make_grid(torch.cat(images)), file)
         files.append(file)
     meta = {
-        "checkpoint": str(opts.checkpoint), "sampler": opts.sampler, "steps": opts.steps,
-        "eta": opts.eta, "seed": opts.seed, "num_images": opts.num_images,
-        "class_label": opts.class_label, "guidance_scale": opts.guidance_scale,
-        **({"strength": strength, "inputs": {k: str(v) for k, v in _input_paths(opts).items()}}
-           if inputs else {}),
+        "checkpoint": str(opts.checkpoint), "sampler": spec.sampler, "steps": spec.steps,
+        "eta": spec.eta, "seed": spec.seed, "num_images": opts.num_images,
+        "class_label": spec.class_label, "guidance_scale": spec.guidance_scale,
+        **({"strength": spec.effective_strength,
+            "inputs": {k: str(v) for k, v in _input_paths(opts).items()}} if inputs else {}),
         "device": str(device), "seconds": round(time.perf_counter() - start, 3),
     }
     (opts.out / "sample.json").write_text(json.dumps(meta, indent=2) + "\n")

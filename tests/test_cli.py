@@ -13,7 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.spec import GenerationSpec
 from models import UNet, preset, save_checkpoint
+
+REF = "sha256:" + "0" * 64      # an input image as the spec names it
 
 
 def ddpm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -72,6 +75,22 @@ def test_batch_size_does_not_change_the_images(checkpoint: Path, tmp_path: Path)
                   - pixels(tmp_path / "a" / "0001.png")).max() > 10
 
 
+def test_an_offline_run_writes_more_images_than_a_request_holds(checkpoint: Path,
+                                                               tmp_path: Path) -> None:
+    """Past MAX_IMAGES (one request's), the images run at the numbers after them: each
+    its own noise, none a copy of an earlier one."""
+    from contract.limits import MAX_IMAGES
+
+    n = MAX_IMAGES + 2
+    r = ddpm("sample", str(checkpoint), "--sampler", "ddim", "--steps", "1", "--num-images",
+             str(n), "--batch-size", "40", "--device", "cpu", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert len(list(tmp_path.glob("*.png"))) == n
+    last = pixels(tmp_path / f"{n - 1:04d}.png")
+    assert all(np.abs(last - pixels(tmp_path / f"{i:04d}.png")).max() > 10 for i in (0, 1, 2))
+    assert f" {n}/{n} " in r.stderr            # 1 step an image
+
+
 def test_class_label_on_a_conditional_model(conditional_checkpoint: Path, tmp_path: Path) -> None:
     r = ddpm("sample", str(conditional_checkpoint), "--steps", "3", "--num-images", "2",
              "--class-label", "2", "--guidance-scale", "2.5", "--out", str(tmp_path))
@@ -80,10 +99,12 @@ def test_class_label_on_a_conditional_model(conditional_checkpoint: Path, tmp_pa
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--class-label", "1"], "unconditional"),
-    (["--steps", "1001"], "--steps must be in 1..1000"),
-    (["--guidance-scale", "2"], "needs --class-label"),
-    (["--eta", "3"], "--eta must be in [0, 1]"),
+    (["--class-label", "1"], "--class-label: model 'tiny' is unconditional"),
+    (["--steps", "1001"], "--steps: Input should be less than or equal to 1000"),
+    (["--guidance-scale", "2"], "--guidance-scale: guidance_scale needs a class_label"),
+    (["--eta", "3"], "--eta: Input should be less than or equal to 1"),
+    # The API refused this and `ddpm sample` ran it (the rules were re-derived there).
+    (["--sampler", "ddpm", "--eta", "0.5"], "--eta: eta applies to the ddim sampler only"),
 ])
 def test_bad_options_give_a_clear_error(checkpoint: Path, tmp_path: Path, args: list[str],
                                         message: str) -> None:
@@ -114,6 +135,12 @@ def test_inpainting_and_interpolation_from_the_command_line(checkpoint: Path,
         assert np.array_equal(got[:, :8], want[:, :8])          # kept exactly
         assert not np.array_equal(got[:, 8:], want[:, 8:])
     assert json.loads((tmp_path / "inp" / "sample.json").read_text())["strength"] == 1.0
+    # Progress counts RePaint's jumps: 4 steps with one jump of 2 back and forth is 8
+    # steps an image (GenerationSpec.steps_per_image), 16 for the two, as the API counts.
+    total = 2 * GenerationSpec(model="m", steps=4, init_image=REF, mask=REF, jump_length=2,
+                               jump_n_sample=2).steps_per_image
+    assert total == 16
+    assert f" {total}/{total} " in r.stderr, r.stderr
 
     b = _picture(tmp_path / "b.png", 2)
     r = ddpm("sample", str(checkpoint), "--interpolate", str(image), str(b), "--frames", "3",
@@ -132,7 +159,7 @@ def test_inpainting_and_interpolation_from_the_command_line(checkpoint: Path,
     (["--init-image", "{bad}"], "--init-image: "),
     (["--init-image", "{img}", "--mask", "{big}"], "--mask: "),
     (["--init-image", "{img}", "--strength", "0.001", "--steps", "5"], "do not fit"),
-    (["--mask", "{img}"], "need --init-image"),
+    (["--mask", "{img}"], "--mask: mask needs an init_image"),
     (["--init-image", "{nope}"], "cannot read"),
 ])
 def test_bad_images_give_a_clear_error(checkpoint: Path, tmp_path: Path, args: list[str],

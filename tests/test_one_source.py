@@ -8,7 +8,10 @@ first (the torch-free contract cannot import models), a test ties them here.
 - PNG encoding: models.png_bytes (the worker's frames, `ddpm sample`, training grids);
 - what a model fixes about sampling it: models.batch_options / Checkpoint.slot_batch;
 - a job's event stream length: contract.STREAM_MAXLEN, through both settings, and
-  its snapshot byte budget: STREAM_MAX_BYTES.
+  its snapshot byte budget: STREAM_MAX_BYTES;
+- the rules between a request's fields: contract.rules.RULES, which the spec's validators,
+  the OpenAPI `allOf` and `ddpm sample` (through the spec) read; that all of them enforce
+  each rule alike: tests/test_request_rules.py.
 """
 
 from __future__ import annotations
@@ -177,6 +180,23 @@ def test_no_call_site_spells_out_the_batch_options() -> None:
     spelled = {f for f, text in _sources().items()
                if not f.startswith("models/") and "clip_denoised=" in text}
     assert spelled <= PENDING, f"use Checkpoint.slot_batch or batch_options: {spelled - PENDING}"
+
+
+# -- the rules between a request's fields ---------------------------------------------------
+
+
+def test_no_rule_between_fields_is_spelled_out_again() -> None:
+    """Each rule's refusal is worded in contract/rules.py only; a second copy (the API's
+    hand-written JSON Schema, `ddpm sample`'s own checks, as before) would say it again."""
+    from app.schemas import CROSS_FIELD_RULES
+    from contract.rules import RULES, rules_schema
+
+    assert rules_schema(GenerationSpec) == CROSS_FIELD_RULES
+    sources = _sources()
+    for rule in RULES:
+        words = rule.message.split("{")[0].strip()
+        spelled = {f for f, text in sources.items() if words in text}
+        assert not spelled, f"{rule.message!r} is spelled out in {spelled}"
 
 
 # -- the event stream's length -------------------------------------------------------------
