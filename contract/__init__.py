@@ -2,7 +2,9 @@
 
 - `limits`: every bound of a request and the names of its choices
 - `preview`: how snapshot frames are made and what they cost
-- `spec`: the request spec (`GenerationSpec`), its rules, `ModelInfo`
+- `spec`: the request spec (`GenerationSpec`), `ModelInfo`
+- `rules`: the rules between a request's fields, declared once (validators, OpenAPI, CLI)
+- `frame_plan`: which steps make snapshot frames (one rule); a job's `FramePlan`
 - `keys`: every `ddpm:*` Redis key name, and the RQ queue and function names
 - `events`: the event kinds and the one stream-entry codec
 - `inputs`: input images decoded safely and fitted to a model (also training's fitting)

@@ -72,15 +72,6 @@ class SampleOptions:
     jump_n_sample: int = 1
 
 
-@dataclass(frozen=True)
-class _Job:
-    """What `slot_specs` reads of a worker's job: its spec and its input images as tensors
-    (`[C x H x W]`, a mask `[1 x H x W]`)."""
-
-    spec: GenerationSpec
-    inputs: dict[str, torch.Tensor]
-
-
 class UsageError(ValueError):
     """Options that do not fit the checkpoint; the CLI prints it without a traceback.
     `field` names the request field at fault (what the API's 422 names), if one is."""
@@ -191,7 +182,6 @@ def run_sample(opts: SampleOptions) -> list[Path]:
     spec, pngs = fit_request(opts, info)
     inputs = {f: input_tensor(f, png, info.image_size, info.in_channels).to(device)
               for f, png in pngs.items()}
-    job = _Job(spec, inputs)
 
     opts.out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
@@ -203,8 +193,7 @@ def run_sample(opts: SampleOptions) -> list[Path]:
               desc="sampling") as bar:
         for first in range(0, opts.num_images, opts.batch_size):
             indices = list(range(first, min(first + opts.batch_size, opts.num_images)))
-            slots = slot_specs(job, indices,  # type: ignore[arg-type]
-                               ck.config.diffusion.variance_type)
+            slots = slot_specs(spec, inputs, indices, ck.config.diffusion.variance_type)
             final, done_before = None, bar.n
             for progress in sample_progressive(ck.net, ck.schedule, slots, device=device,
                                                **ck.batch_options):

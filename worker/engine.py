@@ -144,13 +144,14 @@ class StepOutOfMemory(torch.OutOfMemoryError):
         self.failed = failed
 
 
-def slot_specs(job: EngineJob, indices: list[int], variance_type: str) -> list[SlotSpec]:
-    """The slots of these images of a job."""
-    s = job.spec
+def slot_specs(s: GenerationSpec, inputs: Mapping[str, Tensor], indices: list[int],
+               variance_type: str) -> list[SlotSpec]:
+    """The slots of these images of a request (`inputs`: its input images as model-space
+    tensors): the worker's jobs and `ddpm sample` make their slots here alike."""
     kind = sampler_kind(s.sampler, variance_type)  # type: ignore[arg-type]
     return [SlotSpec(seed=s.seed, steps=s.steps, kind=kind, eta=s.eta, label=s.class_label,
                      guidance=s.guidance_scale,
-                     **conditioning(job.inputs, i, s.num_images, strength=s.effective_strength,
+                     **conditioning(inputs, i, s.num_images, strength=s.effective_strength,
                                     jump_length=s.jump_length, jump_n_sample=s.jump_n_sample))
             for i in indices]
 
@@ -200,7 +201,7 @@ class _ModelBatch:
         specs, every, use_xt, preview = [], [], [], []
         vtype = self.model.checkpoint.config.diffusion.variance_type
         for job, indices in starts:
-            specs += slot_specs(job, indices, vtype)
+            specs += slot_specs(job.spec, job.inputs, indices, vtype)
             self.owner += [(job.job_id, i) for i in indices]
             every += [job.plan.every] * len(indices)
             use_xt += [job.plan.kind == "xt"] * len(indices)
