@@ -42,27 +42,33 @@ from worker.settings import WorkerSettings
 
 
 def scenario(url: str, models: Path, name: str, specs: list[GenerationSpec],
-             max_batch: int, device: str, profile: int = 0) -> float:
-    """Seconds from the first enqueue until the worker has finished every job. `profile`:
-    print the top this many functions (own time) of the worker's loop thread."""
+             max_batch: int, device: str, profile: int = 0,
+             profile_out: Path | None = None) -> tuple[float, float]:
+    """(wall seconds from the first enqueue, CPU seconds of this process after the
+    enqueues: the worker's threads, not the Redis server's) until the worker has
+    finished every job. `profile`: print the top this many functions (own time) of the
+    worker's loop thread; `profile_out`: also dump its stats there (pstats format)."""
     r = redis.Redis.from_url(url)
     r.flushall()
     worker = build_worker(WorkerSettings(redis_url=url, models_dir=models, device=device,
                                          max_batch=max_batch, log_level="WARNING"))
     t0 = time.perf_counter()
     jobs = [enqueue(r, s) for s in specs]
+    cpu0 = time.process_time()      # the worker's, not the enqueues'
     if profile:
         prof = cProfile.Profile()
         prof.runcall(worker.work, burst=True, logging_level="WARNING")
         print(f"-- {name}: the loop thread's top {profile} functions by own time --")
         pstats.Stats(prof).sort_stats("tottime").print_stats(profile)
+        if profile_out is not None:
+            prof.dump_stats(profile_out)
     else:
         worker.work(burst=True, logging_level="WARNING")
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     bad = [j.id for j in jobs if fetch_job(r, j.id).get_status() != "finished"]
     if bad:
         raise SystemExit(f"{name}: {len(bad)} jobs did not finish")
-    return seconds
+    return seconds, cpu
 
 
 def sample_in_process(model: LoadedModel, device: torch.device, max_batch: int,
@@ -103,6 +109,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile the loop of 'many 1-image jobs' (first run), print top N")
+    p.add_argument("--profile-out", type=Path, help="with --profile: dump its stats here")
+    p.add_argument("--skip-batch1", action="store_true",
+                   help="leave out the 'many 1-image jobs, --max-batch 1' scenario")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,34 +134,40 @@ def main() -> None:
             "many 1-image jobs": ([spec(1, s) for s in range(n)], args.max_batch),
             "one big job": ([spec(min(n, 64), s) for s in range((n + 63) // 64)],
                             args.max_batch),
-            "many 1-image jobs, --max-batch 1": ([spec(1, s) for s in range(n)], 1),
         }
+        if not args.skip_batch1:
+            runs["many 1-image jobs, --max-batch 1"] = ([spec(1, s) for s in range(n)], 1)
         scenario(srv.url, models, "warm-up", [spec(2, 0)], args.max_batch, args.device)
-        seconds = {}
+        seconds: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         for name, (specs, mb) in runs.items():
             prof = args.profile if name == "many 1-image jobs" else 0
-            seconds[name] = min(scenario(srv.url, models, name, specs, mb, args.device,
-                                         prof if i == 0 else 0)
-                                for i in range(args.repeats))
+            best = min(scenario(srv.url, models, name, specs, mb, args.device,
+                                prof if i == 0 else 0, args.profile_out if i == 0 else None)
+                       for i in range(args.repeats))
+            seconds[name], cpu[name] = best
             for s, h in saved.items():
                 signal.signal(s, h)
         loaded = load_models(models, torch.device(args.device), [model]).loaded[model]
         one = [spec(1, s) for s in range(n)]
         sample_in_process(loaded, torch.device(args.device), args.max_batch, one[:8])  # warm
-        seconds["raw sampler in-process (no worker)"] = min(
-            sample_in_process(loaded, torch.device(args.device), args.max_batch, one)[0]
+        raw_name = "raw sampler in-process (no worker)"
+        seconds[raw_name], cpu[raw_name] = min(
+            sample_in_process(loaded, torch.device(args.device), args.max_batch, one)[:2]
             for _ in range(args.repeats))
 
-    base, raw = seconds["many 1-image jobs"], seconds["raw sampler in-process (no worker)"]
+    base, raw = seconds["many 1-image jobs"], seconds[raw_name]
     print(f"model {model} ({args.preset if not args.checkpoint else 'checkpoint'}), "
           f"device {args.device}, {n} images x {args.steps} steps {args.sampler}, "
           f"max batch {args.max_batch}, torch threads {torch.get_num_threads()}, "
           f"best of {args.repeats}")
     print(f"{'scenario':38} {'seconds':>8} {'images/s':>9} {'vs many 1-image jobs':>21} "
-          f"{'vs raw sampler':>15}")
+          f"{'vs raw sampler':>15} {'CPU ms/image':>13}")
     for name, s in seconds.items():
-        print(f"{name:38} {s:8.2f} {n / s:9.2f} {base / s:20.2f}x {raw / s:14.2f}x")
-
+        print(f"{name:38} {s:8.2f} {n / s:9.2f} {base / s:20.2f}x {raw / s:14.2f}x "
+              f"{cpu[name] * 1e3 / n:13.2f}")
+    print(f"worker CPU per image, one big job / many 1-image jobs: "
+          f"{cpu['one big job'] / cpu['many 1-image jobs']:.2f}")
 
 if __name__ == "__main__":
     main()

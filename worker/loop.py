@@ -247,20 +247,28 @@ class BatchWorker:
 
     def _progress(self, run: LiveJob, steps_done: int, images_done: int,
                   image_steps: list[int], batch: Batch) -> None:
+        """A progress event, and the same progress in RQ's job meta: written with the
+        event, or, for the job's last (every image computed), by its success (no reader
+        tells the two apart: the job is `started` until then either way)."""
         assert run.spec is not None
         total = run.spec.total_steps
         data = {"steps_done": steps_done, "total_steps": total, "images_done": images_done,
                 "num_images": run.spec.num_images, "image_steps": image_steps}
-        try:    # RQ's job meta, written with the events
-            key, meta = self.rq.meta_update(run.id, progress=round(steps_done / total, 4),
-                                            steps_done=steps_done, images_done=images_done,
-                                            image_steps=image_steps)
+        fields = {"progress": round(steps_done / total, 4), "steps_done": steps_done,
+                  "images_done": images_done, "image_steps": image_steps}
+        try:    # RQ's job meta
+            if run.complete:
+                self.rq.meta_at_success(run.id, **fields)
+                meta = None
+            else:
+                key, meta = self.rq.meta_update(run.id, **fields)
         except Exception as e:   # meta RQ could not read, so it cannot be written back
             self.live.fail(run, f"storing results failed: {type(e).__name__}: {e}",
                            retry=True, batch=batch)
             return
         batch.event(run.id, Event(EventType.PROGRESS, data))
-        batch.hset(run.id, key, "meta", meta)
+        if meta is not None:
+            batch.hset(run.id, key, "meta", meta)
 
     def _wait_for_writes(self) -> None:
         """Nothing to compute, only writes outstanding: wait for the writer, briefly."""

@@ -1,14 +1,15 @@
 """RQ's bookkeeping for many jobs at once, and the workarounds a batching worker needs.
 
 RQ stays the source of truth: every job gets RQ's own execution, registries, status,
-result and heartbeats, written by RQ's own methods. What changes is how they reach Redis.
-RQ does a job's bookkeeping one job at a time, several round-trips each (a dequeue, a
-fetch, an execution, marking it started, a heartbeat, a success with its dependents
-check...). A batching worker starts and ends many jobs in the same step, so here each of
-those is one round-trip per step for all of them: the jobs a step takes are fetched in one
-pipeline and marked started in one round-trip; the jobs a step finishes succeed in one
-round-trip (both through redis_batch.py: RQ's own writes, replayed by one Lua script);
-every live execution is renewed in one pipeline.
+result and heartbeats, in RQ's own layout. What changes is how they reach Redis. RQ does a
+job's bookkeeping one job at a time, several round-trips each (a dequeue, a fetch, an
+execution, marking it started, a heartbeat, a success with its dependents check...). A
+batching worker starts and ends many jobs in the same step, so here each of those is one
+round-trip per step for all of them: the jobs a step takes are fetched in one script and
+marked started in another; the jobs a step finishes succeed in one (rq_layout.py: RQ's
+writes, by one script each, with a few arguments per job); every live execution is
+renewed in one pipeline. The rare paths (failure, retry, dependents, callbacks, repeats)
+are RQ's own methods.
 
 The workarounds (each found by a test in tests/reliability, and explained where it lives):
 the atomic take into RQ's intermediate list, marking started only where no cancel came
@@ -24,22 +25,22 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
+from uuid import uuid4
 
 from redis import Redis
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus, parse_job_id, validate_job_id
 from rq.queue import Queue
-from rq.rate_limit import release_slot
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.utils import now, utcformat
-from rq.worker.base import WorkerStatus
 
-from . import redis_batch
-from .redis_batch import WriteBatch
+from .rq_layout import Layout, SuccessArgs, return_value
 
 log = logging.getLogger("ddpm.worker")
+
+_TICK = timedelta(microseconds=1)      # RQ's timestamps' resolution
 
 # Move up to ARGV[1] jobs from the first non-empty queues (KEYS: queue, its intermediate
 # list, ... in priority order) to the end of their intermediate lists, in one atomic step,
@@ -151,6 +152,7 @@ class Success:
     queue: Queue
     execution: Execution
     result: dict[str, Any]
+    meta: bytes | None = None       # the job's meta to store with its success, if changed
 
 
 class RqJobs:
@@ -162,7 +164,7 @@ class RqJobs:
         self.worker = worker
         self.redis: Redis = worker.connection
         self._take = self.redis.register_script(_TAKE)
-        self._run = self.redis.register_script(redis_batch.SCRIPT)
+        self._layout = Layout(self.redis)
         self._hget_each = self.redis.register_script(_HGET_EACH)
 
     # -- taking and starting -----------------------------------------------------------
@@ -235,31 +237,30 @@ class RqJobs:
 
     def start(self, taken: list[tuple[Job, Queue]]) -> tuple[list[Started], list[Job]]:
         """RQ's bookkeeping before jobs run (an execution each, `prepare_job_execution`),
-        for all of `taken` in one atomic round-trip, but never over a cancellation: RQ
-        writes `started` unconditionally, so a cancel between the take and here was lost
-        (the job ran to success after its DELETE said canceled). Each job's writes are
-        guarded by its status when they run; the jobs canceled (or deleted) since their
-        take come back apart, untouched. Every job leaves its queue's intermediate list."""
+        for all of `taken` in one atomic round-trip (rq_layout: RQ's writes, by one
+        script), but never over a cancellation: RQ writes `started` unconditionally, so a
+        cancel between the take and here was lost (the job ran to success after its
+        DELETE said canceled). Each job's writes are guarded by its status when they run;
+        the jobs canceled (or deleted) since their take come back apart, untouched. Every
+        job leaves its queue's intermediate list."""
         w = self.worker
-        writes = WriteBatch(self.redis)
-        p = writes.group()
-        for job, queue in taken:
-            p.lrem(queue.intermediate_queue_key, 1, job.id)
         candidates = []
+        when = now() - _TICK
         for job, queue in taken:
-            p = writes.group("not-canceled", job.key)
-            ttl = w.execution_ttl
-            execution = Execution.create(job, ttl, pipeline=p, worker_name=w.name)
-            job.heartbeat(now(), ttl, pipeline=p)
-            job.prepare_for_execution(w.name, pipeline=p)
-            p.persist(job.key)
+            # Each job its own start, in take order, as RQ's one-at-a-time starts have
+            # (a job put back to its queue's front is seen to start first).
+            when = max(now(), when + _TICK)
+            execution = Execution(uuid4().hex, job.id, self.redis, worker_name=w.name)
+            execution.created_at = execution.last_heartbeat = when
             candidates.append(Started(job, queue, execution))
-        p = writes.group()
-        w.heartbeat(w.execution_ttl, pipeline=p)
-        w.set_state(WorkerStatus.BUSY, pipeline=p)
-        ran = writes.run(self._run)[1:-1]
+        ran = self._layout.start(w, [(s.job.id, s.execution.id, s.queue.intermediate_queue_key,
+                                      s.job.started_job_registry.key, s.execution.created_at)
+                                     for s in candidates], w.execution_ttl, w.execution_ttl)
         started = [s for s, ok in zip(candidates, ran, strict=True) if ok]
-        for s in started:
+        for s in started:           # what prepare_for_execution sets on the job object
+            job, when = s.job, s.execution.created_at
+            job.worker_name, job.last_heartbeat, job.started_at = w.name, when, when
+            job._status = JobStatus.STARTED
             w.executions[s.execution.id] = s.execution
         return started, [s.job for s, ok in zip(candidates, ran, strict=True) if not ok]
 
@@ -278,52 +279,46 @@ class RqJobs:
 
     def succeed(self, jobs: list[Success]) -> list[Job]:
         """RQ's success bookkeeping (`handle_job_success`: result, finished registry, TTLs,
-        worker counters, execution cleanup) for all of `jobs` in one atomic round-trip.
-        Jobs with dependents, repeats or success callbacks (never ours, but RQ lets anyone
-        add them) take RQ's own path; whether a job has dependents is decided inside the
-        script, so one added meanwhile is never missed. Returns the jobs that succeeded
-        here, not through RQ's own path (which sends their webhooks itself)."""
+        worker counters, execution cleanup) for all of `jobs` in one atomic round-trip
+        (rq_layout: RQ's writes, by one script). Jobs with dependents, repeats, success
+        callbacks, a rate limit or a result TTL RQ deletes or keeps oddly (never ours, but
+        RQ lets anyone add them) take RQ's own path; whether a job has dependents is decided
+        inside the script, so one added meanwhile is never missed. Returns the jobs that
+        succeeded here, not through RQ's own path (which sends their webhooks itself)."""
         if not jobs:
             return []
         w = self.worker
         ended = now()
-        writes = WriteBatch(self.redis)
-        own, theirs = [], []
+        own, theirs, args = [], [], []
         for s in jobs:
-            s.job.ended_at = ended
-            s.job._result = s.result
-            if s.job.repeats_left or s.job._success_callback_name:
+            job = s.job
+            job.ended_at = ended
+            ttl = job.get_result_ttl(w.default_result_ttl)
+            if job.repeats_left or job._success_callback_name or job.rate_limit_key \
+                    or not (ttl > 0 or ttl == -1):
                 theirs.append(s)
                 continue
-            self._queue_success(writes.group("absent", s.job.dependents_key), s)
+            started = job.started_at or ended
+            args.append(SuccessArgs(
+                job.id, s.execution.id, job.started_job_registry.key,
+                job.finished_job_registry.key, ttl, return_value(job.serializer, s.result),
+                s.execution.created_at.timestamp(), (ended - started).total_seconds(),
+                s.meta or ""))
             own.append(s)
-        ran = writes.run(self._run)
+        ran = self._layout.succeed(w, args, ended) if args else []
         for s, ok in zip(own, ran, strict=True):
             if ok:
                 s.job._status = JobStatus.FINISHED
-                release_slot(s.job)
+                w.executions.pop(s.execution.id, None)
             else:
                 theirs.append(s)
         for s in theirs:
+            if s.meta:
+                self.redis.hset(s.job.key, "meta", s.meta)
+            s.job._result = s.result
             w._finalize_success(s.job, s.queue, s.execution, s.result)
         done = {id(s) for s in theirs}
         return [s.job for s in own if id(s) not in done]
-
-    def _queue_success(self, p: Any, s: Success) -> None:
-        """What RQ's handle_job_success writes for one job (its last-heartbeat write aside:
-        the job's saved hash carries it)."""
-        w, job = self.worker, s.job
-        w.increment_successful_job_count(pipeline=p)
-        if job.started_at and job.ended_at:
-            w.increment_total_working_time(job.ended_at - job.started_at, p)
-        result_ttl = job.get_result_ttl(w.default_result_ttl)
-        if result_ttl != 0:
-            job._handle_success(result_ttl, pipeline=p, worker_name=w.name,
-                                execution_id=s.execution.id,
-                                execution_started_at=s.execution.created_at,
-                                execution_ended_at=job.ended_at)
-        job.cleanup(result_ttl, pipeline=p, remove_from_queue=False)
-        w.cleanup_execution(job, pipeline=p, execution=s.execution)
 
     def release(self, job: Job, execution: Execution) -> None:
         """End an execution without recording an outcome (canceled, or re-queued)."""

@@ -63,6 +63,7 @@ class _Run:
     job: Job
     queue: Queue
     execution: Execution | None = None
+    meta_unsaved: bool = False      # `meta` changed since it was last written
 
 
 def hook_urls(job: Job, status: str) -> list[str]:
@@ -212,8 +213,10 @@ class RqSide:
             return
         runs = {j: self._runs[j] for j in results}
         with self._lock:
-            batched = self.jobs.succeed([Success(r.job, r.queue, r.execution, results[j])  # type: ignore[arg-type]
-                                         for j, r in runs.items()])
+            batched = self.jobs.succeed([
+                Success(r.job, r.queue, r.execution, results[j],  # type: ignore[arg-type]
+                        r.job._serialize_meta() if r.meta_unsaved else None)
+                for j, r in runs.items()])
             for j in results:
                 self._runs.pop(j, None)
         for job in batched:         # RQ's own path (the rest) sent theirs through BatchJob
@@ -273,9 +276,20 @@ class RqSide:
     def meta_update(self, job_id: str, **fields: Any) -> tuple[str, bytes]:
         """Update the job's RQ `meta` with `fields`: (its hash key, the `meta` field's new
         value), for the caller to write in order with its events (RQ's save_meta)."""
-        job = self._runs[job_id].job
-        job.meta.update(fields)
-        return job.key, job._serialize_meta()
+        run = self._runs[job_id]
+        run.job.meta.update(fields)
+        run.meta_unsaved = False
+        return run.job.key, run.job._serialize_meta()
+
+    def meta_at_success(self, job_id: str, **fields: Any) -> None:
+        """Update the job's RQ `meta` with `fields`, to be written by its success (in the
+        same HSET as its status): a job's last progress, which no reader needs before the
+        job ends, costs no write of its own. Raises as `meta_update` where RQ could not read
+        the stored meta."""
+        run = self._runs[job_id]
+        run.job.meta.update(fields)
+        run.job._serialize_meta()       # fails now, not at success, if it cannot be written
+        run.meta_unsaved = True
 
     # -- inside ------------------------------------------------------------------------
 
@@ -327,5 +341,6 @@ def _payload(job: Job) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"job payload cannot be decoded: {type(cause).__name__}: {cause}"
     if func != JOB_FUNC or args:
         return None, f"not a generation job: expected {JOB_FUNC}(**spec), got {func}"
-    return dict(kwargs), None
+    # Anything but a mapping is left for the spec's validation to name (not dict()'s error).
+    return (dict(kwargs) if isinstance(kwargs, dict) else kwargs), None
 

@@ -2,9 +2,10 @@
 
 tests/worker/test_rq_surface.py checks each against the installed, pinned RQ (pyproject:
 `rq>=3.0,<3.1`): it exists, is of the kind stated, and takes the parameters named where a
-call passes them by name. Upgrading RQ: run that test first; every name it reports is a
-place in worker/rq_*.py to read again. Private (`_`) names carry why we use them; the test
-also checks that no other worker module imports rq or uses them.
+call passes them by name; the hash and stream fields rq_layout.py writes by hand are checked
+there against what RQ's own methods write. Upgrading RQ: run that test first; every name it
+reports is a place in worker/rq_*.py to read again. Private (`_`) names carry why we use
+them; the test also checks that no other worker module imports rq or uses them.
 """
 
 from __future__ import annotations
@@ -57,9 +58,6 @@ SURFACE: tuple[Name, ...] = (
     Name("rq.worker.base", "BaseWorker.cleanup_execution", C, ("job", "pipeline", "execution")),
     Name("rq.worker.base", "BaseWorker.handle_job_failure", C,
          ("job", "queue", "exc_string", "execution")),
-    Name("rq.worker.base", "BaseWorker.increment_successful_job_count", C, ("pipeline",)),
-    Name("rq.worker.base", "BaseWorker.increment_total_working_time", C,
-         ("job_execution_time", "pipeline")),
     Name("rq.worker.base", "BaseWorker._pubsub_exception_handler", C,
          ("exc", "pubsub", "pubsub_thread"),
          "RQ's reconnecting handler, reused by our shorter-polling listener (subscribe)"),
@@ -100,32 +98,29 @@ SURFACE: tuple[Name, ...] = (
     Name("rq.job", "Job.started_job_registry", A),
     Name("rq.job", "Job.finished_job_registry", A),
     Name("rq.job", "Job.heartbeat", C, ("timestamp", "ttl", "pipeline", "xx")),
-    Name("rq.job", "Job.prepare_for_execution", C, ("worker_name", "pipeline")),
     Name("rq.job", "Job.get_result_ttl", C, ("default_ttl",)),
-    Name("rq.job", "Job.cleanup", C, ("ttl", "pipeline", "remove_from_queue")),
     Name("rq.job", "Job.send_webhooks", C, ("status", "exc_string"),
          "overridden (rq_jobs.BatchJob): RQ's own calls go to our sender"),
     Name("rq.job", "Job._serialize_meta", C, (),
          "RQ's encoding of `meta`, written by our writer in order with the progress event"),
     Name("rq.job", "Job._result", A,
-         why="the return value _handle_success / _finalize_success store"),
+         why="the return value _finalize_success stores (RQ's own success path)"),
     Name("rq.job", "Job._status", A,
-         why="RQ's cached status, set as RQ's success path sets it"),
+         why="RQ's cached status, set as prepare_for_execution and RQ's success path set "
+         "it (rq_layout writes theirs in Redis)"),
     Name("rq.job", "Job._success_callback_name", A,
          why="a job with a success callback takes RQ's own success path"),
-    Name("rq.job", "Job._handle_success", C,
-         ("result_ttl", "pipeline", "worker_name", "execution_id", "execution_started_at",
-          "execution_ended_at"),
-         "RQ's success writes (status, hash, Result, finished registry), recorded and "
-         "replayed in one script for many jobs"),
     Name("rq.job", "JobStatus.CANCELED", A),
     Name("rq.job", "JobStatus.FINISHED", A),
     Name("rq.job", "JobStatus.FAILED", A),
     Name("rq.job", "parse_job_id", C),
     Name("rq.job", "validate_job_id", C),
     # -- executions, queues, registries -------------------------------------------------
-    Name("rq.executions", "Execution.__init__", C, ("id", "job_id", "connection")),
-    Name("rq.executions", "Execution.create", C, ("job", "ttl", "pipeline", "worker_name")),
+    Name("rq.executions", "Execution.__init__", C, ("id", "job_id", "connection", "worker_name")),
+    Name("rq.executions", "Execution.created_at", A),
+    Name("rq.executions", "Execution.last_heartbeat", A),
+    Name("rq.executions", "Execution.id", A),
+    Name("rq.executions", "WORKER_EXECUTIONS_KEY_TEMPLATE", A),
     Name("rq.executions", "Execution.heartbeat", C, ("started_job_registry", "ttl", "pipeline")),
     Name("rq.executions", "Execution.key", A),
     Name("rq.executions", "ExecutionRegistry.key_template", A),
@@ -145,9 +140,29 @@ SURFACE: tuple[Name, ...] = (
     Name("rq.worker_registration", "clean_worker_registry", C, ("queue",)),
     Name("rq.group", "Group.acquire_maintenance_lock", C, ("connection", "timeout")),
     Name("rq.group", "Group.clean_registries", C, ("connection",)),
-    Name("rq.rate_limit", "release_slot", C, ("job",)),
     Name("rq.utils", "now", C),
     Name("rq.utils", "utcformat", C),
+    Name("rq.utils", "current_timestamp", C),
+    # -- RQ's layout written by rq_layout.py's scripts (the key names come from these;
+    # -- the field names are rq_layout's *_FIELDS, each checked against what these write:
+    # -- tests/worker/test_rq_surface.py::test_the_fields_rq_layout_writes_are_rqs) ------
+    Name("rq.executions", "Execution.serialize", C,
+         why="its keys: rq_layout.EXECUTION_FIELDS (Execution.create saves them)"),
+    Name("rq.executions", "Execution.composite_key", A),
+    Name("rq.executions", "ExecutionRegistry.add", C, ("execution", "ttl", "pipeline")),
+    Name("rq.registry", "StartedJobRegistry.add_execution", C,
+         ("execution", "pipeline", "ttl", "xx")),
+    Name("rq.job", "Job.prepare_for_execution", C, ("worker_name", "pipeline"),
+         "its HSET: rq_layout.JOB_START_FIELDS"),
+    Name("rq.job", "Job.to_dict", C, ("include_meta", "include_result"),
+         "what Job._handle_success saves: rq_layout.JOB_SUCCESS_FIELDS change"),
+    Name("rq.job", "Job.dependencies_key", A),
+    Name("rq.job", "Job.rate_limit_key", A),
+    Name("rq.job", "Job.serializer", A),
+    Name("rq.job", "JobStatus.STARTED", A),
+    Name("rq.results", "Result.get_key", C, ("job_id",)),
+    Name("rq.results", "Result.serialize", C, why="its keys: rq_layout.RESULT_FIELDS"),
+    Name("rq.results", "Result.Type.SUCCESSFUL", A),
     # -- redis-py: the recording pipeline (redis_batch.Recorder) ------------------------
     Name("redis.client", "Pipeline.__init__", C,
          ("connection_pool", "response_callbacks", "transaction", "shard_hint")),

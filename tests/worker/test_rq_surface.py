@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from rq.executions import Execution
 from rq.job import Job
 from rq.worker.base import BaseWorker
 
@@ -29,6 +30,8 @@ def _instance(cls: type, r: redis.Redis) -> Any:
     """An instance to look for attributes set in __init__, or None."""
     if issubclass(cls, Job):
         return Job("surface", connection=r)
+    if issubclass(cls, Execution):
+        return Execution("surface", "surface", connection=r)
     if issubclass(cls, BaseWorker):
         return BaseWorker(["surface"], connection=r)
     if issubclass(cls, redis.Redis):
@@ -128,3 +131,49 @@ def test_every_private_name_the_rq_side_uses_is_declared() -> None:
                 used.setdefault(node.attr, f"{path.name}:{node.lineno}")
     undeclared = {a: where for a, where in used.items() if a not in ours and a not in PRIVATE}
     assert not undeclared, undeclared
+
+
+def test_the_fields_rq_layout_writes_are_rqs(r: redis.Redis) -> None:
+    """The hash and stream fields rq_layout.py's scripts write by hand are those RQ's own
+    methods write (recorded, never executed), and each script names each of them."""
+    from rq.job import JobStatus
+    from rq.results import Result
+    from rq.utils import now
+
+    from contract.keys import JOB_FUNC, SERIALIZER
+    from worker import rq_layout
+    from worker.redis_batch import Recorder
+
+    job = Job.create(JOB_FUNC, kwargs={"model": "tiny"}, connection=r, serializer=SERIALIZER)
+    assert tuple(Execution("e", job.id, r, worker_name="w").serialize()) == \
+        rq_layout.EXECUTION_FIELDS
+
+    commands: list[tuple[Any, ...]] = []
+    job.prepare_for_execution("w", pipeline=Recorder(r, commands))
+    assert [c[0] for c in commands] == ["HSET"]
+    assert tuple(commands[0][2::2]) == rq_layout.JOB_START_FIELDS
+
+    before = job.to_dict(include_meta=False, include_result=False)
+    job.ended_at, job._status = now(), JobStatus.FINISHED      # what _handle_success changes
+    after = job.to_dict(include_meta=False, include_result=False)
+    assert {k for k in after if after[k] != before.get(k)} == set(rq_layout.JOB_SUCCESS_FIELDS)
+
+    result = Result(job.id, Result.Type.SUCCESSFUL, r, return_value={"a": 1}, worker_name="w",
+                    serializer=job.serializer, execution_id="e", execution_started_at=now(),
+                    execution_ended_at=now())
+    assert tuple(result.serialize()) == rq_layout.RESULT_FIELDS
+
+    worker = BaseWorker(["surface"], connection=r)
+    commands = []
+    p = Recorder(r, commands)
+    worker.heartbeat(60, pipeline=p)
+    worker.set_state("busy", pipeline=p)
+    worker.increment_successful_job_count(pipeline=p)
+    worker.increment_total_working_time(now() - now(), p)
+    written = [c[2] for c in commands if c[0] in ("HSET", "HINCRBY", "HINCRBYFLOAT")]
+    assert tuple(written) == rq_layout.WORKER_FIELDS
+
+    scripts = rq_layout._START + rq_layout._SUCCEED
+    for f in (rq_layout.EXECUTION_FIELDS + rq_layout.JOB_START_FIELDS
+              + rq_layout.JOB_SUCCESS_FIELDS + rq_layout.RESULT_FIELDS + rq_layout.WORKER_FIELDS):
+        assert f"'{f}'" in scripts, f"rq_layout's scripts do not write {f}"

@@ -1,8 +1,8 @@
 """The window between taking a job and marking it started, made deterministic, and the
 guard of `worker.tasks` against plain RQ workers.
 
-Starting is one guarded Lua replay (rq_jobs.RqJobs.start, behind RqSide.start; redis_batch.py): each
-job's writes run only if, when the script runs, the job is neither canceled nor gone. A
+Starting is one guarded Lua script (rq_jobs.RqJobs.start, behind RqSide.start; rq_layout.py):
+each job's writes run only if, when the script runs, the job is neither canceled nor gone. A
 check made in Python before the writes are sent (as RQ's WATCH-less path would) loses a
 cancel that lands in between; so does writing unguarded. In-process worker, real Redis.
 """
@@ -49,17 +49,18 @@ def test_a_cancel_landing_after_the_writes_are_recorded_still_wins(
     w = _worker(redis_url, models_dir)
     taken, bad = w.rq.take(8)
     assert not bad and taken == [j.id for j in jobs]
-    run_script = w.rq.jobs._run
+    layout = w.rq.jobs._layout
+    run_script = layout._start
 
     def cancel_then_run(**kwargs: Any) -> Any:
-        cancel(r, jobs[1].id)                 # in the window, after the writes were recorded
+        cancel(r, jobs[1].id)                 # in the window, after the writes were built
         return run_script(**kwargs)
 
-    w.rq.jobs._run = cancel_then_run
+    layout._start = cancel_then_run
     try:
         w.admission.start(taken)
     finally:
-        w.rq.jobs._run = run_script
+        layout._start = run_script
     w.writer.close()                          # flush the events the start wrote
     assert fetch_job(r, jobs[1].id).get_status() == JobStatus.CANCELED
     assert w.live.get(jobs[1].id) is None
