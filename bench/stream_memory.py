@@ -98,7 +98,7 @@ class Serve:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ddpm", "serve", "--models-dir", str(models),
              "--host", "127.0.0.1", "--port", str(port), "--device", device,
-             "--metrics-port", str(metrics_port)],
+             "--metrics-port", str(metrics_port), "--ephemeral"],   # each run its own
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **child_kwargs())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--metrics-port", type=_bounded_int(0, 65535),
                    help="the worker's Prometheus port (DDPM_METRICS_PORT; default 9100 if "
                         "free; 0 = off); the API's metrics are at /metrics")
+    d = v.add_mutually_exclusive_group()
+    d.add_argument("--data-dir", type=Path,
+                   help="where the embedded Redis keeps its append-only file, so a restart "
+                        "keeps every job (DDPM_SERVE_DATA_DIR; default "
+                        "$XDG_STATE_HOME/ddpm-serve/redis; `make run`: .state/redis)")
+    d.add_argument("--ephemeral", action="store_true", default=None,
+                   help="a throwaway embedded Redis: nothing kept (DDPM_SERVE_EPHEMERAL)")
 
     sub.add_parser("api-key", help="make an API key and the digest to put in DDPM_API_KEYS")
     _generate_parser(sub)
@@ -390,9 +397,13 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from .serve import ServeOptions, run_serve
+    from .serve import ServeOptions, ServeSettings, data_dir_of, run_serve
 
     settings = _api_settings(args)
+    if "DDPM_REDIS_URL" in os.environ and (args.data_dir or args.ephemeral):
+        raise ValueError("--data-dir and --ephemeral are the embedded Redis's; with "
+                         "DDPM_REDIS_URL set, serve starts none")
+    data_dir = data_dir_of(args.data_dir, bool(args.ephemeral), ServeSettings())
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     metrics_port = args.metrics_port
@@ -403,7 +414,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(f"bad DDPM_METRICS_PORT: {e}") from None
     return run_serve(ServeOptions(host=settings.host, port=settings.port,
                                   models_dir=args.models_dir, device=args.device,
-                                  metrics_port=metrics_port), settings)
+                                  metrics_port=metrics_port, data_dir=data_dir), settings)
 
 
 def _api_key(_: argparse.Namespace) -> int:

@@ -1,12 +1,18 @@
 """`ddpm serve`: the all-in-one embedded default. An embedded Redis (unless DDPM_REDIS_URL
 is set), one worker process, and the API in this process; Ctrl-C (or SIGTERM) stops the
-API, then the worker (its jobs re-queued after a short grace), then Redis."""
+API, then the worker (its jobs re-queued after a short grace), then Redis.
+
+The embedded Redis keeps an append-only file in a data directory (`--data-dir`,
+DDPM_SERVE_DATA_DIR; default `$XDG_STATE_HOME/ddpm-serve/redis`), so that a restart
+answers every job as before and runs the queued and re-queued ones; `--ephemeral` is
+the old throwaway Redis (tests, benchmarks). One `ddpm serve` per data directory."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import redis
 import uvicorn
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.main import create_app
 from app.settings import ApiSettings
@@ -23,7 +30,7 @@ from contract.workers import live_worker_keys
 from worker.settings import redacted
 
 from .processes import child_kwargs, stop
-from .redis_server import RedisServer
+from .redis_server import APPENDFSYNC, DataDirInUse, RedisServer
 
 log = logging.getLogger("ddpm.serve")
 
@@ -40,6 +47,36 @@ class ServeOptions:
     # The worker's Prometheus port: None is DEFAULT_METRICS_PORT when it is free (else
     # off, with a warning); a port given that is taken is an error; 0 is off.
     metrics_port: int | None = None
+    # Where the embedded Redis keeps its append-only file; None: a throwaway Redis in a
+    # temporary directory (`--ephemeral`).
+    data_dir: Path | None = None
+
+
+class ServeSettings(BaseSettings):
+    """`ddpm serve`'s own settings (the API's are ApiSettings, the worker's
+    WorkerSettings); its flags override them."""
+
+    model_config = SettingsConfigDict(env_prefix="DDPM_SERVE_", extra="ignore",
+                                      env_ignore_empty=True)   # DDPM_SERVE_DATA_DIR= : unset
+
+    data_dir: Path | None = None      # None: default_data_dir()
+    ephemeral: bool = False
+
+
+def default_data_dir() -> Path:
+    """`$XDG_STATE_HOME/ddpm-serve/redis` (`~/.local/state/...` without it): the XDG
+    place for state an application reuses at its next start, whatever the directory
+    `ddpm serve` is started from. (`make run` puts it under the checkout instead.)"""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ddpm-serve" / "redis"
+
+
+def data_dir_of(flag: Path | None, ephemeral: bool, settings: ServeSettings) -> Path | None:
+    """The embedded Redis's data directory: the flag, else DDPM_SERVE_DATA_DIR, else the
+    default; None when ephemeral (flag or DDPM_SERVE_EPHEMERAL)."""
+    if ephemeral or (settings.ephemeral and flag is None):
+        return None
+    return (flag or settings.data_dir or default_data_dir()).expanduser()
 
 
 DEFAULT_METRICS_PORT = 9100       # the worker image's (docker/worker.Dockerfile)
@@ -98,6 +135,33 @@ def _wait_for_worker(client: redis.Redis, proc: subprocess.Popen[bytes]) -> list
     raise ValueError(f"the worker did not start within {WORKER_START_TIMEOUT:.0f} s")
 
 
+def _embedded_redis(data_dir: Path | None) -> RedisServer:
+    if data_dir is None:
+        return RedisServer()
+    return RedisServer(appendonly=True, appendfsync=APPENDFSYNC, data_dir=data_dir)
+
+
+def _start_redis(embedded: RedisServer) -> str:
+    try:
+        return embedded.start().url
+    except DataDirInUse as e:
+        raise ValueError(f"{e}: one ddpm serve per data directory; stop that one, or give "
+                         "this one another with --data-dir (or --ephemeral)") from None
+    except OSError as e:      # the directory cannot be made or its lock file opened
+        raise ValueError(f"cannot use the data directory {embedded.data_dir}: {e.strerror}"
+                         " (choose another with --data-dir, or --ephemeral)") from None
+    except RuntimeError as e:     # e.g. an AOF it cannot read: its log's last lines say
+        raise ValueError(f"the embedded {e}") from None
+
+
+def _where(embedded: RedisServer | None) -> str:
+    if embedded is None:
+        return ""
+    if embedded.appendonly:
+        return f" (embedded), its data in {embedded.data_dir}"
+    return " (embedded), ephemeral"
+
+
 def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
     if not _has_checkpoints(opts.models_dir):
         raise ValueError(f"no checkpoints in {opts.models_dir}/ (each model is a folder with "
@@ -105,14 +169,13 @@ def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
                          "makes one)")
     _check_port(opts.host, opts.port)
     metrics_port = _metrics_port(opts)
-    embedded = None if "DDPM_REDIS_URL" in os.environ else RedisServer()
+    embedded = None if "DDPM_REDIS_URL" in os.environ else _embedded_redis(opts.data_dir)
     worker = None
     try:
-        redis_url = embedded.start().url if embedded else settings.redis_url
+        redis_url = _start_redis(embedded) if embedded else settings.redis_url
         settings = settings.model_copy(update={"redis_url": redis_url})
-        print(f"ddpm serve: redis at {redacted(redis_url)}"
-              f"{' (embedded)' if embedded else ''}; starting a worker on {opts.device}",
-              flush=True)
+        print(f"ddpm serve: redis at {redacted(redis_url)}{_where(embedded)}; "
+              f"starting a worker on {opts.device}", flush=True)
         worker = _start_worker(opts, redis_url, metrics_port)
         names = _wait_for_worker(redis.Redis.from_url(redis_url), worker)
         print(f"ddpm serve: serving {', '.join(names)} at http://{opts.host}:{opts.port}/ "
@@ -128,6 +191,38 @@ def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
         server.run()
         return 0
     finally:
-        stop(worker, timeout=opts.grace_period + 15)
+        _stop_in_order(worker, embedded, _grace_period(opts))
+
+
+def _grace_period(opts: ServeOptions) -> float:
+    """The worker's DDPM_GRACE_PERIOD (what it drains for), else serve's default."""
+    try:
+        return float(os.environ.get("DDPM_GRACE_PERIOD", opts.grace_period))
+    except ValueError:
+        return opts.grace_period       # the worker refuses it at start
+
+
+def _stop_in_order(worker: subprocess.Popen[bytes] | None, embedded: RedisServer | None,
+                   grace: float) -> None:
+    """The worker first (it re-queues its running jobs into Redis), then Redis (its AOF
+    written). A second Ctrl-C (or SIGTERM) meanwhile hurries the worker — its second stop
+    signal re-queues at once — instead of killing serve, whose children would then get
+    their parent-death SIGTERM together: Redis gone before the worker's last writes."""
+    def hurry(signum: int, frame: object) -> None:
+        if worker is not None and worker.poll() is None:
+            print("ddpm serve: stopping now: the worker re-queues its running jobs",
+                  file=sys.stderr, flush=True)
+            worker.terminate()
+
+    previous = {sig: signal.signal(sig, hurry) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if worker is not None and worker.poll() is None:
+            print(f"ddpm serve: stopping the worker: running jobs get {grace:g} s to finish, "
+                  "then go back to the queue (Ctrl-C again: at once)",
+                  file=sys.stderr, flush=True)
+        stop(worker, timeout=grace + 15)
         if embedded:
             embedded.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

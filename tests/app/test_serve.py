@@ -33,8 +33,10 @@ def _env() -> dict[str, str]:
 
 
 def _command(models_dir: Path, port: int) -> list[str]:
+    """A throwaway Redis: no state shared between tests nor with the user's own serve
+    (tests/app/test_serve_persist.py tests the data directory)."""
     return [sys.executable, "-m", "ddpm", "serve", "--models-dir", str(models_dir),
-            "--device", "cpu", "--port", str(port)]
+            "--device", "cpu", "--port", str(port), "--ephemeral"]
 
 
 # -- processes, read from /proc (no psutil in the project's dependencies) ----------------

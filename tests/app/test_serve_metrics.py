@@ -28,7 +28,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _serve(models_dir: Path, port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "ddpm", "serve", "--models-dir", str(models_dir),
-            "--device", "cpu", "--port", str(port), *args]
+            "--device", "cpu", "--port", str(port), "--ephemeral", *args]
 
 
 def _families(text: str) -> dict[str, list]:
