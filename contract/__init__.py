@@ -10,6 +10,7 @@
 - `inputs`: input images decoded safely and fitted to a model (also training's fitting)
 - `queueing`: enqueueing and reading jobs as RQ jobs (the API's one door to RQ)
 - `workers`: the workers' advertisements
+- `resume`: a running job's resume state as bytes (layout, checks, size bound)
 - `redis_errors`: telling a full Redis from a lost one
 
 Packages depend on it, never the other way: it imports nothing of the project

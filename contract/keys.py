@@ -30,6 +30,12 @@ def image_key(job_id: str, index: int) -> str:
     return f"{PREFIX}:image:{job_id}:{index}"
 
 
+def resume_key(job_id: str) -> str:
+    """A running job's resume state (contract/resume.py): one value, written on drain or
+    checkpoint, read by the worker that takes the job next."""
+    return f"{PREFIX}:resume:{job_id}"
+
+
 def worker_key(worker_name: str) -> str:
     return f"{PREFIX}:workers:{worker_name}"
 

@@ -20,6 +20,9 @@ plan (so they batch with plain ones):
   noise from the slot's counter + 2**40 (`KNOWN_NOISE_OFFSET`), a stream the sampler (counters
   1…plan length) never reaches; with resampling the plan also goes back up ("undo" steps).
 Plain batches pay two host bool checks per step for all this (any undo, any mask).
+
+A slot's exact state between two steps (`export`) continues in another batch, process or
+device (`add(specs, states)`), bit for bit: models/resume.py says what it holds.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .resume import SlotState, check_states, plan_points, reads_prev, state_tensors
 from .samplers import SamplerKind, apply_step, guided_eps, step_coefficients
 from .schedule import Schedule, check_steps, repaint_plan, start_timestep
 from .seeding import counter_normal, image_seed
 
 # Counter offset of the noise that brings an inpainting input to t_next (see the module doc).
 KNOWN_NOISE_OFFSET = 2**40
+PlanKey = tuple[int, int, int, int]     # a plan's (steps, t0, jump_length, jump_n_sample)
 
 
 @dataclass(frozen=True, eq=False)   # eq=False: tensors have no boolean equality
@@ -163,16 +168,55 @@ class SlotBatch:
         """`[N]` long: each slot's step count (its plan's length, resampling included)."""
         return self.length.clone()
 
-    def add(self, specs: Sequence[SlotSpec]) -> None:
+    def add(self, specs: Sequence[SlotSpec],
+            states: Sequence[SlotState | None] | None = None) -> None:
         """Append slots; each starts from its own counter-0 noise (x_T), or from its input
-        image(s) noised with it to its start timestep. ValueError, with the batch unchanged,
-        if one cannot run."""
+        image(s) noised with it to its start timestep, or, given its state (`export`), goes
+        on from there. ValueError, with the batch unchanged, if one cannot run."""
         if not specs:
             return
+        plans, plan_keys = self._plans(specs)
+        width = max(self.plans.shape[1], max(len(p) for p in plans.values()) + 1)
+        padded = {k: _pad(p[None], width)[0] for k, p in plans.items()}
+        rows = torch.stack([padded[k] for k in plan_keys])
+        length = torch.tensor([len(plans[k]) for k in plan_keys])
+        kind = torch.tensor([int(s.kind) for s in specs])
+        eta = torch.tensor([s.eta for s in specs], dtype=torch.float64)
+        held = list(states) if states is not None else [None] * len(specs)
+        pos = check_states(self.schedule, self.shape, held, rows, length, kind, eta)
+        keys = torch.tensor([image_seed(s.seed, s.index) for s in specs], device=self.device)
+        x, x0_prev = state_tensors(held, self.shape, self.device)
+        fresh = [i for i, st in enumerate(held) if st is None]
+        if fresh:
+            x[fresh] = self._start([specs[i] for i in fresh], keys[fresh])
+        self.plans = torch.cat([_pad(self.plans, width), rows])
+        self.length = torch.cat([self.length, length])
+        masked = [s.mask is not None for s in specs]
+        self.masked = torch.cat([self.masked, torch.tensor(masked, dtype=torch.bool)])
+        self._num_masked += sum(masked)
+        known = torch.zeros((len(specs), *self.shape), device=self.device)
+        mask = torch.ones((len(specs), 1, *self.shape[1:]), device=self.device)
+        for i, s in enumerate(specs):
+            if s.mask is not None and s.init is not None:
+                known[i] = s.init.to(self.device, torch.float32)
+                mask[i] = s.mask.to(self.device, torch.float32)
+        self.known = torch.cat([self.known, known])
+        self.mask = torch.cat([self.mask, mask])
+        self.x = torch.cat([self.x, x])
+        self.x0_prev = torch.cat([self.x0_prev, x0_prev])
+        self.pos, self.kind = torch.cat([self.pos, pos]), torch.cat([self.kind, kind])
+        self.eta = torch.cat([self.eta, eta])
+        labels = [self.num_classes if s.label is None else s.label for s in specs]
+        self.labels = torch.cat([self.labels, torch.tensor(labels, dtype=torch.long)])
+        guid = [1.0 if s.label is None else s.guidance for s in specs]
+        self.guidance = torch.cat([self.guidance, torch.tensor(guid, dtype=torch.float64)])
+        self.keys = torch.cat([self.keys, keys])
+
+    def _plans(self, specs: Sequence[SlotSpec]) -> tuple[dict[PlanKey, Tensor], list[PlanKey]]:
+        """Each spec's plan, one per (steps, t0, jumps); ValueError if one cannot run."""
         T = self.schedule.num_timesteps
-        null = self.num_classes
-        plans: dict[tuple[int, int, int, int], Tensor] = {}  # one per (steps, t0, jumps)
-        plan_keys = []
+        plans: dict[PlanKey, Tensor] = {}
+        plan_keys: list[PlanKey] = []
         for s in specs:
             if s.label is not None and not (self.num_classes and 0 <= s.label < self.num_classes):
                 raise ValueError(f"label {s.label} is out of range for this model")
@@ -184,41 +228,32 @@ class SlotBatch:
             if key not in plans:
                 plans[key] = repaint_plan(s.steps, t0 + 1, key[2], key[3])
             plan_keys.append(key)
-        keys = torch.tensor([image_seed(s.seed, s.index) for s in specs], device=self.device)
+        return plans, plan_keys
+
+    def _start(self, specs: Sequence[SlotSpec], keys: Tensor) -> Tensor:
+        """x at the first plan entry: counter-0 noise x_T, encoded for conditioned slots."""
         x_T = counter_normal(keys, torch.zeros_like(keys), self.shape)   # counter 0: x_T
-        if any(s.conditioned for s in specs):
-            x_T = self._encode(specs, x_T)
-        width = max(self.plans.shape[1], max(len(p) for p in plans.values()) + 1)
-        padded = {k: _pad(p[None], width)[0] for k, p in plans.items()}
-        self.plans = torch.cat([_pad(self.plans, width),
-                                torch.stack([padded[k] for k in plan_keys])])
-        self.length = torch.cat([self.length, torch.tensor([len(plans[k]) for k in plan_keys])])
-        masked = [s.mask is not None for s in specs]
-        self.masked = torch.cat([self.masked, torch.tensor(masked, dtype=torch.bool)])
-        self._num_masked += sum(masked)
-        c, h, w = self.shape
-        known = torch.zeros((len(specs), c, h, w), device=self.device)
-        mask = torch.ones((len(specs), 1, h, w), device=self.device)
-        for i, s in enumerate(specs):
-            if s.mask is not None and s.init is not None:
-                known[i] = s.init.to(self.device, torch.float32)
-                mask[i] = s.mask.to(self.device, torch.float32)
-        self.known = torch.cat([self.known, known])
-        self.mask = torch.cat([self.mask, mask])
-        self.x = torch.cat([self.x, x_T])
-        self.x0_prev = torch.cat([self.x0_prev, torch.zeros_like(self.x[-len(specs):])])
-        self.pos = torch.cat([self.pos, torch.zeros(len(specs), dtype=torch.long)])
-        self.kind = torch.cat([self.kind, torch.tensor([int(s.kind) for s in specs])])
-        self.eta = torch.cat([self.eta, torch.tensor([s.eta for s in specs], dtype=torch.float64)])
-        labels = [null if s.label is None else s.label for s in specs]
-        self.labels = torch.cat([self.labels, torch.tensor(labels, dtype=torch.long)])
-        guid = [1.0 if s.label is None else s.guidance for s in specs]
-        self.guidance = torch.cat([self.guidance, torch.tensor(guid, dtype=torch.float64)])
-        self.keys = torch.cat([self.keys, keys])
+        return self._encode(specs, x_T) if any(s.conditioned for s in specs) else x_T
+
+    def export(self, rows: Sequence[int]) -> list[SlotState]:
+        """The exact states of these rows between two steps, on the host: what `add`
+        continues from (models/resume.py). ValueError for a row at its plan's end."""
+        idx = torch.tensor(list(rows), dtype=torch.long)
+        if bool((self.pos[idx] >= self.length[idx]).any()):
+            raise ValueError("a finished slot has no state to continue from")
+        need = reads_prev(self.schedule, self.plans[idx], self.pos[idx], self.kind[idx],
+                          self.eta[idx])
+        dev = idx.to(self.device)
+        x = self.x[dev].to("cpu", torch.float32)        # one copy to the host for all
+        prev = self.x0_prev[dev[need.to(self.device)]].to("cpu", torch.float32)
+        at = torch.cumsum(need, 0) - 1                  # row k's index into prev
+        return [SlotState(pos=int(self.pos[r]), x=x[k],
+                          x0_prev=prev[int(at[k])] if bool(need[k]) else None)
+                for k, r in enumerate(idx.tolist())]
 
     def _check_shapes(self, s: SlotSpec) -> None:
-        c, h, w = self.shape
-        for name, want in (("init", (c, h, w)), ("init_b", (c, h, w)), ("mask", (1, h, w))):
+        for name, want in (("init", self.shape), ("init_b", self.shape),
+                           ("mask", (1, *self.shape[1:]))):
             v = getattr(s, name)
             if v is not None and tuple(v.shape) != want:
                 raise ValueError(f"{name} must have shape {list(want)} for this model, "
@@ -261,10 +296,7 @@ class SlotBatch:
         """One network forward for all slots, then each slot's own update."""
         if len(self) == 0:
             raise ValueError("no slots to step")
-        rows = torch.arange(len(self))
-        t = self.plans[rows, self.pos]
-        t_next = self.plans[rows, self.pos + 1]
-        t_prev = torch.where(self.pos > 0, self.plans[rows, (self.pos - 1).clamp(min=0)], -1)
+        t, t_next, t_prev = plan_points(self.plans, self.pos)
         coefs = step_coefficients(self.schedule, self.kind, t, t_next, t_prev, self.eta)
         inpainting = self._num_masked > 0
         # An undo from the clean image (t = −1) runs the net at 0: its output is unused.

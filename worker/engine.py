@@ -5,6 +5,11 @@ still waiting (the job with the fewest running images first, so a 1-image reques
 arrives while a big one runs starts at the next step), then runs one UNet forward per
 model over all of that model's active slots, each at its own timestep with its own
 sampler, and reports the frames that are due: snapshots every k steps and final images.
+
+Between two steps a job's exact state can be taken out (`export`: per image done, running
+with its slot state, or not started) and continued by another engine (`admit(...,
+resume=)`), in another process or on another device: the same frames come out from there
+on, bit for bit (tests/worker/test_resume_state.py); worker/resume.py is its codec.
 """
 
 from __future__ import annotations
@@ -17,73 +22,23 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from contract.frame_plan import FramePlan
-from contract.spec import GenerationSpec, ModelInfo
-from models import Checkpoint, SlotSpec, sampler_kind, to_uint8
+from contract.spec import GenerationSpec
+from models.resume import SlotState
 
-from .forward import Forward
-from .job_inputs import conditioning, input_tensor, input_tensors
+from .forward import Forward, LoadedModel
+from .job_inputs import conditioning, input_tensor, input_tensors, slot_specs
+from .resume import JobResume
+from .slots import EngineJob, ModelSlots, frame_pixels, snapshot_due
 
-__all__ = ["Engine", "EngineJob", "Forward", "Frame", "JobProgress", "LoadedModel",
+__all__ = ["Engine", "EngineJob", "Forward", "Frame", "JobProgress", "JobResume", "LoadedModel",
            "StepOutOfMemory", "StepReport", "conditioning", "frame_pixels", "input_tensor",
-           "input_tensors", "snapshot_due"]
+           "input_tensors", "slot_specs", "snapshot_due"]
 
 if TYPE_CHECKING:
     from .settings import Admission
-
-
-@dataclass
-class LoadedModel:
-    """A resident model: the network on its device and what the worker advertises."""
-
-    name: str
-    checkpoint: Checkpoint
-    info: ModelInfo
-    load_seconds: float = 0.0
-
-    @classmethod
-    def from_checkpoint(cls, name: str, ckpt: Checkpoint, load_seconds: float) -> LoadedModel:
-        u, d = ckpt.config.unet, ckpt.config.diffusion
-        info = ModelInfo(name=name, image_size=u.image_size, in_channels=u.in_channels,
-                         num_timesteps=d.num_timesteps, num_classes=u.num_classes,
-                         class_names=list(ckpt.config.class_names),
-                         parameters=sum(p.numel() for p in ckpt.net.parameters()))
-        return cls(name=name, checkpoint=ckpt, info=info, load_seconds=load_seconds)
-
-
-@dataclass
-class EngineJob:
-    """Engine-side state of one admitted job."""
-
-    job_id: str
-    spec: GenerationSpec
-    waiting: deque[int]              # image indices not started yet
-    plan: FramePlan                  # its frames: made here, at admission, once
-    inputs: dict[str, Tensor] = field(default_factory=dict)   # input_tensors(...)
-    running: int = 0
-    finished: int = 0
-    steps_done: int = 0              # summed over the job's images
-    ticks: int = 0                   # engine steps this job has been stepped in
-    started_tick: dict[int, int] = field(default_factory=dict)   # image → `ticks` at its start
-    admitted_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def total_steps(self) -> int:
-        return self.spec.total_steps
-
-    @property
-    def done(self) -> bool:
-        return self.finished == self.spec.num_images
-
-    def image_steps(self) -> list[int]:
-        """Steps each image has completed. Every running image of a model advances once per
-        engine step, so a start tick per image is enough: no per-row bookkeeping per step."""
-        steps = self.spec.steps_per_image
-        return [min(steps, self.ticks - self.started_tick[i]) if i in self.started_tick else 0
-                for i in range(self.spec.num_images)]
 
 
 @dataclass(frozen=True)
@@ -144,80 +99,6 @@ class StepOutOfMemory(torch.OutOfMemoryError):
         self.failed = failed
 
 
-def slot_specs(s: GenerationSpec, inputs: Mapping[str, Tensor], indices: list[int],
-               variance_type: str) -> list[SlotSpec]:
-    """The slots of these images of a request (`inputs`: its input images as model-space
-    tensors): the worker's jobs and `ddpm sample` make their slots here alike."""
-    kind = sampler_kind(s.sampler, variance_type)  # type: ignore[arg-type]
-    return [SlotSpec(seed=s.seed, steps=s.steps, kind=kind, eta=s.eta, label=s.class_label,
-                     guidance=s.guidance_scale,
-                     **conditioning(inputs, i, s.num_images, strength=s.effective_strength,
-                                    jump_length=s.jump_length, jump_n_sample=s.jump_n_sample))
-            for i in indices]
-
-
-def snapshot_due(steps: Tensor, every: Tensor, finished: Tensor) -> Tensor:
-    """Rows due a snapshot after this step: `FramePlan.snapshot_at`, row-wise (`steps`:
-    each row's steps done, `every`: its plan's period, 0 = none; a finished row makes its
-    final image instead). tests/worker/test_engine.py ties the two."""
-    return (every > 0) & (steps % every.clamp(min=1) == 0) & ~finished
-
-
-def frame_pixels(x: Tensor, sizes: list[int]) -> list[Tensor]:
-    """Rows of `x` (`[N x C x H x W]` in model space) as uint8 `[s x s x C]` CPU pixels,
-    row k at side `sizes[k]`: downscaled on the device (area: the mean of each block), so a
-    preview costs its own pixels, not the image's, from the copy to the host onwards."""
-    full = x.shape[-1]
-    out: list[Tensor] = [x] * len(sizes)
-    for side in set(sizes):
-        rows = [k for k, s in enumerate(sizes) if s == side]
-        sel = x if len(rows) == len(sizes) else x[rows]
-        if side != full:
-            sel = F.interpolate(sel, size=(side, side), mode="area")
-        for k, px in zip(rows, to_uint8(sel), strict=True):
-            out[k] = px
-    return out
-
-
-class _ModelBatch:
-    """A model's SlotBatch plus which (job, image) each row belongs to."""
-
-    def __init__(self, model: LoadedModel, device: torch.device, *, bf16: bool,
-                 channels_last: bool) -> None:
-        ckpt = model.checkpoint
-        self.model = model
-        self.forward = Forward(ckpt.net, device, bf16=bf16, channels_last=channels_last)
-        self.batch = ckpt.slot_batch(device, net=self.forward)
-        self.owner: list[tuple[str, int]] = []              # row → (job id, image index)
-        self.every = torch.empty(0, dtype=torch.long)       # row → snapshot period (0 = none)
-        self.use_xt = torch.empty(0, dtype=torch.bool)      # row → snapshot x_t instead of x̂0
-        self.preview = torch.empty(0, dtype=torch.long)     # row → snapshot side in pixels
-
-    def __len__(self) -> int:
-        return len(self.owner)
-
-    def add(self, starts: list[tuple[EngineJob, list[int]]]) -> None:
-        """Start these images of these jobs: one append to the batch for all of them."""
-        specs, every, use_xt, preview = [], [], [], []
-        vtype = self.model.checkpoint.config.diffusion.variance_type
-        for job, indices in starts:
-            specs += slot_specs(job.spec, job.inputs, indices, vtype)
-            self.owner += [(job.job_id, i) for i in indices]
-            every += [job.plan.every] * len(indices)
-            use_xt += [job.plan.kind == "xt"] * len(indices)
-            preview += [job.plan.preview.size] * len(indices)
-        self.batch.add(specs)
-        self.every = torch.cat([self.every, torch.tensor(every, dtype=torch.long)])
-        self.use_xt = torch.cat([self.use_xt, torch.tensor(use_xt, dtype=torch.bool)])
-        self.preview = torch.cat([self.preview, torch.tensor(preview, dtype=torch.long)])
-
-    def keep(self, mask: Tensor) -> None:
-        self.batch.keep(mask)
-        self.owner = [o for o, k in zip(self.owner, mask.tolist(), strict=True) if k]
-        self.every, self.use_xt = self.every[mask], self.use_xt[mask]
-        self.preview = self.preview[mask]
-
-
 class Engine:
     """Slots of every resident model, admitted and retired between any two steps."""
 
@@ -230,9 +111,10 @@ class Engine:
         self.models = dict(models)
         self.max_batch = max_batch
         self.jobs: dict[str, EngineJob] = {}
-        self._batches = {name: _ModelBatch(m, self.device, bf16=bf16, channels_last=channels_last)
+        self._batches = {name: ModelSlots(m, self.device, bf16=bf16, channels_last=channels_last)
                          for name, m in self.models.items()}
         self._on_oom = on_oom
+        self._resuming: set[str] = set()      # jobs holding resume states not yet in a slot
 
     # -- occupancy -------------------------------------------------------------------
 
@@ -266,10 +148,13 @@ class Engine:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def admit(self, job_id: str, spec: GenerationSpec,
-              inputs: dict[str, Tensor] | None = None) -> EngineJob:
+    def admit(self, job_id: str, spec: GenerationSpec, inputs: dict[str, Tensor] | None = None,
+              *, resume: JobResume | None = None) -> EngineJob:
         """Queue a job's images for slots (`inputs`: its input images, `input_tensors`);
-        ValueError (naming the field) if it cannot run."""
+        ValueError (naming the field) if it cannot run. With `resume` (`export`'s, maybe
+        from another engine) it goes on from there: done images are not redone, running
+        ones continue at their step before any image starts, progress and frames continue
+        as if uninterrupted; ValueError if the state cannot continue this job."""
         if job_id in self.jobs:
             raise ValueError(f"job {job_id} is already running")
         model = self.models.get(spec.model)
@@ -282,12 +167,58 @@ class Engine:
         job = EngineJob(job_id=job_id, spec=spec, waiting=deque(range(spec.num_images)),
                         plan=FramePlan.of(spec, model.info.image_size),
                         inputs={k: v.to(self.device) for k, v in (inputs or {}).items()})
+        if resume is not None:
+            self._resume(job, model, resume)
         self.jobs[job_id] = job
         return job
+
+    def _resume(self, job: EngineJob, model: LoadedModel, state: JobResume) -> None:
+        state.check(job.spec.num_images)
+        held = sorted(state.running)
+        vtype = model.checkpoint.config.diffusion.variance_type
+        # The batch's own checks, on a scratch CPU batch: a state that cannot continue its
+        # slot is refused here, not at a later step.
+        model.checkpoint.slot_batch("cpu").add(
+            slot_specs(job.spec, job.inputs, held, vtype), [state.running[i] for i in held])
+        spi = job.spec.steps_per_image
+        job.held = {i: state.running[i] for i in held}
+        job.waiting = deque(held + [i for i in job.waiting if i not in job.held
+                                    and i not in state.done])
+        job.finished = len(state.done)
+        job.steps_done = state.steps_done(spi)
+        job.started_tick = dict.fromkeys(state.done, -spi)   # image_steps: spi each
+        if held:
+            self._resuming.add(job.job_id)
+
+    def export(self, job_id: str) -> JobResume:
+        """The job's resume state now, between two steps (KeyError if it is not here)."""
+        return self.exports([job_id])[job_id]
+
+    def exports(self, job_ids: list[str]) -> dict[str, JobResume]:
+        """Resume states of these jobs (KeyError for one not here), with one copy to the
+        host per model: what a drain writes for every running job at once."""
+        by_model: dict[str, list[str]] = {}
+        for job_id in job_ids:
+            by_model.setdefault(self.jobs[job_id].spec.model, []).append(job_id)
+        out = {}
+        for model, ids in by_model.items():
+            mb, want = self._batches[model], set(ids)
+            rows = [r for r, (j, _) in enumerate(mb.owner) if j in want]
+            running: dict[str, dict[int, SlotState]] = {j: {} for j in ids}
+            for r, st in zip(rows, mb.batch.export(rows) if rows else [], strict=True):
+                job_id, index = mb.owner[r]
+                running[job_id][index] = st
+            for job_id in ids:
+                job = self.jobs[job_id]
+                running[job_id].update(job.held)
+                done = set(range(job.spec.num_images)) - set(running[job_id]) - set(job.waiting)
+                out[job_id] = JobResume(done=frozenset(done), running=running[job_id])
+        return {job_id: out[job_id] for job_id in job_ids}      # in the order asked
 
     def cancel(self, job_id: str) -> bool:
         """Drop a job and free its slots now; False if it was not here."""
         job = self.jobs.pop(job_id, None)
+        self._resuming.discard(job_id)
         if job is None:
             return False
         mb = self._batches[job.spec.model]
@@ -301,6 +232,14 @@ class Engine:
         """Give free slots to waiting images, fewest-running job first (then oldest)."""
         free = self.max_batch - self.active
         starts: dict[str, list[int]] = {}
+        if self._resuming:                    # resumed slots first: they were running
+            for job in [j for j in self.jobs.values() if j.job_id in self._resuming]:
+                while free > 0 and job.waiting and job.waiting[0] in job.held:
+                    starts.setdefault(job.job_id, []).append(job.waiting.popleft())
+                    job.running += 1
+                    free -= 1
+                if not job.waiting or job.waiting[0] not in job.held:
+                    self._resuming.discard(job.job_id)
         ready = [(j.running, j.admitted_at, k, j) for k, j in enumerate(self.jobs.values())
                  if j.waiting]
         heapq.heapify(ready)
@@ -314,7 +253,8 @@ class Engine:
         by_model: dict[str, list[tuple[EngineJob, list[int]]]] = {}
         for job_id, indices in starts.items():
             job = self.jobs[job_id]
-            job.started_tick.update(dict.fromkeys(indices, job.ticks))
+            job.started_tick.update({i: job.ticks - (job.held[i].pos if i in job.held else 0)
+                                     for i in indices})
             by_model.setdefault(job.spec.model, []).append((job, indices))
         for model, model_starts in by_model.items():
             self._batches[model].add(model_starts)
@@ -341,7 +281,7 @@ class Engine:
         """Ids of the admitted jobs of `model`."""
         return [j.job_id for j in self.jobs.values() if j.spec.model == model]
 
-    def _step_model(self, mb: _ModelBatch, report: StepReport) -> None:
+    def _step_model(self, mb: ModelSlots, report: StepReport) -> None:
         # Host time, with no device sync: the next step's Python overlaps this step's kernels,
         # and in steady state the launch queue makes this track the GPU's time per step.
         t0 = time.perf_counter()
@@ -379,7 +319,7 @@ class Engine:
             if job.done:
                 self.jobs.pop(job.job_id, None)
 
-    def _step_with_oom_retry(self, mb: _ModelBatch):  # type: ignore[no-untyped-def]
+    def _step_with_oom_retry(self, mb: ModelSlots):  # type: ignore[no-untyped-def]
         """Step; on out-of-memory halve the forward chunk and step again (jobs are kept)."""
         while True:
             try:

@@ -1,10 +1,35 @@
-"""The network as the engine's batch calls it: bf16 autocast and channels-last on CUDA,
-split into smaller forwards once memory ran out (Engine's out-of-memory retry)."""
+"""A resident model (`LoadedModel`: its checkpoint and what the worker advertises), and its
+network as the engine's batch calls it (`Forward`: bf16 autocast and channels-last on CUDA,
+split into smaller forwards once memory ran out: Engine's out-of-memory retry)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from contract.spec import ModelInfo
+from models import Checkpoint
+
+
+@dataclass
+class LoadedModel:
+    """A resident model: the network on its device and what the worker advertises."""
+
+    name: str
+    checkpoint: Checkpoint
+    info: ModelInfo
+    load_seconds: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, name: str, ckpt: Checkpoint, load_seconds: float) -> LoadedModel:
+        u, d = ckpt.config.unet, ckpt.config.diffusion
+        info = ModelInfo(name=name, image_size=u.image_size, in_channels=u.in_channels,
+                         num_timesteps=d.num_timesteps, num_classes=u.num_classes,
+                         class_names=list(ckpt.config.class_names),
+                         parameters=sum(p.numel() for p in ckpt.net.parameters()))
+        return cls(name=name, checkpoint=ckpt, info=info, load_seconds=load_seconds)
 
 
 class Forward:

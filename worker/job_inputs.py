@@ -1,6 +1,6 @@
 """A job's input images (img2img, inpainting, interpolation) as the engine's slots take
 them: stored PNGs checked against the spec's digests and turned into model-space tensors,
-and each image's conditioning fields of its `SlotSpec`."""
+each image's conditioning fields of its `SlotSpec`, and its `SlotSpec` (`slot_specs`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from contract.inputs import decode_canonical
 from contract.spec import GenerationSpec, ModelInfo
-from models import from_uint8
+from models import SlotSpec, from_uint8, sampler_kind
 
 
 def input_tensors(spec: GenerationSpec, pngs: Mapping[str, bytes | None],
@@ -54,3 +54,15 @@ def conditioning(inputs: Mapping[str, Tensor], index: int, num_images: int, *,
             "strength": strength, "mask": inputs.get("mask"), "init_b": b,
             "mix": index / max(1, num_images - 1) if b is not None else 0.0,
             "jump_length": jump_length, "jump_n_sample": jump_n_sample}
+
+
+def slot_specs(s: GenerationSpec, inputs: Mapping[str, Tensor], indices: list[int],
+               variance_type: str) -> list[SlotSpec]:
+    """The slots of these images of a request (`inputs`: its input images as model-space
+    tensors): the worker's jobs and `ddpm sample` make their slots here alike."""
+    kind = sampler_kind(s.sampler, variance_type)  # type: ignore[arg-type]
+    return [SlotSpec(seed=s.seed, steps=s.steps, kind=kind, eta=s.eta, label=s.class_label,
+                     guidance=s.guidance_scale,
+                     **conditioning(inputs, i, s.num_images, strength=s.effective_strength,
+                                    jump_length=s.jump_length, jump_n_sample=s.jump_n_sample))
+            for i in indices]
