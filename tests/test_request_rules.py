@@ -23,10 +23,6 @@ import argparse
 import base64
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +35,7 @@ import numpy as np
 import pytest
 import redis
 import torch
+from conftest import ApiProcess
 from PIL import Image
 
 from contract.limits import INPUT_FIELDS
@@ -46,7 +43,7 @@ from contract.rules import RULES, bounds, field_defaults, rules_schema
 from contract.spec import GenerationSpec, ModelInfo
 from contract.workers import advertise_worker
 from ddpm.cli import build_parser
-from ddpm.redis_server import RedisServer, free_port
+from ddpm.redis_server import RedisServer
 from ddpm.sample import UsageError, fit_request, model_info, sample_options
 from models import UNet, load_checkpoint, preset, save_checkpoint
 
@@ -236,38 +233,14 @@ def world(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     doc = {"name": "rules", "draining": False,
            "models": [dataclasses.asdict(i) for i in infos.values()]}
     advertise_worker(r, "rules", json.dumps(doc), 600, time.time())
-    port = free_port()
-    log = open(root / "api.log", "wb")  # noqa: SIM115 - closed below
-    env = {**os.environ, "DDPM_RATE_LIMIT": "0", "DDPM_LOG_LEVEL": "WARNING",
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm", "api", "--redis-url",
-                             redis_server.url, "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    api = ApiProcess(redis_server.url, root / "api.log", env={"DDPM_RATE_LIMIT": "0"})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("ddpm api did not start:\n"
-                            + (root / "api.log").read_text(errors="replace")[-4000:])
-            time.sleep(0.1)
-        schema = httpx.get(f"{url}/openapi.json", timeout=10).json()[
+        schema = httpx.get(f"{api.url}/openapi.json", timeout=10).json()[
             "components"]["schemas"]["GenerationRequest"]
-        yield World(url, checkpoints, infos, images,
+        yield World(api.url, checkpoints, infos, images,
                     jsonschema.Draft202012Validator(schema), root / "out")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+        api.stop()
         r.flushall()
 
 
