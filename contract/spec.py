@@ -4,6 +4,7 @@ validate with the same code."""
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -76,9 +77,17 @@ class RequestModel(BaseModel):
     def _integral_floats(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        ints = _int_fields(cls)
         fixed = {k: int(v) for k, v in data.items() if type(v) is float and v.is_integer()
-                 and k in cls.model_fields and _takes_int(cls.model_fields[k].annotation)}
+                 and k in ints}
         return {**data, **fixed} if fixed else data
+
+
+@functools.cache
+def _int_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """The fields of `cls` that take an int, found once per class: not two reads of
+    `model_fields` (~0.4 µs each) per integral float at every validation."""
+    return frozenset(k for k, f in cls.model_fields.items() if _takes_int(f.annotation))
 
 
 def _takes_int(annotation: Any) -> bool:

@@ -101,6 +101,7 @@ class EventWriter:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._sha = hashlib.sha1(redis_batch.SCRIPT.encode()).hexdigest()   # as EVALSHA's
+        self._ran = False             # the script has run here: a NOSCRIPT now means a loss
 
     # -- the loop's side ---------------------------------------------------------------
 
@@ -294,13 +295,18 @@ class EventWriter:
             self._written_cond.notify_all()
 
     def _run_script(self, keys: list[Any], args: list[Any]) -> Any:
-        """EVALSHA of the batch script (WriteBatch.run's `script`); ScriptsLost, after
-        loading it again, when Redis no longer had it."""
+        """EVALSHA of the batch script (WriteBatch.run's `script`). A Redis that never had
+        it (this writer's first write) gets it loaded and the write sent again; one that
+        lost it after it ran here (restarted, flushed): ScriptsLost, after loading it."""
         try:
-            return self.redis.evalsha(self._sha, len(keys), *keys, *args)
+            out = redis_batch.evalsha(self.redis, self._sha, keys, args)
         except NoScriptError:
             self._sha = self.redis.script_load(redis_batch.SCRIPT)
-            raise ScriptsLost() from None
+            if self._ran:
+                raise ScriptsLost() from None
+            out = redis_batch.evalsha(self.redis, self._sha, keys, args)
+        self._ran = True
+        return out
 
 
 def _encode_all(ops: list[FrameWrite]) -> None:

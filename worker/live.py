@@ -16,9 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contract.events import Event, EventType, JobResult
+from contract.events import Canceled, Done, Error, JobResult, Requeued
 from contract.keys import image_key
-from contract.preview import Preview
 from contract.spec import GenerationSpec
 
 from .engine import Engine
@@ -52,12 +51,15 @@ class LiveJob:
 
     id: str
     spec: GenerationSpec | None = None      # None until its payload is read
-    preview: Preview | None = None          # its snapshot frames, once its model is known
     started: float = field(default_factory=time.monotonic)
     queue_wait: float = 0.0
     last_seq: int = 0             # the last writer batch that carries this job's writes
     complete: bool = False        # every image computed; waiting for its writes
-    last_progress: float = 0.0
+    # The progress throttle starts at `started`: a first step's progress would reach the
+    # stream in the same write as `started` (no reader can tell the two moments apart), so
+    # a job shorter than the interval sends only its last progress (a 1-image job: 4
+    # events, not 5).
+    last_progress: float = field(default_factory=time.monotonic)
 
 
 class LiveJobs:
@@ -101,14 +103,14 @@ class LiveJobs:
         Raises RedisError with the jobs still live: the next pass tries again."""
         if not runs:
             return
-        results = {r.id: self._job_result(r).to_dict() for r in runs}
-        self.rq.succeed(results)
+        results = {r.id: self._job_result(r) for r in runs}
+        self.rq.succeed({job_id: result.to_dict() for job_id, result in results.items()})
         with self.lock:
             for r in runs:
                 self._jobs.pop(r.id, None)
         batch = Batch()
         for r in runs:
-            batch.event(r.id, Event(EventType.DONE, results[r.id]))
+            batch.event(r.id, Done.of(results[r.id]))
             elapsed = time.monotonic() - r.started
             self.metrics.jobs.labels("succeeded").inc()
             self.metrics.duration.labels("succeeded").observe(elapsed)
@@ -138,12 +140,11 @@ class LiveJobs:
         outcome = self.rq.fail(run.id, message, retry=retry, stopped=stopped)
         requeued = outcome == "requeued"
         log.warning("job %s %s: %s", run.id, outcome, message)
-        kind = (EventType.CANCELED if stopped else EventType.REQUEUED if requeued
-                else EventType.ERROR)
+        kind = Canceled if stopped else Requeued if requeued else Error
         if batch is not None:
-            batch.event(run.id, Event(kind, {"message": message}))
+            batch.event(run.id, kind(message=message))
         else:
-            self.writer.event(run.id, Event(kind, {"message": message}))
+            self.writer.event(run.id, kind(message=message))
         self.metrics.jobs.labels(outcome).inc()
         self.metrics.duration.labels(outcome).observe(time.monotonic() - run.started)
 
@@ -155,7 +156,7 @@ class LiveJobs:
 
     def canceled_before_start(self, job_id: str, reason: str = "canceled") -> None:
         self.rq.canceled(job_id, reason)
-        self.writer.event(job_id, Event(EventType.CANCELED, {"message": reason}))
+        self.writer.event(job_id, Canceled(message=reason))
         self.metrics.jobs.labels("canceled").inc()
         log.info("job %s canceled", job_id)
 
@@ -164,7 +165,7 @@ class LiveJobs:
         for run in self:
             self._free(run)
             self.rq.requeue(run.id)
-            self.writer.event(run.id, Event(EventType.REQUEUED, {"worker": self.rq.name}))
+            self.writer.event(run.id, Requeued(worker=self.rq.name))
             log.info("job %s re-queued", run.id)
 
     def _free(self, run: LiveJob) -> None:

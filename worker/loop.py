@@ -30,7 +30,7 @@ import torch
 from redis import Redis
 from redis.exceptions import RedisError
 
-from contract.events import Event, EventType
+from contract.events import Progress
 from contract.keys import queue_name
 from contract.limits import PRIORITIES
 from contract.redis_errors import redis_full
@@ -227,21 +227,25 @@ class BatchWorker:
         for model, n in report.slots.items():
             m.steps.labels(model).inc(n)
             m.forward.labels(model).observe(report.forward_seconds[model])
+        get = self.live.get
+        finals: dict[str, int] = {}
         for frame in report.frames:
-            run = self.live.get(frame.job_id)
+            run = get(frame.job_id)
             if run is None or run.spec is None:
                 continue
-            assert run.preview is not None
-            batch.frame(frame, run.spec.steps_per_image, run.spec.snapshot_kind, run.preview)
+            batch.frame(frame)          # labelled by its job's frame plan (frame.plan)
             if frame.final:
-                m.images.labels(run.spec.model).inc()
-        t = time.monotonic()
+                finals[run.spec.model] = finals.get(run.spec.model, 0) + 1
+        for model, n in finals.items():
+            m.images.labels(model).inc(n)
+        # Every running job has an entry per step: this loop is per job and step.
+        t, interval = time.monotonic(), self.settings.progress_interval
         for p in report.progress:
-            run = self.live.get(p.job_id)
+            run = get(p.job_id)
             if run is None or run.spec is None:
                 continue
             run.complete = p.done
-            if p.done or t - run.last_progress >= self.settings.progress_interval:
+            if p.done or t - run.last_progress >= interval:
                 run.last_progress = t
                 self._progress(run, p.steps_done, p.images_done, p.image_steps, batch)
 
@@ -252,8 +256,6 @@ class BatchWorker:
         tells the two apart: the job is `started` until then either way)."""
         assert run.spec is not None
         total = run.spec.total_steps
-        data = {"steps_done": steps_done, "total_steps": total, "images_done": images_done,
-                "num_images": run.spec.num_images, "image_steps": image_steps}
         fields = {"progress": round(steps_done / total, 4), "steps_done": steps_done,
                   "images_done": images_done, "image_steps": image_steps}
         try:    # RQ's job meta
@@ -266,7 +268,10 @@ class BatchWorker:
             self.live.fail(run, f"storing results failed: {type(e).__name__}: {e}",
                            retry=True, batch=batch)
             return
-        batch.event(run.id, Event(EventType.PROGRESS, data))
+        batch.event(run.id, Progress(steps_done=steps_done, total_steps=total,
+                                     images_done=images_done, num_images=run.spec.num_images,
+                                     image_steps=image_steps,
+                                     steps_per_image=run.spec.steps_per_image))
         if meta is not None:
             batch.hset(run.id, key, "meta", meta)
 

@@ -1,15 +1,11 @@
 """RQ's bookkeeping for many jobs at once, and the workarounds a batching worker needs.
 
 RQ stays the source of truth: every job gets RQ's own execution, registries, status,
-result and heartbeats, in RQ's own layout. What changes is how they reach Redis. RQ does a
-job's bookkeeping one job at a time, several round-trips each (a dequeue, a fetch, an
-execution, marking it started, a heartbeat, a success with its dependents check...). A
-batching worker starts and ends many jobs in the same step, so here each of those is one
-round-trip per step for all of them: the jobs a step takes are fetched in one script and
-marked started in another; the jobs a step finishes succeed in one (rq_layout.py: RQ's
-writes, by one script each, with a few arguments per job); every live execution is
-renewed in one pipeline. The rare paths (failure, retry, dependents, callbacks, repeats)
-are RQ's own methods.
+result and heartbeats, in RQ's own layout; only how they reach Redis changes. RQ does a
+job's bookkeeping one job at a time, several round-trips each; here a step's takes are
+fetched by one script and marked started by another, a step's successes recorded by one
+(rq_layout.py: RQ's writes, a few arguments per job), every live execution renewed in one
+pipeline. The rare paths (failure, retry, dependents, callbacks, repeats) are RQ's own.
 
 The workarounds (each found by a test in tests/reliability, and explained where it lives):
 the atomic take into RQ's intermediate list, marking started only where no cancel came
@@ -21,6 +17,7 @@ Internal to the RQ side: `RqSide` (rq_side.py) is what the rest of the worker ca
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,8 +31,10 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus, parse_job_id, validate_job_id
 from rq.queue import Queue
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.serializers import resolve_serializer
 from rq.utils import now, utcformat
 
+from .redis_batch import PackedScript
 from .rq_layout import Layout, SuccessArgs, return_value
 
 log = logging.getLogger("ddpm.worker")
@@ -78,7 +77,7 @@ for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[1]) end
 return out
 """
 
-
+_resolve_serializer = functools.cache(resolve_serializer)
 # Where RQ's own code sends a job's webhooks (its failure path; jobs abandoned past their
 # retries, found by the maintenance pass): (job, status, error) → the worker's sender.
 Notify = Callable[[Job, str, "str | None"], None]
@@ -95,6 +94,17 @@ class BatchJob(Job):
 
     _shared: ClassVar[dict[tuple[type, str, int], Any]] = {}
     _notify: ClassVar[Notify | None] = None
+
+    def __init__(self, id: str | None = None, connection: Redis | None = None,
+                 serializer: Any = None) -> None:
+        """RQ's, its serializer resolved once, not per job (RQ checks it against a typing
+        Protocol, ~11 µs); RQ's __init__ uses the argument only to set `serializer`."""
+        try:
+            resolved = _resolve_serializer(serializer)
+        except TypeError:       # unhashable: resolved each time, as RQ does
+            resolved = resolve_serializer(serializer)
+        super().__init__(id, connection=connection)
+        self.serializer = resolved
 
     def _registry(self, kind: type) -> Any:
         key = (kind, self.origin, id(self.connection))
@@ -159,13 +169,12 @@ class RqJobs:
     """RQ's job bookkeeping for `worker`, batched per step."""
 
     def __init__(self, worker: Any) -> None:
-        """`worker`: RQ's worker object (rq_worker.RqWorker; the take alone needs only its
-        connection, job class and serializer)."""
+        """`worker`: RQ's worker object (rq_worker.RqWorker)."""
         self.worker = worker
         self.redis: Redis = worker.connection
-        self._take = self.redis.register_script(_TAKE)
+        self._take = PackedScript(self.redis, _TAKE)
         self._layout = Layout(self.redis)
-        self._hget_each = self.redis.register_script(_HGET_EACH)
+        self._hget_each = PackedScript(self.redis, _HGET_EACH)
 
     # -- taking and starting -----------------------------------------------------------
 

@@ -35,6 +35,8 @@ from rq.results import Result
 from rq.utils import current_timestamp, now, utcformat
 from rq.worker.base import WorkerStatus
 
+from .redis_batch import PackedScript
+
 # The fields each script writes, by hand, where RQ writes them (checked by the surface test).
 EXECUTION_FIELDS = ("id", "job_id", "created_at", "last_heartbeat", "worker_name")
 """Execution.serialize (rq/executions.py), saved by Execution.create."""
@@ -186,8 +188,8 @@ class Layout:
     """The two scripts on one connection, and their arguments."""
 
     def __init__(self, redis: Any) -> None:
-        self._start = redis.register_script(_START)
-        self._succeed = redis.register_script(_SUCCEED)
+        self._start = PackedScript(redis, _START)
+        self._succeed = PackedScript(redis, _SUCCEED)
 
     def start(self, worker: Any, jobs: list[tuple[str, str, str, str, datetime]],
               execution_ttl: int, heartbeat_ttl: int) -> list[bool]:

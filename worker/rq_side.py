@@ -93,6 +93,7 @@ class RqSide:
         self._lock = threading.Lock()
         self._idle = False
         self._looked = 0.0          # when the queues were last looked at (take)
+        self._checked = 0.0         # ... and when the wake lists were
         self._full = False          # the last take got all it wanted: more may wait
         self.worker = RqWorker(
             queues, name=name, connection=connection, serializer=SERIALIZER,
@@ -154,17 +155,22 @@ class RqSide:
 
     # -- taking and starting -----------------------------------------------------------
 
-    def take(self, want: int, wake_keys: tuple[str, ...] = (),
-             poll: float = 0.0) -> tuple[list[str], list[Unstartable]]:
+    def take(self, want: int, wake_keys: tuple[str, ...] = (), poll: float = 0.0,
+             check: float = 0.0) -> tuple[list[str], list[Unstartable]]:
         """Up to `want` job ids in priority order (RqJobs.take); the jobs whose hash cannot
         be loaded come apart, to be failed with `fail_unreadable`.
 
         With `wake_keys`, the queues are looked at only when work may wait there: a wake
         token came (our enqueues push one), the last take was full, or `poll` seconds have
         passed since the queues were last looked at (jobs enqueued by plain RQ push none);
-        a busy worker's pass otherwise costs one command, not an LMOVE per queue."""
+        a busy worker's pass otherwise costs one command, not an LMOVE per queue, and none
+        at all within `check` seconds of its last look at the wake lists: a token waits
+        that long at most, and Redis serves a round-trip per `check`, not one per pass."""
         t = time.monotonic()
         look = not wake_keys or self._full or t - self._looked >= poll
+        if not look and t - self._checked < check:
+            return [], []
+        self._checked = t
         taken, bad = self.jobs.take(self.worker.queues, want, wake_keys, look)
         if look:
             self._looked = t

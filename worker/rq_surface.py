@@ -156,6 +156,9 @@ SURFACE: tuple[Name, ...] = (
          "its HSET: rq_layout.JOB_START_FIELDS"),
     Name("rq.job", "Job.to_dict", C, ("include_meta", "include_result"),
          "what Job._handle_success saves: rq_layout.JOB_SUCCESS_FIELDS change"),
+    Name("rq.job", "Job.__init__", C, ("id", "connection", "serializer"),
+         "rq_jobs.BatchJob resolves the serializer once (test_batch_jobs_are_rqs_jobs)"),
+    Name("rq.serializers", "resolve_serializer", C, ("serializer",)),
     Name("rq.job", "Job.dependencies_key", A),
     Name("rq.job", "Job.rate_limit_key", A),
     Name("rq.job", "Job.serializer", A),
@@ -171,6 +174,19 @@ SURFACE: tuple[Name, ...] = (
     Name("redis.client", "Redis.response_callbacks", A),
     Name("redis.client", "Redis.connection_pool", A),
     Name("redis.client", "Redis.register_script", C, ("script",)),
+    # -- redis-py: a script's arguments packed by hiredis, sent on a pooled connection
+    # -- (redis_batch.evalsha), as Redis._execute_command sends a command -----------------
+    Name("redis.client", "Redis.connection", A, why="None unless single_connection_client"),
+    Name("redis.client", "Redis.evalsha", C),
+    Name("redis.client", "Redis.script_load", C, ("script",)),
+    Name("redis.connection", "ConnectionPool.get_connection", C),
+    Name("redis.connection", "ConnectionPool.release", C, ("connection",)),
+    Name("redis.connection", "AbstractConnection.send_packed_command", C, ("command",)),
+    Name("redis.connection", "AbstractConnection.read_response", C),
+    Name("redis.connection", "AbstractConnection.disconnect", C),
+    Name("redis.connection", "AbstractConnection.retry", A),
+    Name("redis.retry", "Retry.call_with_retry", C, ("do", "fail")),
+    Name("hiredis", "pack_command", C),
 )
 
 PRIVATE = tuple(sorted({n.qualname.rsplit(".", 1)[-1] for n in SURFACE

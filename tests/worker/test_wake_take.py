@@ -7,7 +7,8 @@ with nothing pushed, the passes of a busy worker never look. Each test drives ad
 passes of a real in-process worker against a real Redis, with the worker busy on a long
 job, and counts what Redis ran (INFO commandstats counts the commands inside scripts too).
 The poll interval is set per test (huge: no fallback look can fall in the test; tiny: it
-falls soon), so nothing here depends on how fast the machine is.
+falls soon), and so is WAKE_CHECK, the least time between two looks for a token (0 but in
+the test of it), so nothing here depends on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def _pass(w: BatchWorker) -> None:
 def busy(r: redis.Redis, redis_url: str, models_dir: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """A worker running one long 1-image job, with room for more, its queues empty."""
 
-    def make(poll: float) -> BatchWorker:
+    def make(poll: float, check: float = 0.0) -> BatchWorker:
         monkeypatch.setattr(worker.admission, "WAKE_TIMEOUT", poll)
+        monkeypatch.setattr(worker.admission, "WAKE_CHECK", check)
         w = build_worker(WorkerSettings(redis_url=redis_url, models_dir=models_dir,
                                         device="cpu", max_batch=8, models=["tiny"]))
         made.append(w)
@@ -80,6 +82,22 @@ def test_a_job_of_ours_joins_a_busy_batch_at_the_next_pass(r: redis.Redis, busy)
     for _ in range(5):
         _pass(w)
     job = enqueue(r, GenerationSpec(model="tiny", steps=2, seed=1))    # pushes a token
+    _pass(w)
+    assert w.live.get(job.id) is not None
+
+
+def test_a_busy_worker_looks_for_a_token_at_most_every_check_interval(
+        r: redis.Redis, busy, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Within WAKE_CHECK of its last look, a busy pass sends Redis nothing at all, a token
+    pushed meanwhile included; the first pass past it takes the job."""
+    w = busy(NEVER, check=NEVER)
+    evalsha = _calls(r, "evalsha")
+    job = enqueue(r, GenerationSpec(model="tiny", steps=2, seed=1))    # pushes a token
+    for _ in range(50):
+        _pass(w)
+    assert _calls(r, "evalsha") == evalsha, "a busy pass looked within the check interval"
+    assert w.live.get(job.id) is None
+    monkeypatch.setattr(worker.admission, "WAKE_CHECK", 0.0)
     _pass(w)
     assert w.live.get(job.id) is not None
 

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 import torch
 from rq import Queue
@@ -18,7 +19,7 @@ from contract.keys import JOB_FUNC, SERIALIZER, events_key, queue_name
 from contract.queueing import cancel, enqueue, fetch_job
 from contract.spec import GenerationSpec
 from worker.main import build_worker
-from worker.redis_batch import SCRIPT, WriteBatch
+from worker.redis_batch import SCRIPT, PackedScript, WriteBatch
 from worker.settings import WorkerSettings
 
 
@@ -150,6 +151,23 @@ def test_write_batch_runs_each_group_only_where_its_guard_holds(r: redis.Redis) 
     assert r.hget("job:b", "w") is None and not r.exists("job:gone")
     assert r.lrange("ran", 0, -1) == [b"a"]
     assert len(wb) == 0 and wb.run(run) == []
+
+
+def test_a_packed_script_sends_what_redis_pys_own_packing_sends(r: redis.Redis) -> None:
+    """The RQ side's and the writer's scripts have their arguments packed by hiredis in one
+    call: Redis gets exactly what redis-py's own EVALSHA sends, for every type of argument
+    they pass; a script Redis does not have is loaded; a type redis-py refuses is refused."""
+    script = "return {KEYS[1], KEYS[2], unpack(ARGV)}"
+    keys = ["k1", "k2"]
+    args = ["text", "é", b"\x00\xffbytes", 3, -7, 10**20, 2.5, 0.1, 1e20, 1 / 3]
+    r.script_flush()
+    packed = PackedScript(r, script)
+    got = packed(keys=keys, args=args)
+    assert got == r.register_script(script)(keys=keys, args=args)
+    assert got[2:] == [b"text", "é".encode(), b"\x00\xffbytes", b"3", b"-7",
+                       str(10**20).encode(), b"2.5", b"0.1", b"1e+20", repr(1 / 3).encode()]
+    with pytest.raises(redis.DataError):
+        packed(keys=keys, args=[True])
 
 
 class _OutOfMemory:

@@ -84,6 +84,24 @@ def test_jobs_finish_with_pngs_events_and_ttls(r, redis_url, models_dir) -> None
     assert StartedJobRegistry(queue=q).count == 0
 
 
+def test_progress_is_throttled_from_the_start(r, redis_url, models_dir) -> None:
+    """Progress events come at most every `progress_interval`, counted from `started` (a
+    first step's progress would land in the same write): a job shorter than the interval
+    sends only its last progress, which says every step is done; with no interval, every
+    step sends one."""
+    slow = enqueue(r, GenerationSpec(model="tiny", steps=4, seed=1))
+    run_burst(redis_url, models_dir, progress_interval=3600.0)
+    assert [e.type for e in events(r, slow.id)] == [
+        EventType.STARTED, EventType.IMAGE, EventType.PROGRESS, EventType.DONE]
+    last = [e for e in events(r, slow.id) if e.type == EventType.PROGRESS][-1]
+    assert last.data["steps_done"] == last.data["total_steps"] == 4
+    assert fetch_job(r, slow.id).meta["progress"] == 1.0
+    every = enqueue(r, GenerationSpec(model="tiny", steps=4, seed=2))
+    run_burst(redis_url, models_dir, progress_interval=0.0)
+    assert [e.data["steps_done"] for e in events(r, every.id)
+            if e.type == EventType.PROGRESS] == [1, 2, 3, 4]
+
+
 def test_same_request_alone_and_in_a_busy_batch_gives_the_same_images(
         r, redis_url, models_dir) -> None:
     spec = GenerationSpec(model="tiny", num_images=2, steps=8, seed=11, sampler="ddpm")

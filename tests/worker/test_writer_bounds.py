@@ -370,18 +370,40 @@ def test_a_job_that_ended_here_gets_its_ttls_set_again_when_it_runs_again(
     w.close()
 
 
-def test_a_redis_that_lost_the_writers_script_gets_every_ttl_again(r: redis.Redis) -> None:
+LOST = "lost the writer's script"
+
+
+def test_a_redis_that_lost_the_writers_script_gets_every_ttl_again(
+        r: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
     """Redis restarted (its data gone) or SCRIPT FLUSH: the writer cannot know which keys
-    still have the TTLs it set, so it sets them all again."""
+    still have the TTLs it set, so it sets them all again, and says so."""
     w = EventWriter(r, ttl=600, maxlen=100)
     key = events_key("t4")
     assert w.wait(w.event("t4", Started()), timeout=30)
     r.persist(key)
     r.script_flush()
-    seq = w.event("t4", Progress(steps_done=1))
-    assert w.wait(seq, timeout=30) and w.error("t4") is None
+    with caplog.at_level("WARNING", logger="ddpm.worker"):
+        seq = w.event("t4", Progress(steps_done=1))
+        assert w.wait(seq, timeout=30) and w.error("t4") is None
     assert 0 < r.ttl(key) <= 600
     assert [e.type for _, e in entries(r, "t4")] == [EventType.STARTED, EventType.PROGRESS]
+    assert any(LOST in m for m in caplog.messages), caplog.messages
+    w.close()
+
+
+def test_a_writers_first_write_to_a_redis_without_its_script_is_no_loss(
+        r: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """A fresh Redis has never had the writer's script: the first write loads it and is
+    written once, with no warning and nothing it remembers reset."""
+    r.script_flush()
+    w = EventWriter(r, ttl=600, maxlen=100)
+    w.ttls.mark({("stream", "t4b"): time.monotonic()})    # as if set by an earlier run
+    with caplog.at_level("WARNING", logger="ddpm.worker"):
+        assert w.wait(w.event("t4a", Started()), timeout=30) and w.error("t4a") is None
+    assert not [m for m in caplog.messages if LOST in m], caplog.messages
+    assert [e.type for _, e in entries(r, "t4a")] == [EventType.STARTED]
+    assert 0 < r.ttl(events_key("t4a")) <= 600
+    assert not w.ttls.due("stream", "t4b", time.monotonic()), "nothing to set again"
     w.close()
 
 
