@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError
 try:
     from hiredis import pack_command
 except ImportError:          # a declared dependency; without it, redis-py packs
-    pack_command = None
+    pack_command = None  # type: ignore[assignment]
 
 from .frames import FRAME_COMMAND, FRAME_LUA
 

@@ -8,11 +8,10 @@ fetched by one script and marked started by another, a step's successes recorded
 pipeline. The rare paths (failure, retry, dependents, callbacks, repeats) are RQ's own.
 
 The workarounds (each found by a test in tests/reliability, and explained where it lives):
-the atomic take into RQ's intermediate list, marking started only where no cancel came
-first, putting back jobs taken as Redis went away, pruning dead executions,
-failing unreadable job hashes (the maintenance ones are in rq_registries.py).
-
-Internal to the RQ side: `RqSide` (rq_side.py) is what the rest of the worker calls.
+the atomic take into RQ's intermediate list, marking started only where no cancel came first,
+putting back jobs taken as Redis went away, pruning dead executions, failing unreadable job
+hashes (the maintenance ones are in rq_registries.py). Internal to the RQ side:
+`RqSide` (rq_side.py) is what the rest of the worker calls.
 """
 
 from __future__ import annotations
@@ -23,14 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from uuid import uuid4
 
 from redis import Redis
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus, parse_job_id, validate_job_id
 from rq.queue import Queue
-from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.registry import BaseRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import resolve_serializer
 from rq.utils import now, utcformat
 
@@ -81,6 +80,7 @@ _resolve_serializer = functools.cache(resolve_serializer)
 # Where RQ's own code sends a job's webhooks (its failure path; jobs abandoned past their
 # retries, found by the maintenance pass): (job, status, error) → the worker's sender.
 Notify = Callable[[Job, str, "str | None"], None]
+_R = TypeVar("_R", bound=BaseRegistry)
 
 
 class BatchJob(Job):
@@ -106,7 +106,7 @@ class BatchJob(Job):
         super().__init__(id, connection=connection)
         self.serializer = resolved
 
-    def _registry(self, kind: type) -> Any:
+    def _registry(self, kind: type[_R]) -> _R:
         key = (kind, self.origin, id(self.connection))
         registry = self._shared.get(key)
         if registry is None:
@@ -116,11 +116,11 @@ class BatchJob(Job):
         return registry
 
     @property
-    def started_job_registry(self) -> StartedJobRegistry:  # type: ignore[override]
+    def started_job_registry(self) -> StartedJobRegistry:
         return self._registry(StartedJobRegistry)
 
     @property
-    def finished_job_registry(self) -> FinishedJobRegistry:  # type: ignore[override]
+    def finished_job_registry(self) -> FinishedJobRegistry:
         return self._registry(FinishedJobRegistry)
 
     def send_webhooks(self, status: str | JobStatus, *, exc_string: str | None = None) -> None:

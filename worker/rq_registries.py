@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
 from rq import worker_registration
@@ -53,7 +53,7 @@ def clean_canceled(redis: Redis, queues: list[Queue], ttl: int) -> None:
     t = time.time()
     for queue in queues:
         key = queue.canceled_job_registry.key
-        due = redis.zrangebyscore(key, 0, t)
+        due = cast("list[bytes]", redis.zrangebyscore(key, 0, t))
         if not due:
             continue
         with redis.pipeline(transaction=False) as p:

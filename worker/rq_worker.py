@@ -130,5 +130,5 @@ class RqWorker(BaseWorker):
                                              max(self.maintenance_interval - 1, 1))
 
     def run_maintenance_tasks(self) -> None:
-        super().run_maintenance_tasks()
+        super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
         rq_registries.clean_canceled(self.connection, self.queues, self.result_ttl)
