@@ -228,6 +228,12 @@ class ApiProcess:
         self._log.close()
 
 
+@pytest.fixture(scope="session")
+def api_process() -> type[ApiProcess]:
+    """The `ddpm api` process class, for fixtures of a wider scope than `start_api`'s."""
+    return ApiProcess
+
+
 @pytest.fixture
 def start_api(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., ApiProcess]]:
     """`start_api(env={...})`: another API process (settings through DDPM_* variables),

@@ -35,7 +35,6 @@ import numpy as np
 import pytest
 import redis
 import torch
-from conftest import ApiProcess
 from PIL import Image
 
 from contract.limits import INPUT_FIELDS
@@ -217,8 +216,8 @@ def _checkpoints(root: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def world(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[World]:
+def world(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory,
+          api_process: Any) -> Iterator[World]:
     """The test checkpoints, advertised as a worker serving them would; an API on them."""
     root = tmp_path_factory.mktemp("rules")
     checkpoints = _checkpoints(root / "models")
@@ -233,7 +232,7 @@ def world(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     doc = {"name": "rules", "draining": False,
            "models": [dataclasses.asdict(i) for i in infos.values()]}
     advertise_worker(r, "rules", json.dumps(doc), 600, time.time())
-    api = ApiProcess(redis_server.url, root / "api.log", env={"DDPM_RATE_LIMIT": "0"})
+    api = api_process(redis_server.url, root / "api.log", env={"DDPM_RATE_LIMIT": "0"})
     try:
         schema = httpx.get(f"{api.url}/openapi.json", timeout=10).json()[
             "components"]["schemas"]["GenerationRequest"]
