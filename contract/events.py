@@ -146,6 +146,7 @@ class Started(_Typed):
     num_images: int = 0
     steps_per_image: int = 0          # network steps of one image (RePaint's jumps included)
     queue_wait_s: float = 0.0         # seconds from enqueue to start
+    resumed_at: int | None = None     # continued from a resume state at this many steps
 
     def data(self) -> dict[str, Any]:
         return _aliased(super().data(), STARTED_ALIASES)
@@ -263,6 +264,7 @@ class Requeued(_Typed):
     type: ClassVar[EventType] = EventType.REQUEUED
     message: str | None = None
     worker: str | None = None
+    saved_at: int | None = None       # its resume state was stored at this many steps
 
 
 TypedEvent = Started | Progress | Snapshot | FinalImage | Done | Error | Canceled | Requeued

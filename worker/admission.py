@@ -16,7 +16,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from contract.events import Error, Started
-from contract.keys import WAKE_TIMEOUT, input_key, wake_key
+from contract.keys import WAKE_TIMEOUT, input_key, resume_key, wake_key
 from contract.redis_errors import redis_full
 
 from .catalog import Catalog
@@ -24,6 +24,7 @@ from .engine import Engine, input_tensors
 from .events import Batch, EventWriter
 from .live import JobError, LiveJob, LiveJobs, parse_spec
 from .metrics import WorkerMetrics
+from .resume import JobResume, ResumeStateError, decode
 from .rq_side import RqSide, Unstartable
 from .settings import WorkerSettings
 
@@ -120,12 +121,14 @@ class Admission:
                 continue
             runs.append(run)
         try:
-            pngs = self._input_images(runs)
+            pngs, states = self._stored(runs)
         except RedisError as e:             # RQ's Retry brings them back
             for run in [r for r in runs if r.spec and r.spec.inputs]:
                 runs.remove(run)
                 self.live.fail(run, f"input images could not be read: {e}", retry=True)
-            pngs = {}
+            for run in runs:                # step 0 (the same images); any state goes
+                run.saved = True            # when it succeeds
+            pngs, states = {}, {}
         for run in runs:
             spec = run.spec
             assert spec is not None
@@ -133,29 +136,71 @@ class Admission:
                 model = self.engine.models.get(spec.model)
                 inputs = input_tensors(spec, pngs.get(run.id, {}), model.info) \
                     if model is not None else None
-                job = self.engine.admit(run.id, spec, inputs)   # ValueError: not served
+                resume = self._resume_state(run, states.get(run.id), own)
+                try:
+                    job = self.engine.admit(run.id, spec, inputs, resume=resume)
+                except ValueError:
+                    if resume is None:
+                        raise                               # not served, or bad inputs
+                    self._refuse_state(run, "the engine refused it", own)
+                    resume = None
+                    job = self.engine.admit(run.id, spec, inputs)
             except ValueError as e:
                 self.live.fail(run, str(e), retry=False)
                 continue
+            resumed_at = None if resume is None else resume.steps_done(spec.steps_per_image)
             own.event(run.id, Started(worker=self.rq.name, model=spec.model,
                                       num_images=spec.num_images,
                                       steps_per_image=job.plan.steps_per_image,
-                                      queue_wait_s=round(run.queue_wait, 3)))
-            log.info("job %s started: %s ×%d, %s %d steps", run.id, spec.model,
-                     spec.num_images, spec.sampler, spec.steps)
+                                      queue_wait_s=round(run.queue_wait, 3),
+                                      resumed_at=resumed_at))
+            log.info("job %s started: %s ×%d, %s %d steps%s", run.id, spec.model,
+                     spec.num_images, spec.sampler, spec.steps,
+                     "" if resumed_at is None else f", resumed at step {resumed_at}")
         if batch is None:
             self.live.send(own)
 
-    def _input_images(self, runs: list[LiveJob]) -> dict[str, dict[str, bytes | None]]:
-        """The stored input images of these jobs (job → field → PNG): one MGET for all."""
+    def _stored(self, runs: list[LiveJob]) -> tuple[dict[str, dict[str, bytes | None]],
+                                                     dict[str, bytes]]:
+        """The stored input images of these jobs (job → field → PNG) and their resume
+        states (job → bytes, worker/drain.py): one MGET for all."""
         wanted = [(run.id, f) for run in runs if run.spec for f in run.spec.inputs]
-        if not wanted:
-            return {}
-        found = self.redis.mget([input_key(job_id, f) for job_id, f in wanted])
+        ids = [run.id for run in runs]
+        if not ids:
+            return {}, {}
+        found = self.redis.mget([input_key(job_id, f) for job_id, f in wanted]
+                                + [resume_key(job_id) for job_id in ids])
         out: dict[str, dict[str, bytes | None]] = {}
-        for (job_id, f), png in zip(wanted, found, strict=True):
+        for (job_id, f), png in zip(wanted, found, strict=False):
             out.setdefault(job_id, {})[f] = png
-        return out
+        states = {job_id: data for job_id, data in zip(ids, found[len(wanted):], strict=True)
+                  if data is not None}
+        return out, states
+
+    def _resume_state(self, run: LiveJob, data: bytes | None, batch: Batch) -> JobResume | None:
+        """The job's stored state, if it has one this job on this model can continue from;
+        one it cannot (another model or request, damaged) is deleted: step 0."""
+        if data is None:
+            return None
+        run.saved = True
+        spec = run.spec
+        assert spec is not None
+        model = self.engine.models.get(spec.model)
+        if model is None:
+            return None
+        try:
+            state = decode(data, spec, model.info)
+        except ResumeStateError as e:
+            self._refuse_state(run, str(e), batch)
+            return None
+        self.metrics.resumed.labels("resumed").inc()
+        return state
+
+    def _refuse_state(self, run: LiveJob, why: str, batch: Batch) -> None:
+        log.warning("job %s: its resume state is not used (%s); it starts from step 0",
+                    run.id, why)
+        self.metrics.resumed.labels("refused").inc()
+        batch.value(run.id, resume_key(run.id), None, 0)
 
     def _fail_unreadable(self, bad: Unstartable) -> None:
         message = f"job cannot be read: {bad.reason}"

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from contract.events import Canceled, Done, Error, JobResult, Requeued
-from contract.keys import image_key
+from contract.keys import image_key, resume_key
 from contract.spec import GenerationSpec
 
 from .engine import Engine
@@ -60,6 +60,9 @@ class LiveJob:
     # a job shorter than the interval sends only its last progress (a 1-image job: 4
     # events, not 5).
     last_progress: float = field(default_factory=time.monotonic)
+    # A resume state of the job's may be stored (it came with one, or a checkpoint was
+    # written here): deleted when the job succeeds.
+    saved: bool = False
 
 
 class LiveJobs:
@@ -111,6 +114,8 @@ class LiveJobs:
         batch = Batch()
         for r in runs:
             batch.event(r.id, Done.of(results[r.id]))
+            if r.saved:
+                batch.value(r.id, resume_key(r.id), None, 0)
             elapsed = time.monotonic() - r.started
             self.metrics.jobs.labels("succeeded").inc()
             self.metrics.duration.labels("succeeded").observe(elapsed)
@@ -167,6 +172,10 @@ class LiveJobs:
             self.rq.requeue(run.id)
             self.writer.event(run.id, Requeued(worker=self.rq.name))
             log.info("job %s re-queued", run.id)
+
+    def forget(self, run: LiveJob) -> None:
+        """A job that left this worker another way (a drain re-queued it)."""
+        self._free(run)
 
     def _free(self, run: LiveJob) -> None:
         """Free a job's slots and forget it here (the RQ side ends its execution)."""

@@ -37,6 +37,7 @@ from contract.redis_errors import redis_full
 
 from .admission import Admission
 from .catalog import Catalog
+from .drain import Resumer
 from .engine import Engine, StepOutOfMemory, StepReport
 from .events import Batch, EventWriter
 from .frames import FrameExpiry
@@ -90,6 +91,8 @@ class BatchWorker:
         self.live = LiveJobs(self.rq, engine, self.writer, self.metrics)
         self.admission = Admission(connection, self.rq, engine, self.live, self.writer,
                                    catalog, self.metrics, settings, self.upkeep.redis_full)
+        self.resumer = Resumer(self.rq, engine, self.live, self.writer, self.metrics, settings)
+        self.image_steps = 0        # slot steps computed (the reliability suite's work count)
         self.stop_requested = False
         self._drain_deadline: float | None = None
         self._last_control = 0.0
@@ -99,14 +102,18 @@ class BatchWorker:
     # -- stopping --------------------------------------------------------------------
 
     def request_stop(self, signum: Any = None, frame: Any = None) -> None:
-        """First signal: stop admitting and drain within the grace period. Second: re-queue
+        """First signal: stop admitting; after the step in flight, every running job but
+        those within `drain_finish_steps` of done goes back to its queue with its resume
+        state (worker/drain.py); those finish within the grace period. Second: re-queue
         what is running now. Never raises inside the step (unlike RQ's default)."""
         if self.stop_requested:
             log.warning("second stop signal: re-queueing running jobs now")
             self._drain_deadline = time.monotonic()
             return
-        log.info("stop requested: no new jobs; %d running get %.0fs to finish",
-                 len(self.live), self.settings.grace_period)
+        log.info("stop requested at %d image-steps: no new jobs; %d running are re-queued "
+                 "with their state after this step (those within %d steps of done get %.0fs "
+                 "to finish)", self.image_steps, len(self.live),
+                 self.settings.drain_finish_steps, self.settings.grace_period)
         self.stop_requested = True
         self.rq.note_stop_requested()
         self._drain_deadline = time.monotonic() + self.settings.grace_period
@@ -146,9 +153,12 @@ class BatchWorker:
                     stepped = self.engine.busy and not self.writer.behind
                     if stepped:
                         self._emit(self._step(batch), batch)
+                        self.resumer.stepped(batch)     # a checkpoint, every N steps
                     self.live.send(batch)
                     self._retire()
                     self._gauges()
+                    if self.stop_requested and self.live:
+                        self._drain()
                     if not self.live:
                         if self.stop_requested:
                             break
@@ -156,7 +166,7 @@ class BatchWorker:
                             break
                         self.rq.set_idle()
                     elif self._past_grace():
-                        self.live.requeue_all()
+                        self.live.requeue_all()     # complete ones whose writes hang
                         break
                     elif not stepped and not self.engine.busy:
                         self._wait_for_writes()     # nothing to take, nothing to compute
@@ -170,12 +180,24 @@ class BatchWorker:
                     elif not self.upkeep.wait_for_redis(e, self._past_grace):
                         break
         finally:
+            log.info("worker stopped after %d image-steps", self.image_steps)
             self.upkeep.stop()
             self.writer.close()
             self.webhooks.close()
             self.upkeep.withdraw()
             self.rq.close()
         return worked
+
+    def _drain(self) -> None:
+        """Stopping: the jobs due to leave (all of them past the grace period) go back
+        with their resume states, in one round-trip, once their frames are written."""
+        past = self._past_grace()
+        runs = self.resumer.drain_now(past_grace=past)
+        if not runs:
+            return
+        bound = time.monotonic() + 5.0              # Redis gone: do not wait forever
+        self.resumer.drain(runs, until=lambda: self._past_grace() and (
+            not past or time.monotonic() > bound))
 
     def run_maintenance(self) -> None:
         """RQ's maintenance (abandoned jobs back, registries cleaned) and the frames due to
@@ -223,6 +245,7 @@ class BatchWorker:
         """The step's frames and (throttled) progress, into this pass's writer batch."""
         m = self.metrics
         slots = sum(report.slots.values())
+        self.image_steps += slots
         m.occupancy.observe(slots / self.engine.max_batch)
         for model, n in report.slots.items():
             m.steps.labels(model).inc(n)

@@ -54,6 +54,15 @@ class WorkerMetrics:
         self.redis_full = Counter(
             "ddpm_worker_redis_full", "Writes Redis refused for want of memory (maxmemory), "
             "held and retried", registry=r)
+        self.resume_writes = Counter(
+            "ddpm_worker_resume_states", "Resume states written, by when (drain, checkpoint)",
+            ["when"], registry=r)
+        self.resume_seconds = Histogram(
+            "ddpm_worker_checkpoint_seconds", "Host time of one checkpoint: export and "
+            "encode of every long job's state", buckets=_SECONDS, registry=r)
+        self.resumed = Counter(
+            "ddpm_worker_resumed_jobs", "Jobs taken with a resume state, by outcome (resumed, "
+            "refused: it did not fit the job and was deleted)", ["outcome"], registry=r)
         self.gpu_memory = Gauge("ddpm_worker_gpu_memory_bytes", "CUDA memory, by kind",
                                 ["kind"], registry=r)
 

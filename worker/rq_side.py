@@ -262,6 +262,25 @@ class RqSide:
             run.job.started_at = None
             run.queue.enqueue_job(run.job, at_front=True)
 
+    def requeue_many(self, job_ids: list[str], values: dict[str, bytes], ttl: int) -> None:
+        """A drain's one round-trip: store `values` (key → bytes, expiring in `ttl` s: the
+        jobs' resume states), end the jobs' executions and put them back at their queues'
+        front, in their order. Raises RedisError with nothing recorded here."""
+        with self._lock:
+            runs = [(j, self._runs[j]) for j in job_ids if j in self._runs]
+            with self.redis.pipeline() as p:
+                p.multi()           # RQ's enqueue_job wants one, made before any command
+                for key, value in values.items():
+                    p.set(key, value, ex=ttl)
+                for _, run in reversed(runs):   # each goes in front of the one after it
+                    if run.execution is not None:
+                        self.worker.cleanup_execution(run.job, p, run.execution)
+                    run.job.started_at = None
+                    run.queue.enqueue_job(run.job, pipeline=p, at_front=True)
+                p.execute()
+            for job_id, _ in runs:
+                self._runs.pop(job_id, None)
+
     def release(self, job_id: str) -> None:
         """End a job's execution without recording an outcome."""
         self._release(job_id)

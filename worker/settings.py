@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.limits import STREAM_MAX_BYTES, STREAM_MAXLEN
+from contract.resume import RESUME_MAX_BYTES
 
 # Webhook secrets take the Standard Webhooks form, `whsec_` + the base64 of the key, which
 # its libraries (the `standardwebhooks` package among them) decode to sign and verify: a
@@ -100,6 +101,17 @@ class WorkerSettings(BaseSettings):
     progress_interval: Annotated[float, Field(ge=0)] = 0.2   # seconds between progress events
     # Shutdown: on SIGTERM running jobs get this long to finish, then go back to the queue.
     grace_period: Annotated[float, Field(ge=0)] = 30.0
+    # Resume (worker/drain.py): a stopping worker writes each running job's exact sampler
+    # state (contract/resume.py) and re-queues it, so whichever worker takes it next goes on
+    # from there; only a job within `drain_finish_steps` network steps of done is left to
+    # finish instead (2: finishing costs at most two steps, about what the state write, the
+    # re-queue and a re-admission elsewhere cost; more would hold the exit for little).
+    # A job whose state could exceed `resume_max_bytes` restarts from step 0, as before.
+    # `resume_every` N > 0: every N steps the state of each job with more than N steps
+    # left is written too (a checkpoint against SIGKILL); 0 (the default): none.
+    resume_max_bytes: Annotated[int, Field(ge=0)] = RESUME_MAX_BYTES
+    drain_finish_steps: Annotated[int, Field(ge=0)] = 2
+    resume_every: Annotated[int, Field(ge=0)] = 0
     # Prometheus metrics port (0: no metrics server) and the address it listens on
     # (`ddpm serve` passes its own --host, 127.0.0.1 by default).
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0

@@ -190,6 +190,25 @@ class HashWrite:
 
 
 @dataclass(eq=False)
+class ValueWrite:
+    """A plain value of the job's (its resume state), set with `ttl` after the writes
+    before it in the batch (the frames of the steps it stands for); `value` None deletes
+    the key."""
+
+    job_id: str
+    key: str
+    value: bytes | None
+    ttl: int
+    nbytes: int = EVENT_BYTES
+
+    def commands(self, flush: Flush) -> None:
+        if self.value is None:
+            flush.pipe.delete(self.key)
+        else:
+            flush.pipe.set(self.key, self.value, ex=self.ttl)
+
+
+@dataclass(eq=False)
 class FrameWrite:
     """A frame of one image: a snapshot goes into the stream (encoded as `preview` says,
     within the stream's byte budget); a final image is stored (always PNG), then
@@ -281,6 +300,10 @@ class Batch:
     def hset(self, job_id: str, key: str, field_name: str, value: bytes | str) -> None:
         """A hash field of the job's (RQ's `meta`, say), written in order with its events."""
         self.add(HashWrite(job_id, key, field_name, value, EVENT_BYTES + len(value)))
+
+    def value(self, job_id: str, key: str, value: bytes | None, ttl: int) -> None:
+        """Set (None: delete) a value of the job's, after this batch's earlier writes."""
+        self.add(ValueWrite(job_id, key, value, ttl, EVENT_BYTES + len(value or b"")))
 
     def snapshots(self) -> list[FrameWrite]:
         return [op for op in self.ops if isinstance(op, FrameWrite) and op.snapshot]

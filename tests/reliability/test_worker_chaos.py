@@ -200,7 +200,11 @@ def check_job(r: redis.Redis, job_id: str, spec: GenerationSpec, *, sizes: dict[
             verdict.bad(job_id, f"last run by {last[0].data.get('worker')}, RQ says "
                         f"{job.worker_name}")
         finals = sorted(e.data["index"] for e in last if e.type == EventType.IMAGE)
-        if finals != list(range(spec.num_images)):
+        if "resumed_at" in last[0].data:    # images done before its resume state stay
+            stored = sorted({e.data["index"] for e in evs if e.type == EventType.IMAGE})
+            if stored != list(range(spec.num_images)) or len(set(finals)) != len(finals):
+                verdict.bad(job_id, f"resumed: runs stored images {stored}, the last {finals}")
+        elif finals != list(range(spec.num_images)):
             verdict.bad(job_id, f"last run stored images {finals}")
         if any(e.type == EventType.REQUEUED for e in last):
             verdict.bad(job_id, "re-queued after its last start")

@@ -77,7 +77,10 @@ def test_sigkill_mid_job_another_worker_finishes_everything(r, spawn_worker, wai
 def test_sigterm_drains_running_jobs_and_exits_cleanly(r, spawn_worker, wait_for) -> None:
     # One slot: the second job cannot be admitted before the first ends, which is after the
     # SIGTERM (with free slots it could be admitted in the instant before the signal lands).
-    w = spawn_worker("--max-batch", "1", env={"DDPM_GRACE_PERIOD": "60"})
+    # A job within DDPM_DRAIN_FINISH_STEPS of done finishes here rather than going back
+    # with its resume state: 1000 makes it this one.
+    w = spawn_worker("--max-batch", "1", env={"DDPM_GRACE_PERIOD": "60",
+                                              "DDPM_DRAIN_FINISH_STEPS": "1000"})
     job = enqueue(r, GenerationSpec(model="tiny", steps=200, sampler="ddim", seed=1))
     wait_for(lambda: started(r, job.id), 60, "the job to start", w)
     queued = enqueue(r, GenerationSpec(model="tiny", steps=3, seed=2, num_images=4))
