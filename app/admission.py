@@ -27,6 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from contract import tracing
 from contract.inputs import input_digest
 from contract.keys import (
     WAKE_MAXLEN,
@@ -129,7 +130,22 @@ class Admission:
         rate limit or the model's queue depth refuses it (429), or replay the job an
         earlier request with the same Idempotency-Key made (422 if that one had another
         body, 409 if it is still being enqueued). One Redis round-trip for a new job, from
-        the event loop; only a replay's lookup goes to a thread."""
+        the event loop; only a replay's lookup goes to a thread.
+
+        Traced (contract/tracing.py, when on): an `admission` span under the request's
+        (FastAPI's server span, made once a tracer provider is set), whose context the job
+        carries in its meta to the worker."""
+        if not tracing.enabled():
+            return await self._submit(req, who, idempotency_key, inputs)
+        with tracing.tracer().start_as_current_span("admission") as span:
+            sub = await self._submit(req, who, idempotency_key, inputs)
+            span.set_attribute("ddpm.job_id", sub.job.id)
+            span.set_attribute("ddpm.replayed", sub.replayed)
+            return sub
+
+    async def _submit(self, req: GenerationRequest, who: Principal,
+                      idempotency_key: str | None,
+                      inputs: dict[str, bytes] | None) -> Submitted:
         t = self._ticket(req, who, idempotency_key, inputs or {})
         verdict, value = await self._admit(keys=t.keys, args=t.args)
         if verdict == b"replay":
@@ -154,9 +170,13 @@ class Admission:
         body = body_hash(req) if idem else ""
         record = json.dumps({"job": job_id, "body": body}) if idem else ""
         window = limits.RateWindow.at(s, who, time.time()) if s.rate_limit else None
+        meta: dict[str, Any] = {"owner": who.owner}
+        carrier = tracing.inject() if tracing.enabled() else {}   # the admission span's
+        if carrier:
+            meta[tracing.META_FIELD] = carrier
         job, commands = enqueue_commands(
             self.redis, spec, job_id=job_id, result_ttl=s.result_ttl,
-            retries=s.job_retries, timeout=s.job_timeout, meta={"owner": who.owner},
+            retries=s.job_retries, timeout=s.job_timeout, meta=meta,
             webhook=req.webhook, wake=False)
         commands += self._index_commands(who, job)
         commands += [["SET", input_key(job_id, f), png, "EX", s.result_ttl]

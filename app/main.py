@@ -15,6 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Mount
 
+from contract import tracing
+
 from . import docs, errors, openapi, redact
 from .admission import Admission
 from .auth import KeyAuth
@@ -26,7 +28,7 @@ from .listing import Listing
 from .metrics import ApiMetrics, MetricsMiddleware
 from .openai import routes as openai_images
 from .openai.errors import openai_error
-from .routes import generations, health, listing, models, page
+from .routes import generations, health, listing, models, page, work
 from .settings import ApiSettings
 from .stream_slots import StreamSlots
 from .streams import longest_block_ms
@@ -107,6 +109,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if tracing.setup(tracing.API_SERVICE, settings.otlp_endpoint):  # contract/tracing.py
+            log.info("tracing on: spans to %s", settings.otlp_endpoint)
         redis = Redis.from_url(settings.redis_url, health_check_interval=30,
                                socket_connect_timeout=5)
         # Every open stream blocks in XREAD on a connection of its own: the pool must hold
@@ -137,6 +141,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await aredis.aclose()
             redis.close()
             metrics.close()
+            tracing.shutdown()     # what is buffered goes out
 
     app = FastAPI(title="ddpm-serve", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None,   # app/docs.py: no CDN
@@ -163,6 +168,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(openai_images.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(work.router)
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     return app

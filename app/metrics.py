@@ -24,6 +24,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.queueing import COUNTED, queue_counts
+from contract.work import ModelWork, read_work
 
 from .catalog import Catalog
 
@@ -65,7 +66,8 @@ class ApiMetrics:
 
 
 class RedisCollector(Collector):
-    """Queue depth per queue, jobs by status, live workers: read when scraped (RQ's
+    """Queue depth per queue, jobs by status, live workers, and the work signal per model
+    (`ddpm_work_*`, contract/work.py: what `GET /v1/work` says): read when scraped (RQ's
     registries through `contract.queueing.queue_counts`)."""
 
     def __init__(self, catalog: Catalog) -> None:
@@ -77,6 +79,7 @@ class RedisCollector(Collector):
                                  labels=["status"])
         workers = GaugeMetricFamily("ddpm_workers_live", "Workers advertising models")
         try:
+            work = work_families(read_work(self.catalog.redis, time.time()))
             totals = dict.fromkeys(COUNTED, 0)
             for name, counts in queue_counts(self.catalog.redis).items():
                 depth.add_metric([name], counts["queued"])
@@ -88,7 +91,34 @@ class RedisCollector(Collector):
         except RedisError as e:
             log.warning("metrics: redis unreachable: %s", e)
             return []
-        return [depth, jobs, workers]
+        return [depth, jobs, workers, *work]
+
+
+def work_families(models: dict[str, ModelWork]) -> list[GaugeMetricFamily]:
+    """The work signal as gauges, one series per model (the rate's only once measured)."""
+    queued = GaugeMetricFamily("ddpm_work_queued_image_steps",
+                               "Image-steps of the jobs waiting in the model's queues",
+                               labels=["model"])
+    running = GaugeMetricFamily("ddpm_work_running_image_steps",
+                                "Image-steps still to compute on the model's workers",
+                                labels=["model"])
+    seconds = GaugeMetricFamily("ddpm_work_seconds", "Worker-seconds of work waiting "
+                                "(remaining image-steps / one worker's measured rate)",
+                                labels=["model"])
+    workers = GaugeMetricFamily("ddpm_work_workers", "Workers of the model: live, and ready "
+                                "(loaded, not draining)", labels=["model", "state"])
+    rate = GaugeMetricFamily("ddpm_work_image_steps_per_second",
+                             "Image-steps one worker clears per second, measured",
+                             labels=["model"])
+    for name, w in models.items():
+        queued.add_metric([name], w.queued_image_steps)
+        running.add_metric([name], w.running_image_steps)
+        seconds.add_metric([name], w.seconds_of_work)
+        workers.add_metric([name, "live"], w.workers)
+        workers.add_metric([name, "ready"], w.workers_ready)
+        if w.image_steps_per_s is not None:
+            rate.add_metric([name], w.image_steps_per_s)
+    return [queued, running, seconds, workers, rate]
 
 
 class MetricsMiddleware:

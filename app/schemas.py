@@ -167,6 +167,9 @@ class Generation(BaseModel):
     error: str | None = None
     request: GenerationSpec
     links: Links
+    trace_id: str | None = Field(
+        None, description="the job's trace (32 hex digits) when the server traces "
+                          "(DDPM_OTLP_ENDPOINT): look it up in Tempo or Jaeger")
 
 
 class GenerationList(BaseModel):

@@ -91,6 +91,10 @@ class ApiSettings(BaseSettings):
     # API from their pages (CORS, Starlette's CORSMiddleware). Empty (the default): no
     # cross-origin access; the API's own page at `/` is same-origin and needs none.
     cors_origins: Annotated[list[str], NoDecode, Field(max_length=256)] = []
+    # Traces (contract/tracing.py): the OTLP/HTTP collector spans go to, e.g.
+    # `http://collector:4318` (posted to its /v1/traces). None (the default): no tracing.
+    # The SDK's OTEL_* variables (sampler, headers, batch delays) apply when set.
+    otlp_endpoint: str | None = None
     log_level: str = "INFO"
 
     @field_validator("api_keys", "webhook_allow_hosts", "trusted_proxies", "cors_origins",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from redis import Redis
 
+from contract import tracing
 from contract.keys import image_key
 from contract.limits import PRIORITIES
 from contract.queueing import Job, failure_message, model_queue_keys, state_of
@@ -64,7 +65,7 @@ class Views:
                               images_done=images_done, num_images=n, steps_per_image=steps,
                               image_steps=image_steps),
             images=image_urls if status not in ("queued", "running") else [],
-            error=error, request=spec,
+            error=error, request=spec, trace_id=tracing.trace_id_of(meta.get(tracing.META_FIELD)),
             links=Links(self_=root, events=f"{root}/events", websocket=f"{root}/ws",
                         images=image_urls, grid=f"{root}/grid.png",
                         animation=f"{root}/animation.gif"))

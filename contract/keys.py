@@ -40,6 +40,18 @@ def worker_key(worker_name: str) -> str:
     return f"{PREFIX}:workers:{worker_name}"
 
 
+# The work signal (contract/work.py): each queued job's cost in image-steps, one value per
+# job written with it at enqueue (rewritten with what is left when a drain re-queues it),
+# expiring with the job's results; and the last rate each model's workers measured.
+
+def cost_key(job_id: str) -> str:
+    """The job's image-steps still to run once a worker takes it (an integer)."""
+    return f"{PREFIX}:cost:{job_id}"
+
+
+THROUGHPUT = f"{PREFIX}:throughput"   # hash: model → JSON of its last measured rate
+
+
 # Idle workers block on their models' wake lists (BLPOP) instead of polling the queues:
 # every enqueue of ours pushes a token (`wake_commands`), bounded and expiring, so a token
 # nobody waits for costs nothing. Jobs enqueued by other tools (plain RQ) push none: an idle

@@ -27,11 +27,21 @@ from rq.registry import (
 from rq.utils import now, utcformat
 from rq.webhook import Webhook
 
-from .keys import JOB_FUNC, PREFIX, SERIALIZER, WAKE_MAXLEN, WAKE_TTL, queue_name, wake_key
+from .keys import (
+    JOB_FUNC,
+    PREFIX,
+    SERIALIZER,
+    WAKE_MAXLEN,
+    WAKE_TTL,
+    cost_key,
+    queue_name,
+    wake_key,
+)
 from .limits import PRIORITIES
 from .spec import GenerationSpec
 
-__all__ = ["COUNTED", "DEFAULT_RETRIES", "Job", "NoSuchJob", "NotCancelable", "cancel",
+__all__ = ["COUNTED", "DEFAULT_RETRIES", "QUEUES_SET", "QUEUE_KEY_PREFIX", "Job", "NoSuchJob",
+           "NotCancelable", "cancel",
            "cancel_job", "enqueue", "enqueue_commands", "failure_message", "fetch_job",
            "fetch_jobs", "generation_queue", "is_generation", "job_key", "job_state",
            "model_queue_keys", "queue_counts", "read_state", "reload_job", "restore_job",
@@ -83,6 +93,10 @@ def model_queue_keys(model: str) -> list[str]:
     return [Queue.redis_queue_namespace_prefix + queue_name(model, p) for p in PRIORITIES]
 
 
+QUEUES_SET = Queue.redis_queues_keys                  # RQ's set of every queue's list key
+QUEUE_KEY_PREFIX = Queue.redis_queue_namespace_prefix  # a queue's list: prefix + its name
+
+
 # -- enqueueing ----------------------------------------------------------------------------
 
 
@@ -111,6 +125,9 @@ def enqueue(redis: Redis, spec: GenerationSpec, *, job_id: str | None = None,
     With `pipeline`, RQ queues the job's writes (SADD rq:queues, the job hash, RPUSH onto
     the queue) and (with `wake`) the token that wakes an idle worker on it, and nothing is
     sent: the caller executes them (`enqueue_commands`).
+
+    The job's cost in image-steps goes with it (`keys.cost_key`, expiring with its
+    results): what the work signal sums over queued jobs (contract/work.py).
     """
     hooks = [Webhook(webhook, status, method="POST") for status in ("finished", "failed")] \
         if webhook else None
@@ -120,6 +137,7 @@ def enqueue(redis: Redis, spec: GenerationSpec, *, job_id: str | None = None,
         failure_ttl=result_ttl, job_timeout=timeout, meta=meta or {}, webhooks=hooks,
         retry=Retry(max=retries) if retries else None, pipeline=own,
         description=f"generate {spec.model} ×{spec.num_images} ({spec.sampler}, {spec.steps})")
+    own.set(cost_key(job.id), spec.total_steps, ex=result_ttl)
     if wake:
         wake_commands(own, spec.model)
     if pipeline is None:

@@ -57,8 +57,9 @@ ENV DDPM_MODELS_DIR=/models DDPM_METRICS_PORT=9100
 USER 10001:10001
 WORKDIR /home/ddpm
 EXPOSE 9100
-# The metrics server starts once the models are loaded: large ones need the start period.
+# The metrics port answers from start-up; /readyz is 200 once the models are loaded, the
+# heartbeat is fresh and the worker is not draining (worker/probes.py).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('DDPM_METRICS_PORT', '9100'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('DDPM_METRICS_PORT', '9100'), timeout=4)"]
 ENTRYPOINT ["ddpm"]
 CMD ["worker"]

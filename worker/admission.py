@@ -15,6 +15,7 @@ from collections.abc import Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
+from contract import tracing
 from contract.events import Error, Started
 from contract.keys import WAKE_TIMEOUT, input_key, resume_key, wake_key
 from contract.redis_errors import redis_full
@@ -53,6 +54,7 @@ class Admission:
         self.settings = settings
         self._on_full = on_full
         self._wake_keys = tuple(wake_key(m) for m in catalog.names)
+        self._traced = tracing.enabled()    # DDPM_OTLP_ENDPOINT (contract/tracing.py)
         self.unstarted: list[str] = []      # taken as Redis went away: to put back
 
     def put_back_unstarted(self) -> None:
@@ -110,7 +112,12 @@ class Admission:
         runs: list[LiveJob] = []
         for s in started:
             run = LiveJob(id=s.job_id, queue_wait=s.queue_wait)
-            self.metrics.queue_wait.observe(run.queue_wait)
+            if self._traced:        # its `queue` span (ended: enqueued → now) and `job` span
+                taken = time.time_ns()
+                run.span = tracing.start_job(
+                    s.trace, enqueued_ns=taken - int(s.queue_wait * 1e9), taken_ns=taken,
+                    attributes={"ddpm.job_id": s.job_id, "ddpm.worker": self.rq.name})
+            self.metrics.queue_wait.observe(run.queue_wait, tracing.exemplar(run.span))
             self.live.add(run)
             try:
                 run.spec = parse_spec(s.spec, s.error)
@@ -154,9 +161,10 @@ class Admission:
                                       steps_per_image=job.plan.steps_per_image,
                                       queue_wait_s=round(run.queue_wait, 3),
                                       resumed_at=resumed_at))
-            log.info("job %s started: %s ×%d, %s %d steps%s", run.id, spec.model,
+            log.info("job %s started: %s ×%d, %s %d steps%s%s", run.id, spec.model,
                      spec.num_images, spec.sampler, spec.steps,
-                     "" if resumed_at is None else f", resumed at step {resumed_at}")
+                     "" if resumed_at is None else f", resumed at step {resumed_at}",
+                     run.traced)
         if batch is None:
             self.live.send(own)
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from contract.events import Requeued
-from contract.keys import resume_key
+from contract.keys import cost_key, resume_key
 from contract.resume import state_bytes
 
 from .engine import Engine
@@ -102,11 +102,13 @@ class Resumer:
             return
         t = time.perf_counter()
         values = self._values(long)
-        for job_id, (data, _) in values.items():
+        for job_id, (data, done) in values.items():
             batch.value(job_id, resume_key(job_id), data, self.settings.result_ttl)
             run = self.live.get(job_id)
-            if run is not None:
-                run.saved = True
+            if run is not None and run.spec is not None:
+                run.saved = True        # and what a re-queue would leave (contract/work.py):
+                batch.value(job_id, cost_key(job_id), str(run.spec.total_steps - done).encode(),
+                            self.settings.result_ttl)
         self.metrics.resume_writes.labels("checkpoint").inc(len(values))
         self.metrics.resume_seconds.observe(time.perf_counter() - t)
 
@@ -133,8 +135,12 @@ class Resumer:
                 values = {}
                 break
         ids = [r.id for r in runs]
-        self.rq.requeue_many(ids, {resume_key(j): v[0] for j, v in values.items()},
-                             self.settings.result_ttl)
+        stored = {resume_key(j): v[0] for j, v in values.items()}
+        for run in runs:    # what each has left, for the work signal (contract/work.py)
+            assert run.spec is not None
+            left = run.spec.total_steps - (values[run.id][1] if run.id in values else 0)
+            stored[cost_key(run.id)] = str(left).encode()
+        self.rq.requeue_many(ids, stored, self.settings.result_ttl)
         self.metrics.resume_writes.labels("drain").inc(len(values))
         for run in runs:
             saved = values[run.id][1] if run.id in values else None

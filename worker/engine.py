@@ -142,6 +142,16 @@ class Engine:
         return self.room > 0
 
     @property
+    def remaining_image_steps(self) -> dict[str, int]:
+        """Per served model, image-steps still to compute: every admitted image not yet
+        final, waiting ones included (the work signal; read by the heartbeat thread: one
+        copy of the job list, plain ints)."""
+        out = dict.fromkeys(self.models, 0)
+        for job in list(self.jobs.values()):
+            out[job.spec.model] += job.spec.total_steps - job.steps_done
+        return out
+
+    @property
     def busy(self) -> bool:
         """Whether any admitted job has images left to compute."""
         return bool(self.jobs)

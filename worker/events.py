@@ -30,11 +30,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import NoScriptError
 
+from contract import tracing
 from contract.events import Event, TypedEvent
 from contract.redis_errors import redis_full
 
@@ -252,7 +254,12 @@ class EventWriter:
                     for op in batch.ops:
                         op.commands(flush)
                 flush.finish()
-                writes.run(self._run_script)
+                with ExitStack() as spans:      # traced jobs' results: a `write` span each
+                    traced = _results(batches) if tracing.enabled() else {}
+                    for job_id, (span, n) in traced.items():
+                        spans.enter_context(tracing.child(
+                            "write", span, {"ddpm.job_id": job_id, "ddpm.images": n}))
+                    writes.run(self._run_script)
             except Exception as e:     # Redis down, full or restarted, or a bug
                 if isinstance(e, ScriptsLost) and lost < 2:
                     log.warning("Redis lost the writer's script (restarted?): setting every "
@@ -310,6 +317,23 @@ class EventWriter:
 
 
 def _encode_all(ops: list[FrameWrite]) -> None:
-    """Encode each frame: a final image as lossless PNG, a snapshot as its preview says."""
+    """Encode each frame: a final image as lossless PNG, a snapshot as its preview says; a
+    traced final image in an `encode` span under its job's (this is another thread: the
+    job's span is passed, not current)."""
     for op in ops:
-        op.encoded = encode_frame(op.frame.pixels.numpy(), op.encoding)
+        if op.span is None:
+            op.encoded = encode_frame(op.frame.pixels.numpy(), op.encoding)
+            continue
+        with tracing.child("encode", op.span, {"ddpm.job_id": op.job_id,
+                                               "ddpm.image": op.frame.index}):
+            op.encoded = encode_frame(op.frame.pixels.numpy(), op.encoding)
+
+
+def _results(batches: list[Batch]) -> dict[str, tuple[Any, int]]:
+    """The traced jobs whose final images these batches write: job → (its span, images)."""
+    out: dict[str, tuple[Any, int]] = {}
+    for b in batches:
+        for op in b.frames():
+            if op.span is not None and not op.dropped:
+                out[op.job_id] = (op.span, out.get(op.job_id, (None, 0))[1] + 1)
+    return out

@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from contract import tracing
 from contract.events import Canceled, Done, Error, JobResult, Requeued
-from contract.keys import image_key, resume_key
+from contract.keys import cost_key, image_key, resume_key
 from contract.spec import GenerationSpec
 
 from .engine import Engine
@@ -63,6 +64,13 @@ class LiveJob:
     # A resume state of the job's may be stored (it came with one, or a checkpoint was
     # written here): deleted when the job succeeds.
     saved: bool = False
+    span: tracing.Span | None = None    # its `job` span, when tracing is on (tracing.py)
+
+    @property
+    def traced(self) -> str:
+        """What its log lines add: ` trace_id=…` when traced, else nothing."""
+        tid = tracing.trace_id(self.span)
+        return f" trace_id={tid}" if tid else ""
 
 
 class LiveJobs:
@@ -114,12 +122,15 @@ class LiveJobs:
         batch = Batch()
         for r in runs:
             batch.event(r.id, Done.of(results[r.id]))
+            batch.value(r.id, cost_key(r.id), None, 0)       # no longer work (contract/work.py)
             if r.saved:
                 batch.value(r.id, resume_key(r.id), None, 0)
             elapsed = time.monotonic() - r.started
             self.metrics.jobs.labels("succeeded").inc()
-            self.metrics.duration.labels("succeeded").observe(elapsed)
-            log.debug("job %s succeeded in %.3fs", r.id, elapsed)
+            self.metrics.duration.labels("succeeded").observe(elapsed,
+                                                              tracing.exemplar(r.span))
+            log.debug("job %s succeeded in %.3fs%s", r.id, elapsed, r.traced)
+            tracing.end_job(r.span, "succeeded")
         self.writer.send(batch)
 
     @staticmethod
@@ -144,24 +155,32 @@ class LiveJobs:
             self._jobs.pop(run.id, None)
         outcome = self.rq.fail(run.id, message, retry=retry, stopped=stopped)
         requeued = outcome == "requeued"
-        log.warning("job %s %s: %s", run.id, outcome, message)
+        log.warning("job %s %s: %s%s", run.id, outcome, message, run.traced)
         kind = Canceled if stopped else Requeued if requeued else Error
-        if batch is not None:
-            batch.event(run.id, kind(message=message))
-        else:
-            self.writer.event(run.id, kind(message=message))
+        end = batch if batch is not None else Batch()
+        end.event(run.id, kind(message=message))
+        if not requeued:                # its cost is no longer work (contract/work.py)
+            end.value(run.id, cost_key(run.id), None, 0)
+        if batch is None:
+            self.writer.send(end)
         self.metrics.jobs.labels(outcome).inc()
-        self.metrics.duration.labels(outcome).observe(time.monotonic() - run.started)
+        self.metrics.duration.labels(outcome).observe(time.monotonic() - run.started,
+                                                      tracing.exemplar(run.span))
+        tracing.end_job(run.span, outcome, message)
 
     def cancel(self, run: LiveJob, reason: str) -> None:
         """A job canceled (or deleted) through RQ, which has already recorded it: free its
         slots and end its execution."""
         self._free(run)
         self.canceled_before_start(run.id, reason)
+        tracing.end_job(run.span, "canceled")
 
     def canceled_before_start(self, job_id: str, reason: str = "canceled") -> None:
         self.rq.canceled(job_id, reason)
-        self.writer.event(job_id, Canceled(message=reason))
+        end = Batch()
+        end.event(job_id, Canceled(message=reason))
+        end.value(job_id, cost_key(job_id), None, 0)    # no longer work (contract/work.py)
+        self.writer.send(end)
         self.metrics.jobs.labels("canceled").inc()
         log.info("job %s canceled", job_id)
 
@@ -171,11 +190,13 @@ class LiveJobs:
             self._free(run)
             self.rq.requeue(run.id)
             self.writer.event(run.id, Requeued(worker=self.rq.name))
-            log.info("job %s re-queued", run.id)
+            log.info("job %s re-queued%s", run.id, run.traced)
+            tracing.end_job(run.span, "requeued")
 
     def forget(self, run: LiveJob) -> None:
         """A job that left this worker another way (a drain re-queued it)."""
         self._free(run)
+        tracing.end_job(run.span, "requeued")
 
     def _free(self, run: LiveJob) -> None:
         """Free a job's slots and forget it here (the RQ side ends its execution)."""

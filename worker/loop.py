@@ -30,6 +30,7 @@ import torch
 from redis import Redis
 from redis.exceptions import RedisError
 
+from contract import tracing
 from contract.events import Progress
 from contract.keys import queue_name
 from contract.limits import PRIORITIES
@@ -45,6 +46,7 @@ from .live import LiveJob, LiveJobs
 from .metrics import WorkerMetrics
 from .rq_side import RqSide
 from .settings import WorkerSettings
+from .throughput import WorkMeter
 from .upkeep import Upkeep
 from .webhooks import WebhookSender
 
@@ -92,10 +94,13 @@ class BatchWorker:
         self.admission = Admission(connection, self.rq, engine, self.live, self.writer,
                                    catalog, self.metrics, settings, self.upkeep.redis_full)
         self.resumer = Resumer(self.rq, engine, self.live, self.writer, self.metrics, settings)
+        self.work_meter = WorkMeter(engine, connection, readvertise=self.upkeep.advertise)
         self.image_steps = 0        # slot steps computed (the reliability suite's work count)
         self.stop_requested = False
         self._drain_deadline: float | None = None
         self._last_control = 0.0
+        self._traced = tracing.enabled()    # step spans (contract/tracing.py): one bool a pass
+        self.last_pass = time.monotonic()   # when the loop last began a pass (probes.py)
         for name, m in catalog.loaded.items():
             self.metrics.model_load.labels(name).set(m.load_seconds)
 
@@ -139,6 +144,7 @@ class BatchWorker:
         worked = False
         try:
             while True:
+                self.last_pass = time.monotonic()
                 try:
                     self.admission.put_back_unstarted()
                     if self.rq.maintenance_due():
@@ -214,6 +220,7 @@ class BatchWorker:
     def _step(self, batch: Batch) -> StepReport:
         """One engine step. A model out of memory at one row fails its jobs (RQ may retry
         them, on this worker or another), never the worker or the other models' jobs."""
+        t0 = time.time_ns() if self._traced else 0
         try:
             report = self.engine.step()
         except StepOutOfMemory as e:
@@ -227,7 +234,25 @@ class BatchWorker:
                                        batch=batch)
                     else:
                         self.engine.cancel(job_id)
+        if self._traced:
+            self._step_spans(report, t0)
         return report
+
+    def _step_spans(self, report: StepReport, t0: int) -> None:
+        """A `step` span per model stepped (its forwards one after another from `t0`), a
+        child of its oldest job's span, linked to every job's span in it (tracing.py)."""
+        runs: dict[str, list[LiveJob]] = {}
+        for p in report.progress:
+            run = self.live.get(p.job_id)
+            if run is not None and run.span is not None and run.spec is not None:
+                runs.setdefault(run.spec.model, []).append(run)
+        start = t0
+        for model, slots in report.slots.items():
+            end = start + int(report.forward_seconds[model] * 1e9)
+            jobs = sorted(runs.get(model, []), key=lambda r: r.started)
+            tracing.step_span(model, slots, [r.span for r in jobs if r.span is not None],
+                              start_ns=start, end_ns=end)
+            start = end
 
     def _gauges(self) -> None:
         """Every gauge the worker sets, as things stand now, once per pass: set only after
@@ -244,6 +269,7 @@ class BatchWorker:
     def _emit(self, report: StepReport, batch: Batch) -> None:
         """The step's frames and (throttled) progress, into this pass's writer batch."""
         m = self.metrics
+        self.work_meter.stepped(report)         # the work signal's rate (throughput.py)
         slots = sum(report.slots.values())
         self.image_steps += slots
         m.occupancy.observe(slots / self.engine.max_batch)
@@ -256,7 +282,8 @@ class BatchWorker:
             run = get(frame.job_id)
             if run is None or run.spec is None:
                 continue
-            batch.frame(frame)          # labelled by its job's frame plan (frame.plan)
+            # labelled by its job's frame plan (frame.plan); a final one traced under its job
+            batch.frame(frame, span=run.span if frame.final else None)
             if frame.final:
                 finals[run.spec.model] = finals.get(run.spec.model, 0) + 1
         for model, n in finals.items():
@@ -342,8 +369,11 @@ class BatchWorker:
                 self.live.fail(run, "stopped by request", retry=False, stopped=True)
 
     def _advertisement(self) -> dict[str, Any]:
-        """What `ddpm:workers:{name}` says: the models this worker serves."""
+        """What `ddpm:workers:{name}` says: the models this worker serves, and per model
+        its part of the work signal (throughput.py)."""
         return {"name": self.name, "device": str(self.engine.device),
                 "max_batch": self.engine.max_batch, "active_slots": self.engine.active,
                 "models": [vars(m.info) for m in self.catalog.loaded.values()],
-                "broken": self.catalog.broken, "draining": self.stop_requested}
+                "broken": self.catalog.broken, "draining": self.stop_requested,
+                "work": self.work_meter.advertised(ready=not self.stop_requested,
+                                                   broken=self.catalog.broken)}

@@ -7,12 +7,14 @@ import logging
 from redis import Redis
 from redis.exceptions import RedisError
 
+from contract import tracing
 from models import resolve_device
 
 from .catalog import load_models
 from .engine import Engine
 from .loop import BatchWorker
 from .metrics import WorkerMetrics
+from .probes import Health, serve_probes
 from .settings import WorkerSettings, redacted
 
 log = logging.getLogger("ddpm.worker")
@@ -20,7 +22,23 @@ log = logging.getLogger("ddpm.worker")
 
 def build_worker(settings: WorkerSettings) -> BatchWorker:
     """Connect, load the models and assemble the worker (ValueError/FileNotFoundError with a
-    message on bad settings)."""
+    message on bad settings). The metrics port's server (metrics and probes) starts first,
+    so /readyz answers 503 "loading" while the models load."""
+    metrics, health = WorkerMetrics(), Health(settings)
+    probes = (serve_probes(metrics.registry, health, settings.metrics_port,
+                           settings.metrics_host) if settings.metrics_port else None)
+    try:
+        worker = _build(settings, metrics)
+    except BaseException:
+        if probes is not None:
+            probes.shutdown()
+            probes.server_close()
+        raise
+    health.attach(worker)
+    return worker
+
+
+def _build(settings: WorkerSettings, metrics: WorkerMetrics) -> BatchWorker:
     device = resolve_device(settings.device)
     redis = Redis.from_url(settings.redis_url)
     try:
@@ -31,7 +49,6 @@ def build_worker(settings: WorkerSettings) -> BatchWorker:
     if not catalog.names:
         raise ValueError(f"no checkpoints found in {settings.models_dir}")
     max_batch = settings.max_batch or (128 if device.type == "cuda" else 16)
-    metrics = WorkerMetrics()
 
     def on_oom(model: str, chunk: int) -> None:
         metrics.oom.labels(model).inc()
@@ -40,15 +57,19 @@ def build_worker(settings: WorkerSettings) -> BatchWorker:
     engine = Engine(catalog.loaded, device=device, max_batch=max_batch,
                     bf16=settings.autocast_bf16, channels_last=settings.channels_last,
                     on_oom=on_oom)
-    metrics.serve(settings.metrics_port, settings.metrics_host)
     return BatchWorker(settings, redis, catalog, engine, metrics)
 
 
 def run_worker(settings: WorkerSettings, *, burst: bool = False) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if tracing.setup(tracing.WORKER_SERVICE, settings.otlp_endpoint):  # before the worker
+        log.info("tracing on: spans to %s", redacted(settings.otlp_endpoint or ""))
     worker = build_worker(settings)
     log.info("worker %s serving %s on %s (max batch %d)", worker.name,
              ", ".join(worker.catalog.names), worker.engine.device, worker.engine.max_batch)
-    worker.work(burst=burst)
+    try:
+        worker.work(burst=burst)
+    finally:
+        tracing.shutdown()          # the spans still buffered go out
     return 0

@@ -1,8 +1,9 @@
-"""The worker's Prometheus metrics, on their own registry and HTTP port."""
+"""The worker's Prometheus metrics, on their own registry (served with the probes on the
+metrics port: worker/probes.py)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _LONG = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -65,7 +66,3 @@ class WorkerMetrics:
             "refused: it did not fit the job and was deleted)", ["outcome"], registry=r)
         self.gpu_memory = Gauge("ddpm_worker_gpu_memory_bytes", "CUDA memory, by kind",
                                 ["kind"], registry=r)
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)

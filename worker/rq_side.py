@@ -29,6 +29,7 @@ from rq.utils import now
 from rq.worker.base import WorkerStatus
 
 from contract.keys import JOB_FUNC, SERIALIZER
+from contract.tracing import META_FIELD
 
 from .rq_jobs import RqJobs, Success, Unreadable, bound_job_class, enqueued_wait
 from .rq_worker import RqWorker
@@ -56,6 +57,7 @@ class Admitted:
     queue_wait: float
     spec: dict[str, Any] | None
     error: str | None = None
+    trace: dict[str, str] | None = None     # the W3C context the API stored (tracing.py)
 
 
 @dataclass
@@ -195,7 +197,7 @@ class RqSide:
         self._idle = False
         for s in started:
             out.append(Admitted(s.job.id, enqueued_wait(s.job, s.job.started_at),
-                                *_payload(s.job)))
+                                *_payload(s.job), trace=_carrier(s.job)))
         return out, [j.id for j in canceled]
 
     def put_back(self, job_id: str) -> None:
@@ -355,6 +357,12 @@ class RqSide:
                            if r.execution is not None and r.execution.id == execution_id),
                           None)
         return job_id is not None and self._stop_job(job_id)
+
+
+def _carrier(job: Job) -> dict[str, str] | None:
+    """The trace context stored in the job's meta by the API, if any."""
+    carrier = job.meta.get(META_FIELD) if isinstance(job.meta, dict) else None
+    return {str(k): str(v) for k, v in carrier.items()} if isinstance(carrier, dict) else None
 
 
 def _payload(job: Job) -> tuple[dict[str, Any] | None, str | None]:

@@ -116,6 +116,9 @@ class WorkerSettings(BaseSettings):
     # (`ddpm serve` passes its own --host, 127.0.0.1 by default).
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     metrics_host: Annotated[str, Field(min_length=1, max_length=255)] = "0.0.0.0"
+    # The same port serves /healthz and /readyz (worker/probes.py): /healthz fails when the
+    # loop has not begun a pass for `stuck_after` seconds while Redis answers (a stuck step).
+    stuck_after: Annotated[float, Field(gt=0, le=86400)] = 300.0
     # Completion webhooks (worker/webhooks.py): signed with this secret (`whsec_<base64>`,
     # checked by `webhook_signing_key`; unset: sent unsigned), each attempt given
     # `webhook_timeout` seconds, retried after `webhook_backoff` seconds doubling up to
@@ -127,6 +130,10 @@ class WorkerSettings(BaseSettings):
     webhook_max_backoff: Annotated[float, Field(ge=0, le=24 * 3600)] = 3600.0
     webhook_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     webhook_max_pending: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    # Traces (contract/tracing.py): the OTLP/HTTP collector spans go to, e.g.
+    # `http://collector:4318` (posted to its /v1/traces). None (the default): no tracing.
+    # The SDK's OTEL_* variables (sampler, headers, batch delays) apply when set.
+    otlp_endpoint: str | None = None
     log_level: str = "INFO"
 
     @model_validator(mode="after")

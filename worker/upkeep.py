@@ -45,6 +45,7 @@ class Upkeep:
         self._thread: threading.Thread | None = None
         self.beats_missed = False               # a heartbeat failed since the last one worked
         self.full_since: float | None = None    # when Redis began refusing writes (maxmemory)
+        self.last_beat: float | None = None     # monotonic: the last advertisement written
 
     # -- the heartbeat thread ----------------------------------------------------------
 
@@ -92,6 +93,7 @@ class Upkeep:
         ttl = max(15, int(3 * self.settings.heartbeat_interval))
         advertise_worker(self.redis, self.rq.name, json.dumps(self._advertisement()), ttl,
                          time.time())
+        self.last_beat = time.monotonic()       # readiness (worker/probes.py): Redis took it
 
     # -- Redis trouble -----------------------------------------------------------------
 

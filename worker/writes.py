@@ -222,6 +222,7 @@ class FrameWrite:
     dropped: bool = False     # superseded before it was taken: not written
     skipped: int = 0          # frames of this image dropped just before this one
     encoded: bytes | None = None
+    span: Any = None          # a final image's job span (tracing.py): encode, write under it
 
     @property
     def job_id(self) -> str:
@@ -284,9 +285,10 @@ class Batch:
         self.add(EventWrite(job_id, event.event))
 
     def frame(self, frame: Frame, steps_per_image: int | None = None, kind: str | None = None,
-              preview: Preview | None = None) -> None:
+              preview: Preview | None = None, *, span: Any = None) -> None:
         """A frame the engine made: labelled by its job's frame plan (`frame.plan`), or by
-        the arguments given (a frame made outside an engine has no plan)."""
+        the arguments given (a frame made outside an engine has no plan). `span`: the job's
+        span, when traced (its final images' encode and write spans go under it)."""
         plan = frame.plan
         if plan is not None:
             steps_per_image = plan.steps_per_image if steps_per_image is None \
@@ -295,7 +297,8 @@ class Batch:
             preview = preview or plan.preview
         if steps_per_image is None or kind is None or preview is None:
             raise ValueError("a frame without a plan needs steps_per_image, kind and preview")
-        self.add(FrameWrite(frame, steps_per_image, kind, preview, frame.pixels.numel()))
+        self.add(FrameWrite(frame, steps_per_image, kind, preview, frame.pixels.numel(),
+                            span=span))
 
     def hset(self, job_id: str, key: str, field_name: str, value: bytes | str) -> None:
         """A hash field of the job's (RQ's `meta`, say), written in order with its events."""
