@@ -38,6 +38,7 @@ from .keys import (
     wake_key,
 )
 from .limits import PRIORITIES
+from .recorder import Recorder
 from .spec import GenerationSpec
 
 __all__ = ["COUNTED", "DEFAULT_RETRIES", "QUEUES_SET", "QUEUE_KEY_PREFIX", "Job", "NoSuchJob",
@@ -158,24 +159,6 @@ def enqueue_commands(redis: Redis, spec: GenerationSpec, *, wake: bool = True,
     commands: list[tuple[Any, ...]] = []
     job = enqueue(redis, spec, pipeline=Recorder(redis, commands), wake=wake, **kwargs)
     return job, _merge_hsets([[encode(a) for a in args] for args in commands])
-
-
-class Recorder(Pipeline):
-    """A pipeline that only records: each command RQ's methods (or anyone) write into it
-    lands in `commands` through redis-py's public staging hook
-    (`pipeline_execute_command`), and it is never executed: the caller runs the commands
-    itself (the admission script; the worker's batched writes)."""
-
-    def __init__(self, redis: Redis, commands: list[tuple[Any, ...]]) -> None:
-        super().__init__(redis.connection_pool, redis.response_callbacks, False, None)
-        self.commands = commands
-
-    def pipeline_execute_command(self, *args: Any, **options: Any) -> Recorder:
-        self.commands.append(args)
-        return self
-
-    def execute(self, raise_on_error: bool = True) -> list[Any]:
-        raise RuntimeError("recorded commands are run by their caller, never execute()")
 
 
 def _merge_hsets(commands: list[list[bytes]]) -> list[list[bytes]]:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from redis import Redis
-from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
 try:
@@ -34,10 +33,11 @@ try:
 except ImportError:          # a declared dependency; without it, redis-py packs
     pack_command = None  # type: ignore[assignment]
 
+from contract.recorder import Command, Recorder
+
 from .frames import FRAME_COMMAND, FRAME_LUA
 
 Guard = Literal["", "not-canceled", "absent"]
-Command = tuple[Any, ...]
 
 # ARGV: per group: guard, guard key, number of commands; per command: number of args, args.
 # Returns one flag per group: 1 if it ran, 0 if its guard did not hold.
@@ -72,23 +72,6 @@ class _Group:
     guard: Guard
     key: str
     commands: list[Command] = field(default_factory=list)
-
-
-class Recorder(Pipeline):
-    """A pipeline that only records: every command RQ's methods (or anyone) write into it
-    lands in `commands` through redis-py's public staging hook, and it is never executed
-    (its `execute` refuses)."""
-
-    def __init__(self, redis: Redis, commands: list[Command]) -> None:
-        super().__init__(redis.connection_pool, redis.response_callbacks, False, None)
-        self.commands = commands
-
-    def pipeline_execute_command(self, *args: Any, **options: Any) -> Recorder:
-        self.commands.append(args)
-        return self
-
-    def execute(self, raise_on_error: bool = True) -> list[Any]:
-        raise RuntimeError("recorded writes run through WriteBatch.run, never execute()")
 
 
 class WriteBatch:

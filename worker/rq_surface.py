@@ -166,7 +166,7 @@ SURFACE: tuple[Name, ...] = (
     Name("rq.results", "Result.get_key", C, ("job_id",)),
     Name("rq.results", "Result.serialize", C, why="its keys: rq_layout.RESULT_FIELDS"),
     Name("rq.results", "Result.Type.SUCCESSFUL", A),
-    # -- redis-py: the recording pipeline (redis_batch.Recorder) ------------------------
+    # -- redis-py: the recording pipeline (contract/recorder.py) ------------------------
     Name("redis.client", "Pipeline.__init__", C,
          ("connection_pool", "response_callbacks", "transaction", "shard_hint")),
     Name("redis.client", "Pipeline.pipeline_execute_command", C,

@@ -146,8 +146,8 @@ def test_the_fields_rq_layout_writes_are_rqs(r: redis.Redis) -> None:
     from rq.utils import now
 
     from contract.keys import JOB_FUNC, SERIALIZER
+    from contract.recorder import Recorder
     from worker import rq_layout
-    from worker.redis_batch import Recorder
 
     job = Job.create(JOB_FUNC, kwargs={"model": "tiny"}, connection=r, serializer=SERIALIZER)
     assert tuple(Execution("e", job.id, r, worker_name="w").serialize()) == \
