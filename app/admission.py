@@ -26,6 +26,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import NoScriptError
 
 from contract import tracing
 from contract.inputs import input_digest
@@ -43,7 +44,7 @@ from contract.spec import GenerationSpec
 
 from . import limits
 from .auth import Principal
-from .errors import ApiError
+from .errors import ApiError, not_replicated
 from .jobs import JobStore
 from .schemas import GenerationRequest
 from .settings import ApiSettings
@@ -71,7 +72,8 @@ class Submitted:
 _ADMIT = """
 if KEYS[1] ~= '' then
   local record = redis.call('GET', KEYS[1])
-  if record then return {'replay', record} end
+  -- rewritten as it is (a write after the job's), so a replica wait covers the job too
+  if record then redis.call('SET', KEYS[1], record, 'KEEPTTL') return {'replay', record} end
 end
 if KEYS[2] ~= '' then
   local count = redis.call('INCR', KEYS[2])
@@ -120,6 +122,7 @@ class Admission:
         self.redis = redis          # for RQ's job objects (no command is sent through it)
         self.settings = settings
         self.jobs = jobs            # a replay's lookup
+        self.aredis = aredis
         self._admit = aredis.register_script(_ADMIT)
 
     async def submit(self, req: GenerationRequest, who: Principal,
@@ -147,7 +150,10 @@ class Admission:
                       idempotency_key: str | None,
                       inputs: dict[str, bytes] | None) -> Submitted:
         t = self._ticket(req, who, idempotency_key, inputs or {})
-        verdict, value = await self._admit(keys=t.keys, args=t.args)
+        if self.settings.redis_wait_replicas:
+            verdict, value = await self._admit_replicated(t)
+        else:
+            verdict, value = await self._admit(keys=t.keys, args=t.args)
         if verdict == b"replay":
             return await run_in_threadpool(self._replayed, value, t, who)
         if verdict == b"ok":
@@ -158,6 +164,30 @@ class Admission:
         if verdict == b"depth":
             raise limits.queue_full(self.settings, t.spec.model, int(value))
         raise RuntimeError(f"unexpected admission verdict {verdict!r}")
+
+    async def _admit_replicated(self, t: _Ticket) -> list[Any]:
+        """The admission script, then `WAIT n timeout` on the same connection in the same
+        round trip (WAIT counts the replicas holding this connection's writes, so it must
+        follow them there). A job (new, or replayed: the script rewrites its record) that
+        fewer than `redis_wait_replicas` replicas hold is not acknowledged: 503."""
+        s = self.settings
+        for _ in range(2):          # the second time after a NOSCRIPT (a restarted Redis)
+            async with self.aredis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._admit.sha, len(t.keys), *t.keys, *t.args)
+                pipe.execute_command("WAIT", s.redis_wait_replicas, s.redis_wait_timeout_ms)
+                result, acked = await pipe.execute(raise_on_error=False)
+            if not isinstance(result, NoScriptError):
+                break
+            await self.aredis.script_load(_ADMIT)
+        for reply in (result, acked):
+            if isinstance(reply, Exception):
+                raise reply
+        verdict, value = result
+        if verdict in (b"ok", b"replay") and int(acked) < s.redis_wait_replicas:
+            job = replayed_job_id(value) if verdict == b"replay" else t.job.id
+            raise not_replicated(job, int(acked), s.redis_wait_replicas,
+                                 s.redis_wait_timeout_ms, s.retry_after)
+        return [verdict, value]
 
     def _ticket(self, req: GenerationRequest, who: Principal, idempotency_key: str | None,
                 inputs: dict[str, bytes]) -> _Ticket:
@@ -217,6 +247,14 @@ class Admission:
             raise ApiError(409, "conflict", "a request with this Idempotency-Key is in "
                            "progress", headers={"Retry-After": "1"}) from None
         return Submitted(job, self.jobs.spec_of(job), replayed=True)
+
+
+def replayed_job_id(record: bytes) -> str:
+    """The job an idempotency record names ('?' if it names none)."""
+    try:
+        return str(json.loads(record).get("job", "?"))
+    except (ValueError, AttributeError):
+        return "?"
 
 
 def idempotency_record_key(who: Principal, key: str) -> str:

@@ -18,7 +18,7 @@ from redis import Redis
 
 from contract.queueing import model_queue_keys
 from contract.spec import ModelInfo
-from contract.workers import live_worker_keys
+from contract.workers import known_models, live_worker_keys
 
 from .errors import ApiError
 from .settings import ApiSettings
@@ -66,7 +66,8 @@ class Catalog:
         return docs
 
     def served_models(self) -> dict[str, Served]:
-        """The models live, non-draining workers advertise, by name (read now)."""
+        """The models live, non-draining workers advertise, by name (read now); with
+        `serve_idle_models`, also those a worker served lately (0 workers now)."""
         seen: dict[str, Served] = {}
         for doc in self.live_workers():
             if doc.get("draining"):
@@ -78,6 +79,14 @@ class Catalog:
                     continue
                 prev = seen.get(info.name)
                 seen[info.name] = Served(info, (prev.workers if prev else 0) + 1)
+        if self.settings.serve_idle_models:       # scale to zero: known, no worker now
+            for name, raw in known_models(self.redis).items():
+                if name in seen:
+                    continue
+                try:
+                    seen[name] = Served(ModelInfo.from_dict(json.loads(raw)), 0)
+                except (TypeError, KeyError, ValueError):
+                    continue
         served = dict(sorted(seen.items()))
         self._served = (time.monotonic(), served)
         return served
@@ -116,10 +125,13 @@ class Catalog:
             return sum(p.execute())
 
     def readiness(self) -> dict[str, object]:
-        """Redis answers, and which live workers (not draining) serve which models; a
-        RedisError if it does not answer."""
+        """Redis answers, and which live workers (not draining) serve which models; ready
+        with one of them, or without any when idle models are served (scale to zero: the
+        API must stay reachable for KEDA and take the job that wakes a worker). A
+        RedisError if Redis does not answer."""
         self.redis.ping()
         workers = [w for w in self.live_workers() if not w.get("draining")]
         return {"redis": "ok", "workers": len(workers),
+                "ready": bool(workers) or self.settings.serve_idle_models,
                 "models": sorted({m.get("name") for w in workers for m in w.get("models", [])
                                   if isinstance(m, dict) and m.get("name")})}

@@ -119,6 +119,21 @@ def redis_error(exc: RedisError, retry_after: int = 5) -> ApiError:
     return ApiError(503, "unavailable", message, headers={"Retry-After": str(retry_after)})
 
 
+def not_replicated(job_id: str, acked: int, wanted: int, timeout_ms: int,
+                   retry_after: int = 5) -> ApiError:
+    """The 503 of a job the primary took but fewer than `redis_wait_replicas` replicas
+    acknowledged within `redis_wait_timeout_ms` (app/admission.py): not a promise, since a
+    failover now would lose it; but it may survive and run. A retry with the same
+    Idempotency-Key answers with that job if it did, or makes it anew if it did not."""
+    log.warning("job %s: %d of %d replicas acknowledged it within %d ms, answering 503",
+                job_id, acked, wanted, timeout_ms)
+    return ApiError(503, "unavailable", f"job {job_id} was queued but not yet copied to "
+                    f"{wanted} replica(s) of the job store ({acked} acknowledged), so it "
+                    "is not acknowledged: it may still run. Retry with the same "
+                    "Idempotency-Key to get it (without one, a retry may make a second job)",
+                    headers={"Retry-After": str(retry_after)})
+
+
 async def _on_redis(request: Request, exc: RedisError) -> JSONResponse:
     settings = getattr(request.app.state, "settings", None)
     return await _on_api_error(request, redis_error(exc, getattr(settings, "retry_after", 5)))
@@ -140,7 +155,8 @@ def install(app: FastAPI) -> None:
 _ERRORS = {401: "missing or unknown API key", 404: "unknown job or model",
            413: "request body too large", 422: "invalid request; `field` names the culprit",
            429: "queue full or rate limit reached; see Retry-After",
-           503: "Redis unreachable, or full (out of memory); see Retry-After"}
+           503: "Redis unreachable, or full (out of memory), or the job not yet on its "
+                "replicas (DDPM_REDIS_WAIT_REPLICAS); see Retry-After"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in _ERRORS.items()}
 # For routes whose response class is not JSON (SSE): FastAPI would document their errors

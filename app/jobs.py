@@ -5,6 +5,7 @@ through `contract.queueing`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable
 
@@ -26,6 +27,7 @@ from contract.queueing import (
     restore_job,
     state_of,
 )
+from contract.results_store import ResultStore, ResultStoreError, is_pointer
 from contract.spec import GenerationSpec
 
 from .auth import Principal
@@ -47,6 +49,11 @@ class JobStore:
         self.redis = redis
         self.aredis = aredis        # for the routes that run on the event loop
         self.settings = settings
+        # DDPM_RESULTS_URL: final images and inputs in object storage, their keys holding
+        # the objects' URLs (contract/results_store.py); a key may hold either.
+        self.results = ResultStore(
+            settings.results_url, public_endpoint=settings.results_public_endpoint
+        ) if settings.results_url else None
 
     # -- look up ----------------------------------------------------------------------
 
@@ -118,18 +125,73 @@ class JobStore:
     # -- what a job stored ---------------------------------------------------------------
 
     def images(self, job: Job, indices: Iterable[int]) -> list[bytes | None]:
-        """Final PNGs (None where not stored), in one round-trip."""
+        """Final PNGs (None where not stored), in one round-trip (and the store's reads)."""
         keys = [image_key(job.id, i) for i in indices]
-        return list(self.redis.mget(keys)) if keys else []
+        return [self._png(v) for v in self.redis.mget(keys)] if keys else []
 
     async def image(self, job_id: str, index: int) -> bytes | None:
-        return await self._async.get(image_key(job_id, index))
+        return await self._apng(await self._async.get(image_key(job_id, index)))
 
     async def all_images(self, job_id: str, n: int) -> list[bytes | None]:
-        return list(await self._async.mget([image_key(job_id, i) for i in range(n)]))
+        found = await self._async.mget([image_key(job_id, i) for i in range(n)])
+        return list(await asyncio.gather(*(self._apng(v) for v in found)))
 
     async def input(self, job_id: str, name: str) -> bytes | None:
-        return await self._async.get(input_key(job_id, name))
+        return await self._apng(await self._async.get(input_key(job_id, name)))
+
+    async def image_ref(self, job_id: str, index: int) -> bytes | str | None:
+        """What `GET …/images/{i}` answers with: the PNG, or (stored in object storage,
+        DDPM_RESULTS_DELIVERY=redirect) a presigned URL of it; None: not stored."""
+        return await self._ref(await self._async.get(image_key(job_id, index)))
+
+    async def input_ref(self, job_id: str, name: str) -> bytes | str | None:
+        """`image_ref` of an input image."""
+        return await self._ref(await self._async.get(input_key(job_id, name)))
+
+    async def image_url(self, job_id: str, index: int) -> str | None:
+        """A presigned URL of a final image kept in object storage (None: it is not)."""
+        value = await self._async.get(image_key(job_id, index))
+        if value is None or not is_pointer(value):
+            return None
+        return self._store().presign(self._name(value), self.settings.results_url_ttl)
+
+    async def _ref(self, value: bytes | None) -> bytes | str | None:
+        if value is None or not is_pointer(value) or self.settings.results_delivery == "proxy":
+            return await self._apng(value)
+        return self._store().presign(self._name(value), self.settings.results_url_ttl)
+
+    def _png(self, value: bytes | None) -> bytes | None:
+        """A stored value as the PNG: itself, or the object its URL names."""
+        if value is None or not is_pointer(value):
+            return value
+        name = self._name(value)
+        try:
+            return self._store().get(name)
+        except ResultStoreError as e:
+            raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "5"}) from None
+
+    async def _apng(self, value: bytes | None) -> bytes | None:
+        if value is None or not is_pointer(value):
+            return value
+        name = self._name(value)
+        try:
+            return await self._store().aget(name)
+        except ResultStoreError as e:
+            raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "5"}) from None
+
+    def _name(self, pointer: bytes) -> str:
+        """The object a stored URL names, in this API's store (503 for another's: the API
+        and the workers disagree on DDPM_RESULTS_URL)."""
+        try:
+            return self._store().name_of(pointer)
+        except ValueError as e:
+            raise ApiError(503, "unavailable", str(e)) from None
+
+    def _store(self) -> ResultStore:
+        if self.results is None:
+            raise ApiError(503, "unavailable", "this result is in object storage and this API "
+                           "has no DDPM_RESULTS_URL to reach it")
+        return self.results
 
     def events(self, job: Job) -> list[Event]:
         """Every event the job's stream holds now, oldest first (entries that are not
@@ -147,7 +209,7 @@ class JobStore:
         """The job's events live after id `after`, as SSE and WebSocket clients read them
         (`app/streams.py`)."""
         return follow(self._async, job_id, after, poll_ms=self.settings.stream_poll_ms,
-                      inline_images=inline_images)
+                      inline_images=inline_images, image=self.image)
 
     def entries(self, job_id: str, after: str = "0-0"
                 ) -> AsyncIterator[tuple[str | None, Event]]:

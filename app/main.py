@@ -9,13 +9,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
-from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Mount
 
 from contract import tracing
+from contract.redis_connect import connect, connect_async
 
 from . import docs, errors, openapi, redact
 from .admission import Admission
@@ -111,17 +110,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if tracing.setup(tracing.API_SERVICE, settings.otlp_endpoint):  # contract/tracing.py
             log.info("tracing on: spans to %s", settings.otlp_endpoint)
-        redis = Redis.from_url(settings.redis_url, health_check_interval=30,
-                               socket_connect_timeout=5)
+        target = settings.redis_target()     # a URL, or Sentinel (contract/redis_connect.py)
+        redis = connect(target, health_check_interval=30, socket_connect_timeout=5)
         # Every open stream blocks in XREAD on a connection of its own: the pool must hold
         # them all (redis-py's default of 100 failed the 101st stream with a traceback).
         # Their XREAD BLOCKs last up to longest_block_ms (an idle stream's backoff): the
         # socket timeout must outlast one (redis-py 8 defaults to 5 s, which cut every
         # stream polled for longer).
         block_s = longest_block_ms(settings.stream_poll_ms) / 1000
-        aredis = AsyncRedis.from_url(settings.redis_url, health_check_interval=30,
-                                     socket_connect_timeout=5, socket_timeout=block_s + 5,
-                                     max_connections=settings.max_streams + 64)
+        aredis = connect_async(target, health_check_interval=30, socket_connect_timeout=5,
+                               socket_timeout=block_s + 5,
+                               max_connections=settings.max_streams + 64)
         # The rooms routes reach Redis through (app/deps.py).
         jobs = JobStore(redis, settings, aredis)
         views = Views(redis)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contract.limits import STREAM_MAX_BYTES, STREAM_MAXLEN
+from contract.redis_connect import RedisSettingsFields
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
 
@@ -25,14 +26,20 @@ def _split(value: object) -> object:
     return value
 
 
-class ApiSettings(BaseSettings):
+class ApiSettings(RedisSettingsFields, BaseSettings):
     """Everything the API process is configured by; CLI flags override the environment."""
 
     # Errors never echo a value: api_keys or a redis_url with a password would reach the log.
     model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore",
                                       hide_input_in_errors=True)
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # redis_url, redis_sentinels, redis_sentinel_master, redis_sentinel_password:
+    # contract/redis_connect.py (RedisSettingsFields, the worker's too).
+    # Before a 202, wait until this many replicas have the job (Redis WAIT), at most
+    # `redis_wait_timeout_ms`; fewer: 503 (the job may still exist: retry with the same
+    # Idempotency-Key). 0 (the default): no wait, a 202 as soon as the primary has the job.
+    redis_wait_replicas: Annotated[int, Field(ge=0, le=16)] = 0
+    redis_wait_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 1000
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     # Access: SHA-256 hex digests of the accepted API keys (`ddpm api-key` makes one).
@@ -51,6 +58,11 @@ class ApiSettings(BaseSettings):
     # many seconds ago (a model missing from that read is looked up again at once). 0: read
     # on every POST.
     models_cache_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    # Scale to zero: accept jobs for a model no live worker serves now but one served within
+    # contract.workers.KNOWN_MODELS_TTL (they wait in its queue until a worker starts: KEDA
+    # starts one on the work signal), and call the API ready without live workers. Off: such
+    # a model is refused (404) and /readyz wants a live worker.
+    serve_idle_models: bool = False
     # Jobs.
     result_ttl: Annotated[int, Field(ge=1)] = 24 * 3600
     job_timeout: Annotated[int, Field(ge=10)] = 3600
@@ -91,6 +103,16 @@ class ApiSettings(BaseSettings):
     # API from their pages (CORS, Starlette's CORSMiddleware). Empty (the default): no
     # cross-origin access; the API's own page at `/` is same-origin and needs none.
     cors_origins: Annotated[list[str], NoDecode, Field(max_length=256)] = []
+    # Results in object storage (contract/results_store.py): `s3://bucket/prefix`, as the
+    # workers have it (AWS_* variables read by the library). None (the default): in Redis.
+    # An image is answered with a 307 to a presigned URL valid `results_url_ttl` seconds
+    # (`redirect`), or streamed through the API (`proxy`).
+    results_url: str | None = None
+    results_url_ttl: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
+    results_delivery: Literal["redirect", "proxy"] = "redirect"
+    # The store's address as clients reach it, named by presigned URLs, when it is not the
+    # API's own AWS_ENDPOINT_URL (Compose: http://s3:8333 inside, localhost:8333 outside).
+    results_public_endpoint: str | None = None
     # Traces (contract/tracing.py): the OTLP/HTTP collector spans go to, e.g.
     # `http://collector:4318` (posted to its /v1/traces). None (the default): no tracing.
     # The SDK's OTEL_* variables (sampler, headers, batch delays) apply when set.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,10 @@ from contract.queueing import read_state
 
 from .errors import ApiError
 from .schemas import TERMINAL_STATUSES
+
+# A job's final PNG by (job, index), wherever it is stored (app/jobs.py: Redis or the
+# result store); None: not there.
+ImageReader = Callable[[str, int], Awaitable[bytes | None]]
 
 EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
@@ -96,7 +100,7 @@ def frame_format(ev: Event) -> str:
 
 
 async def client_data(redis: AsyncRedis | None, job_id: str, ev: Event,
-                      inline_images: bool) -> str:
+                      inline_images: bool, image: ImageReader | None = None) -> str:
     """What a client gets for an event: a snapshot's frame as base64 `image` (in the
     `format` its data names: png, webp or jpeg), image URLs (and the final PNG as base64
     `png` when asked for)."""
@@ -111,6 +115,8 @@ async def client_data(redis: AsyncRedis | None, job_id: str, ev: Event,
         url = f"{root}/images/{index}"
         if not inline_images:
             return _with(data, url=url)
+        if image is not None:
+            return _with(data, url=url, png=_b64(await image(job_id, index)))
         assert redis is not None
         return _with(data, url=url, png=_b64(await redis.get(image_key(job_id, index))))
     if ev.type == EventType.DONE:
@@ -159,12 +165,14 @@ async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int
 
 
 async def follow(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
-                 inline_images: bool = False) -> AsyncIterator[StreamEvent]:
+                 inline_images: bool = False, image: ImageReader | None = None
+                 ) -> AsyncIterator[StreamEvent]:
     """`entries` as SSE and WebSocket clients read them; with `inline_images`, `image`
-    events carry the final PNG (base64) as well as its URL."""
+    events carry the final PNG (base64, read by `image`: else from Redis) as well as its
+    URL."""
     async for entry_id, ev in entries(redis, job_id, after, poll_ms=poll_ms):
         try:
-            data = await client_data(redis, job_id, ev, inline_images)
+            data = await client_data(redis, job_id, ev, inline_images, image)
         except (KeyError, ValueError, TypeError, AttributeError):
             continue
         yield StreamEvent(str(ev.type), data, entry_id)

@@ -34,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -47,7 +48,7 @@ import redis
 from contract.spec import ModelInfo
 from contract.workers import advertise_worker, withdraw_worker
 from ddpm.processes import child_kwargs, stop
-from ddpm.redis_server import RedisServer, free_port
+from ddpm.redis_server import RedisServer, free_port, redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench"
@@ -423,6 +424,35 @@ def ids_of(bodies: list[bytes]) -> list[str]:
     return [json.loads(b)["id"] for b in bodies]
 
 
+@contextlib.contextmanager
+def replica_of(srv: RedisServer) -> Iterator[None]:
+    """A redis-server replicating `srv`, in sync before the block runs."""
+    port = free_port()
+    # --dir: a replica stores the primary's snapshot it syncs from, in the working directory
+    # unless told otherwise.
+    home = tempfile.TemporaryDirectory(prefix="bench-replica-")
+    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", home.name,
+                             "--replicaof", "127.0.0.1", str(srv.port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            **child_kwargs())
+    client = redis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(redis.ConnectionError):
+                if client.info("replication").get("master_link_status") == "up":
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit("the replica did not sync")
+            time.sleep(0.05)
+        yield
+    finally:
+        client.close()
+        stop(proc, timeout=10)
+        home.cleanup()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--concurrency", type=int, default=8, help="connections at once")
@@ -435,6 +465,9 @@ def main() -> None:
                         "results, events and images are keys too: a busy day leaves millions)")
     p.add_argument("--log-level", default="WARNING", help="of both servers (DDPM_LOG_LEVEL); "
                    "INFO adds uvicorn's access log")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="replicas of the API's Redis (--replicaof), to measure "
+                        "DDPM_REDIS_WAIT_REPLICAS")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -448,10 +481,10 @@ def main() -> None:
     info = ModelInfo(name=MODEL, image_size=16, in_channels=3, num_timesteps=1000)
 
     with contextlib.ExitStack() as stack:
-        import tempfile
-
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-api-")))
         srv = stack.enter_context(RedisServer())
+        for _ in range(args.replicas):      # DDPM_REDIS_WAIT_REPLICAS=n needs n of them
+            stack.enter_context(replica_of(srv))
         r = redis.Redis.from_url(srv.url)
         stack.enter_context(advertised(srv.url, info))
         api, api_url = start_api(srv.url, log_dir, args.log_level)

@@ -50,6 +50,7 @@ def cost_key(job_id: str) -> str:
 
 
 THROUGHPUT = f"{PREFIX}:throughput"   # hash: model → JSON of its last measured rate
+KNOWN_MODELS = f"{PREFIX}:models:known"   # hash: model → JSON of its ModelInfo, as last served
 
 
 # Idle workers block on their models' wake lists (BLPOP) instead of polling the queues:

@@ -26,8 +26,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.main import create_app
 from app.settings import ApiSettings
+from contract.redis_connect import connect, redacted
 from contract.workers import live_worker_keys
-from worker.settings import redacted
 
 from .processes import child_kwargs, stop
 from .redis_server import APPENDFSYNC, DataDirInUse, RedisServer
@@ -169,15 +169,17 @@ def run_serve(opts: ServeOptions, settings: ApiSettings) -> int:
                          "makes one)")
     _check_port(opts.host, opts.port)
     metrics_port = _metrics_port(opts)
-    embedded = None if "DDPM_REDIS_URL" in os.environ else _embedded_redis(opts.data_dir)
+    external = "DDPM_REDIS_URL" in os.environ or settings.redis_sentinels   # else embedded
+    embedded = None if external else _embedded_redis(opts.data_dir)
     worker = None
     try:
         redis_url = _start_redis(embedded) if embedded else settings.redis_url
         settings = settings.model_copy(update={"redis_url": redis_url})
-        print(f"ddpm serve: redis at {redacted(redis_url)}{_where(embedded)}; "
+        where = settings.redis_target().describe() if embedded is None else redacted(redis_url)
+        print(f"ddpm serve: redis at {where}{_where(embedded)}; "
               f"starting a worker on {opts.device}", flush=True)
         worker = _start_worker(opts, redis_url, metrics_port)
-        names = _wait_for_worker(redis.Redis.from_url(redis_url), worker)
+        names = _wait_for_worker(connect(settings.redis_target()), worker)
         print(f"ddpm serve: serving {', '.join(names)} at http://{opts.host}:{opts.port}/ "
               f"(API docs: /docs). Ctrl-C stops everything.", flush=True)
         worker_metrics = (f"http://{opts.host}:{metrics_port}/metrics" if metrics_port

@@ -155,6 +155,10 @@ class Admission:
             except ValueError as e:
                 self.live.fail(run, str(e), retry=False)
                 continue
+            if self.writer.store is not None:       # the inputs it saw: to the store too
+                for name, png in pngs.get(run.id, {}).items():
+                    if png is not None:
+                        own.input(run.id, name, png)
             resumed_at = None if resume is None else resume.steps_done(spec.steps_per_image)
             own.event(run.id, Started(worker=self.rq.name, model=spec.model,
                                       num_images=spec.num_images,

@@ -18,6 +18,10 @@ writer keeps the batches and retries them, and the loop, soon behind, waits with
 A job is reported done only once its writes are in Redis: every batch has a sequence
 number, the loop remembers the last batch that carried a job's writes, and `flushed(seq)`
 says whether the writer has got that far (`error(job)` whether one of them failed).
+
+With a result store (`DDPM_RESULTS_URL`; `use_store`) a job's final images and inputs are
+uploaded on their own threads and its writes held until they land (uploads.py): a job with
+writes held is not `flushed`, and an upload failed for good is its `error`.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ from redis.exceptions import NoScriptError
 from contract import tracing
 from contract.events import Event, TypedEvent
 from contract.redis_errors import redis_full
+from contract.results_store import ResultStore
 
 from . import redis_batch
 from .frames import encode_frame
 from .redis_batch import WriteBatch
+from .uploads import Uploads
 from .writes import (
     EVENT_BYTES,
     FINAL,
@@ -53,6 +59,7 @@ from .writes import (
     HashWrite,
     KeyTtls,
     StreamLimits,
+    Write,
     ttl_slack,
 )
 
@@ -62,6 +69,7 @@ __all__ = ["EVENT_BYTES", "FINAL", "Batch", "EventWrite", "EventWriter", "FrameW
 log = logging.getLogger("ddpm.worker")
 
 FULL_RETRY = (0.1, 2.0)      # seconds between retries while Redis is full: first, most
+RELEASE = Batch()            # queued by a finished upload: the writer looks at held writes
 
 
 def default_encode_threads() -> int:
@@ -104,6 +112,16 @@ class EventWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._sha = hashlib.sha1(redis_batch.SCRIPT.encode()).hexdigest()   # as EVALSHA's
         self._ran = False             # the script has run here: a NOSCRIPT now means a loss
+        self.uploads: Uploads | None = None        # use_store: results in object storage
+
+    def use_store(self, store: ResultStore | None) -> None:
+        """Upload final images and inputs to `store` (None: keep them in Redis)."""
+        self.uploads = None if store is None else Uploads(
+            store, self._written_cond, lambda: self._queue.put(RELEASE))
+
+    @property
+    def store(self) -> ResultStore | None:
+        return None if self.uploads is None else self.uploads.store
 
     # -- the loop's side ---------------------------------------------------------------
 
@@ -151,15 +169,20 @@ class EventWriter:
         """Whether the loop should wait for the writer before it makes more frames."""
         return self._pending_bytes > self.max_pending_bytes
 
-    def flushed(self, seq: int) -> bool:
-        """Whether every batch up to `seq` has been written (or has failed)."""
+    def flushed(self, seq: int, job_id: str | None = None) -> bool:
+        """Whether every batch up to `seq` has been written (or has failed): of the job's
+        writes, with `job_id`; else of every job's (none held for an upload)."""
         with self._written_cond:
-            return self._written >= seq
+            return self._done(seq, job_id)
+
+    def _done(self, seq: int, job_id: str | None = None) -> bool:
+        return self._written >= seq and (self.uploads is None
+                                         or self.uploads.clean(seq, job_id))
 
     def wait(self, seq: int, timeout: float) -> bool:
         """Wait up to `timeout` s for every batch up to `seq` to be written."""
         with self._written_cond:
-            return self._written_cond.wait_for(lambda: self._written >= seq, timeout)
+            return self._written_cond.wait_for(lambda: self._done(seq), timeout)
 
     def wait_until_caught_up(self, timeout: float) -> bool:
         """Wait up to `timeout` s for `behind` to clear."""
@@ -205,9 +228,13 @@ class EventWriter:
                     stop = True
                 else:
                     batches.append(more)
+            batches = [b for b in batches if b is not RELEASE]
             if batches:
                 self._take(batches)
                 self._write(batches)
+            if stop and self.uploads is not None:      # closing: let the uploads end
+                self.uploads.close()
+            self._release()
             if stop:
                 return
 
@@ -220,12 +247,12 @@ class EventWriter:
                     if self._waiting.get(key) is op:
                         del self._waiting[key]
 
-    def _encode(self, batches: list[Batch]) -> None:
+    def _encode(self, ops: list[Write]) -> None:
         """Encode the frames not encoded yet. PNG and WebP go to the pool, a contiguous share
         per thread (1.9x on 2 cores; one task per frame lost to the hand-off for small ones,
         0.68x); JPEG here (Pillow's encoder does not run in parallel; BENCHMARKS.md §8)."""
-        todo = [op for b in batches for op in b.frames()
-                if not op.dropped and op.encoded is None]
+        todo = [op for op in ops if isinstance(op, FrameWrite)
+                and not op.dropped and op.encoded is None]
         here = [op for op in todo if op.encoding.format == "jpeg"]
         pooled = [op for op in todo if op.encoding.format != "jpeg"]
         n = min(self.encode_threads, len(pooled))
@@ -241,21 +268,52 @@ class EventWriter:
             future.result()
 
     def _write(self, batches: list[Batch]) -> None:
+        ops = [op for b in batches for op in b.ops]
+        if self.uploads is not None:
+            try:
+                self._encode(ops)
+            except Exception:      # met again, and reported, in _flush
+                pass
+            else:
+                ops = self.uploads.hold(ops, batches[0].seq)
+        self._flush(ops)
+        with self._written_cond:
+            self._written = batches[-1].seq
+            self._written_cond.notify_all()
+
+    def _release(self) -> None:
+        """Write the held writes of every job whose uploads have all ended."""
+        if self.uploads is None:
+            return
+        jobs, ops = self.uploads.ready()
+        if not jobs:
+            return
+        self._flush(ops)
+        with self._written_cond:
+            self.uploads.settle(jobs, self._errors)
+            self._written_cond.notify_all()
+
+    # -- Redis ---------------------------------------------------------------------------
+
+    def _flush(self, ops: list[Write]) -> None:
+        """Write `ops` to Redis in one script run (retried while Redis is full)."""
+        if not ops:
+            return
         delay = FULL_RETRY[0]
         flush: Flush | None = None
         lost = 0
+        jobs = {op.job_id for op in ops}
         while True:
             try:
-                self._encode(batches)
+                self._encode(ops)
                 writes = WriteBatch(self.redis)
                 flush = Flush(writes.group(), self.limits, self.ttls, time.monotonic(),
                               self._framed)
-                for batch in batches:
-                    for op in batch.ops:
-                        op.commands(flush)
+                for op in ops:
+                    op.commands(flush)
                 flush.finish()
                 with ExitStack() as spans:      # traced jobs' results: a `write` span each
-                    traced = _results(batches) if tracing.enabled() else {}
+                    traced = _results(ops) if tracing.enabled() else {}
                     for job_id, (span, n) in traced.items():
                         spans.enter_context(tracing.child(
                             "write", span, {"ddpm.job_id": job_id, "ddpm.images": n}))
@@ -272,8 +330,7 @@ class EventWriter:
                     # soon behind, waits with its jobs.
                     if delay == FULL_RETRY[0]:
                         log.warning("Redis is full (maxmemory): holding the writes of %d "
-                                    "jobs until it has room", len({j for b in batches
-                                                                   for j in b.jobs}))
+                                    "jobs until it has room", len(jobs))
                     if self._on_full is not None:
                         self._on_full()
                     time.sleep(delay)
@@ -281,9 +338,8 @@ class EventWriter:
                     continue
                 log.error("writing events failed: %s", e)   # the jobs concerned fail or retry
                 with self._written_cond:
-                    for batch in batches:
-                        for job_id in batch.jobs:
-                            self._errors.setdefault(job_id, e)
+                    for job_id in jobs:
+                        self._errors.setdefault(job_id, e)
                 flush = None
             else:
                 if delay != FULL_RETRY[0]:
@@ -293,12 +349,13 @@ class EventWriter:
             self.ttls.mark(flush.marks)
             self.ttls.forget(flush.ended)
             self.ttls.prune(time.monotonic())
-        self._framed -= {op.job_id for b in batches for op in b.ops
-                         if isinstance(op, EventWrite) and op.terminal}
+        ended = [op for op in ops if isinstance(op, EventWrite) and op.ends]
+        self._framed -= {op.job_id for op in ended if op.terminal}
         with self._written_cond:
-            self._written = batches[-1].seq
-            self._pending_bytes -= sum(b.nbytes for b in batches) - sum(
-                op.nbytes for b in batches for op in b.snapshots() if op.dropped)
+            if self.uploads is not None:        # a later run here uploads afresh
+                self.uploads.ended({op.job_id for op in ended})
+            self._pending_bytes -= sum(op.nbytes for op in ops if not (
+                isinstance(op, FrameWrite) and op.snapshot and op.dropped))
             self._written_cond.notify_all()
 
     def _run_script(self, keys: list[Any], args: list[Any]) -> Any:
@@ -329,11 +386,10 @@ def _encode_all(ops: list[FrameWrite]) -> None:
             op.encoded = encode_frame(op.frame.pixels.numpy(), op.encoding)
 
 
-def _results(batches: list[Batch]) -> dict[str, tuple[Any, int]]:
-    """The traced jobs whose final images these batches write: job → (its span, images)."""
+def _results(ops: list[Write]) -> dict[str, tuple[Any, int]]:
+    """The traced jobs whose final images these writes store: job → (its span, images)."""
     out: dict[str, tuple[Any, int]] = {}
-    for b in batches:
-        for op in b.frames():
-            if op.span is not None and not op.dropped:
-                out[op.job_id] = (op.span, out.get(op.job_id, (None, 0))[1] + 1)
+    for op in ops:
+        if isinstance(op, FrameWrite) and op.span is not None and not op.dropped:
+            out[op.job_id] = (op.span, out.get(op.job_id, (None, 0))[1] + 1)
     return out

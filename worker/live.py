@@ -18,7 +18,8 @@ from pydantic import ValidationError
 
 from contract import tracing
 from contract.events import Canceled, Done, Error, JobResult, Requeued
-from contract.keys import cost_key, image_key, resume_key
+from contract.keys import cost_key, image_key, input_key, resume_key
+from contract.results_store import input_object
 from contract.spec import GenerationSpec
 
 from .engine import Engine
@@ -125,6 +126,7 @@ class LiveJobs:
             batch.value(r.id, cost_key(r.id), None, 0)       # no longer work (contract/work.py)
             if r.saved:
                 batch.value(r.id, resume_key(r.id), None, 0)
+            self._inputs_stored(r, batch)
             elapsed = time.monotonic() - r.started
             self.metrics.jobs.labels("succeeded").inc()
             self.metrics.duration.labels("succeeded").observe(elapsed,
@@ -132,6 +134,18 @@ class LiveJobs:
             log.debug("job %s succeeded in %.3fs%s", r.id, elapsed, r.traced)
             tracing.end_job(r.span, "succeeded")
         self.writer.send(batch)
+
+    def _inputs_stored(self, run: LiveJob, batch: Batch) -> None:
+        """With a result store, the job's inputs are there now (uploaded at its start, in
+        writes that landed before it could succeed): their keys keep only the objects'
+        URLs. (Until the job succeeds they keep the PNGs, so a re-queued run reads them
+        from Redis like any other.)"""
+        store = self.writer.store
+        if store is None or run.spec is None:
+            return
+        for name in run.spec.inputs:
+            batch.value(run.id, input_key(run.id, name),
+                        store.pointer(input_object(run.id, name)), self.writer.limits.ttl)
 
     @staticmethod
     def _job_result(run: LiveJob) -> JobResult:

@@ -340,7 +340,7 @@ class BatchWorker:
         writes failed fails with a retry."""
         ready = []
         for run in self.live:
-            if not run.complete or not self.writer.flushed(run.last_seq):
+            if not run.complete or not self.writer.flushed(run.last_seq, run.id):
                 continue
             error = self.writer.error(run.id)
             if error is not None:

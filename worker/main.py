@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from redis import Redis
 from redis.exceptions import RedisError
 
 from contract import tracing
+from contract.redis_connect import connect
+from contract.results_store import ResultStore
 from models import resolve_device
 
 from .catalog import load_models
@@ -40,11 +41,12 @@ def build_worker(settings: WorkerSettings) -> BatchWorker:
 
 def _build(settings: WorkerSettings, metrics: WorkerMetrics) -> BatchWorker:
     device = resolve_device(settings.device)
-    redis = Redis.from_url(settings.redis_url)
+    target = settings.redis_target()          # a URL, or Sentinel (contract/redis_connect.py)
+    redis = connect(target)
     try:
         redis.ping()
     except RedisError as e:
-        raise ValueError(f"cannot reach Redis at {redacted(settings.redis_url)}: {e}") from None
+        raise ValueError(f"cannot reach Redis at {target.describe()}: {e}") from None
     catalog = load_models(settings.models_dir, device, settings.models or None)
     if not catalog.names:
         raise ValueError(f"no checkpoints found in {settings.models_dir}")
@@ -57,7 +59,12 @@ def _build(settings: WorkerSettings, metrics: WorkerMetrics) -> BatchWorker:
     engine = Engine(catalog.loaded, device=device, max_batch=max_batch,
                     bf16=settings.autocast_bf16, channels_last=settings.channels_last,
                     on_oom=on_oom)
-    return BatchWorker(settings, redis, catalog, engine, metrics)
+    worker = BatchWorker(settings, redis, catalog, engine, metrics)
+    if settings.results_url:        # final images and inputs to object storage
+        worker.writer.use_store(ResultStore(settings.results_url,
+                                            retry_for=settings.results_retry_s))
+        log.info("results to %s", settings.results_url)
+    return worker
 
 
 def run_worker(settings: WorkerSettings, *, burst: bool = False) -> int:

@@ -6,12 +6,13 @@ import base64
 import binascii
 from pathlib import Path
 from typing import Annotated, Literal, get_args
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.limits import STREAM_MAX_BYTES, STREAM_MAXLEN
+from contract.redis_connect import RedisSettingsFields
+from contract.redis_connect import redacted as redacted  # re-exported: worker/main.py, ddpm
 from contract.resume import RESUME_MAX_BYTES
 
 # Webhook secrets take the Standard Webhooks form, `whsec_` + the base64 of the key, which
@@ -61,14 +62,15 @@ Admission = Literal["step", "request", "none"]
 ADMISSIONS: tuple[Admission, ...] = get_args(Admission)
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(RedisSettingsFields, BaseSettings):
     """Everything a worker process is configured by; CLI flags override the environment."""
 
     # hide_input_in_errors: a refused value (the webhook secret among them) is never echoed
     model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore",
                                       hide_input_in_errors=True)
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # redis_url, redis_sentinels, redis_sentinel_master, redis_sentinel_password:
+    # contract/redis_connect.py (RedisSettingsFields, the API's too).
     models_dir: Path = Path("checkpoints")
     models: list[str] = []          # serve only these names (empty: every model found)
     device: str = "auto"            # auto, cpu, cuda, cuda:N
@@ -130,6 +132,13 @@ class WorkerSettings(BaseSettings):
     webhook_max_backoff: Annotated[float, Field(ge=0, le=24 * 3600)] = 3600.0
     webhook_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     webhook_max_pending: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    # Results in object storage (contract/results_store.py): `s3://bucket/prefix`; final
+    # images and inputs go there, Redis keeps their URLs. None (the default): in Redis.
+    # The store is reached as AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    # AWS_DEFAULT_REGION say (read by the library). An upload is retried this many seconds,
+    # then its job fails ("result store unavailable: ...").
+    results_url: str | None = None
+    results_retry_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
     # Traces (contract/tracing.py): the OTLP/HTTP collector spans go to, e.g.
     # `http://collector:4318` (posted to its /v1/traces). None (the default): no tracing.
     # The SDK's OTEL_* variables (sampler, headers, batch delays) apply when set.
@@ -152,11 +161,3 @@ class WorkerSettings(BaseSettings):
             webhook_signing_key(secret.get_secret_value())
         return secret
 
-
-def redacted(url: str) -> str:
-    """`url` with its password masked: messages with it end up in logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

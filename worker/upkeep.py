@@ -91,8 +91,9 @@ class Upkeep:
     def advertise(self) -> None:
         """`ddpm:workers:{name}`: the models this worker serves, expiring unless renewed."""
         ttl = max(15, int(3 * self.settings.heartbeat_interval))
-        advertise_worker(self.redis, self.rq.name, json.dumps(self._advertisement()), ttl,
-                         time.time())
+        doc = self._advertisement()
+        models = {m["name"]: json.dumps(m) for m in doc.get("models", ())}
+        advertise_worker(self.redis, self.rq.name, json.dumps(doc), ttl, time.time(), models)
         self.last_beat = time.monotonic()       # readiness (worker/probes.py): Redis took it
 
     # -- Redis trouble -----------------------------------------------------------------

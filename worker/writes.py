@@ -223,6 +223,7 @@ class FrameWrite:
     skipped: int = 0          # frames of this image dropped just before this one
     encoded: bytes | None = None
     span: Any = None          # a final image's job span (tracing.py): encode, write under it
+    pointer: bytes | None = None   # uploaded (results_store.py): Redis keeps its URL only
 
     @property
     def job_id(self) -> str:
@@ -252,7 +253,8 @@ class FrameWrite:
             return
         f, lim = self.frame, flush.limits
         if f.final:
-            flush.pipe.set(image_key(f.job_id, f.index), self.encoded, ex=lim.ttl)
+            value = self.encoded if self.pointer is None else self.pointer
+            flush.pipe.set(image_key(f.job_id, f.index), value, ex=lim.ttl)
             flush.xadd(f.job_id, self.event().event)
             return
         frame_command(flush.pipe, f.job_id, self.event().to_fields(),
@@ -261,6 +263,21 @@ class FrameWrite:
         flush.framed.add(f.job_id)
         if flush.ttl_due(STREAM, f.job_id):
             flush.pipe.expire(events_key(f.job_id), lim.ttl)
+
+
+@dataclass(eq=False)
+class InputWrite:
+    """An input image the model saw (the PNG the API stored), to be uploaded to the
+    result store (events.py does, with the job's final images); no Redis command of its
+    own: the job's success replaces the stored PNG with the object's URL (live.py)."""
+
+    job_id: str
+    field: str
+    png: bytes
+    nbytes: int = EVENT_BYTES
+
+    def commands(self, flush: Flush) -> None:
+        return None
 
 
 @dataclass
@@ -307,6 +324,10 @@ class Batch:
     def value(self, job_id: str, key: str, value: bytes | None, ttl: int) -> None:
         """Set (None: delete) a value of the job's, after this batch's earlier writes."""
         self.add(ValueWrite(job_id, key, value, ttl, EVENT_BYTES + len(value or b"")))
+
+    def input(self, job_id: str, field_name: str, png: bytes) -> None:
+        """An input image of the job's, for the result store (InputWrite)."""
+        self.add(InputWrite(job_id, field_name, png, EVENT_BYTES + len(png)))
 
     def snapshots(self) -> list[FrameWrite]:
         return [op for op in self.ops if isinstance(op, FrameWrite) and op.snapshot]

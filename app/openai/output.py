@@ -82,8 +82,12 @@ class Output:
     def url(self, job_id: str, index: int) -> str:
         return f"{self.base_url}/v1/generations/{job_id}/images/{index}"
 
-    def body(self, job_id: str, pngs: list[bytes], steps: int) -> dict[str, Any]:
-        data = ([{"url": self.url(job_id, i)} for i in range(len(pngs))]
+    def body(self, job_id: str, pngs: list[bytes], steps: int,
+             urls: list[str | None] | None = None) -> dict[str, Any]:
+        """The JSON answer; `urls`: presigned URLs of images kept in object storage
+        (DDPM_RESULTS_URL), given for `url` answers instead of the API's own."""
+        data = ([{"url": (urls[i] if urls and urls[i] else self.url(job_id, i))}
+                 for i in range(len(pngs))]
                 if self.response_format == "url" else [{"b64_json": self.b64(p)} for p in pngs])
         return {"created": int(time.time()), "data": data, "background": BACKGROUND,
                 "output_format": self.format, "size": self.size, "usage": usage(steps)}

@@ -267,5 +267,7 @@ async def answer(request: Request, front: Front, who: Principal, model: Served,
         await waiter.close()
     if pngs is None:
         return Response(status_code=CLIENT_GONE)
-    body = await run_in_threadpool(out.body, sub.job.id, pngs, sub.spec.total_steps)
+    urls = ([await front.jobs.image_url(sub.job.id, i) for i in range(len(pngs))]
+            if out.response_format == "url" else None)       # presigned, when in a store
+    body = await run_in_threadpool(out.body, sub.job.id, pngs, sub.spec.total_steps, urls)
     return JSONResponse(body)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -36,6 +37,8 @@ router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=U
 log = logging.getLogger("ddpm.api")
 
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+STORED = {307: {"description": "kept in object storage (DDPM_RESULTS_URL): a presigned URL "
+                               "of the PNG in `Location`"}}
 GIF = {200: {"content": {"image/gif": {}}, "description": "animated GIF"}}
 NOT_READY = {409: ERROR_RESPONSES[404] | {"description": "not produced yet"}}
 UNSUPPORTED = {415: ERROR_RESPONSES[404] | {
@@ -151,29 +154,33 @@ def cancel_generation(job: JobDep, jobs: Jobs, views: ViewsDep) -> Generation:
 
 
 @router.get("/{job_id}/images/{index}", response_class=Response,
-            responses=PNG | ERROR_RESPONSES, summary="One final image (PNG)")
+            responses=PNG | STORED | ERROR_RESPONSES, summary="One final image (PNG)")
 async def get_image(job: JobDep, index: int, jobs: Jobs) -> Response:
     spec = jobs.spec_of(job)
     if not 0 <= index < spec.num_images:
         raise not_found(f"image {index}")
-    return _stored_png(await jobs.image(job.id, index), f"image {index} (not produced yet)")
+    return _stored_png(await jobs.image_ref(job.id, index), f"image {index} (not produced yet)")
 
 
-def _stored_png(png: bytes | None, missing: str) -> Response:
-    """A PNG the job wrote once and never changes (cacheable), or 404 `missing`."""
+def _stored_png(png: bytes | str | None, missing: str) -> Response:
+    """A PNG the job wrote once and never changes (cacheable), or 404 `missing`; kept in
+    object storage (DDPM_RESULTS_URL), a 307 to a presigned URL of it (not cached: the URL
+    expires; clients follow it without the API key, a cross-origin redirect)."""
     if png is None:
         raise not_found(missing)
+    if isinstance(png, str):
+        return RedirectResponse(png, status_code=307, headers={"Cache-Control": "no-store"})
     return Response(png, media_type="image/png",
                     headers={"Cache-Control": "private, max-age=86400, immutable"})
 
 
 @router.get("/{job_id}/inputs/{name}", response_class=Response,
-            responses=PNG | ERROR_RESPONSES,
+            responses=PNG | STORED | ERROR_RESPONSES,
             summary="An input image as the model sees it (fitted to its size)")
 async def get_input(job: JobDep, name: InputField, jobs: Jobs) -> Response:
     if getattr(jobs.spec_of(job), name) is None:
         raise not_found(f"input {name!r}")
-    return _stored_png(await jobs.input(job.id, name), f"input {name!r} (expired)")
+    return _stored_png(await jobs.input_ref(job.id, name), f"input {name!r} (expired)")
 
 
 @router.get("/{job_id}/grid.png", response_class=Response,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 
-# The page loads only its own script and style, and draws frames from data: and blob: URLs.
+# The page loads only its own script and style, and draws frames from data: and blob: URLs;
+# with a result store (DDPM_RESULTS_URL) it also fetches images from the store's origin
+# (the 307 of an image endpoint leads there): `connect-src` names it (page_headers).
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
@@ -24,6 +26,17 @@ PAGE_HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
+def page_headers(store_origin: str | None) -> dict[str, str]:
+    """PAGE_HEADERS, its `connect-src` also allowing the result store's origin if any."""
+    if not store_origin:
+        return PAGE_HEADERS
+    csp = PAGE_HEADERS["Content-Security-Policy"].replace(
+        "connect-src 'self'", f"connect-src 'self' {store_origin}")
+    return {**PAGE_HEADERS, "Content-Security-Policy": csp}
+
+
 @router.api_route("/", methods=["GET", "HEAD"])
-def index() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+def index(request: Request) -> FileResponse:
+    store = request.app.state.jobs.results
+    return FileResponse(STATIC / "index.html", media_type="text/html",
+                        headers=page_headers(store.origin() if store is not None else None))

@@ -405,8 +405,12 @@ function onEvent(event, data) {
       queueFrame(data.index, { b64: data.image ?? data.png, format: data.format ?? "png",
                                step: data.step, final: false });
       break;
-    case "image":      // final images are always PNG
-      queueFrame(data.index, { b64: data.png, format: "png", step: data.step, final: true });
+    case "image":      // final images are always PNG; not inlined: fetched from its URL
+      if (data.png) {
+        queueFrame(data.index, { b64: data.png, format: "png", step: data.step, final: true });
+      } else {
+        queueFetched(data.index, data.url, data.step);
+      }
       break;
     case "requeued":
       setStatus("queued");
@@ -430,6 +434,18 @@ function onEvent(event, data) {
 }
 
 // -- drawing: the latest frame per image, at most every DRAW_INTERVAL_MS -------------
+
+// A final image fetched from its URL: a 307 to object storage (DDPM_RESULTS_URL) is
+// followed, and the browser drops the API key on the way to the store's origin.
+async function queueFetched(index, url, step) {
+  try {
+    const dataUrl = await blobToDataUrl(await (await api(url)).blob());
+    queueFrame(index, { b64: dataUrl.slice(dataUrl.indexOf(",") + 1), format: "png", step,
+                        final: true });
+  } catch (e) {
+    showError(`image ${index}: ${e.message}`);
+  }
+}
 
 function queueFrame(index, frame) {
   state.stats.frames++;

@@ -44,10 +44,16 @@ class Call:
     data: dict[str, str] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # Images kept in object storage answer 307 to a presigned URL; httpx follows only when
+    # asked, and drops the Authorization header on the way to another origin (the API key
+    # never reaches the store).
+    follow_redirects: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         """httpx's `request(method, url, **kwargs)` arguments."""
         kw: dict[str, Any] = {"params": self.params, "headers": self.headers or None}
+        if self.follow_redirects:
+            kw["follow_redirects"] = True
         if self.json is not None:
             kw["json"] = self.json
         if self.files is not None:
@@ -148,7 +154,8 @@ def cancel_op(job_id: str) -> Op[Generation]:
 
 
 def bytes_op(path: str) -> Op[bytes]:
-    return check((yield Call("GET", path))).content
+    """A stored image's bytes, wherever the API keeps it (redirects followed)."""
+    return check((yield Call("GET", path, follow_redirects=True))).content
 
 
 def image_op(job_id: str, index: int) -> Op[bytes]:

@@ -200,6 +200,9 @@ def test_the_components_render_on_every_overlay(overlay: str, tmp_path: Path) ->
         else:
             kubernetes_validate.validate(d, KUBERNETES_VERSION, strict=True)
     assert not of_kind(tuple(docs), "StatefulSet"), "external-redis: no in-cluster Redis"
+    # scale-to-zero: the API takes the job that wakes a worker, and stays ready at 0 workers
+    (cm,) = of_kind(tuple(docs), "ConfigMap")
+    assert cm["data"]["DDPM_SERVE_IDLE_MODELS"] == "true", "scale-to-zero: idle models"
     for d in of_kind(tuple(docs), "Deployment"):
         env = {e["name"]: e for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
         ref = env["DDPM_REDIS_URL"]["valueFrom"]["secretKeyRef"]
