@@ -50,9 +50,12 @@ JOB_DEADLINE = 180.0     # a job not ended this long after submission is lost
 # both: noise does not scale with time, leaks do. `kb_per_request` is recorded too.
 RSS_BOUND_MB = float(os.environ.get("DDPM_SOAK_RSS_MB", "32"))
 
-# Keys that live as long as the service does, not per job (RQ's bookkeeping): they may
-# appear with the first job and stay. Anything else must be in the baseline or go away.
-PERMANENT = ("rq:queues",)
+# Keys that live as long as the service does, not per job: they may appear with the first
+# job and stay. RQ's queue set and its group-maintenance lock (retaken every maintenance
+# interval, expiring just before the next); the workers' measured rates and the models they
+# served (contract/work.py, contract/workers.py: kept for a deployment scaled to zero).
+# Anything else must be in the baseline or go away.
+PERMANENT = ("rq:queues", "rq:clean_groups", "ddpm:throughput", "ddpm:models:known")
 # Keys that belong to one job (or one window) and must carry a TTL once the job has ended.
 JOB_PATTERNS = ("ddpm:events:*", "ddpm:image:*", "rq:job:*", "rq:results:*",
                 "rq:execution:*", "rq:executions:*", "ddpm:idem:*", "ddpm:rate:*")
