@@ -67,13 +67,17 @@ class Submitted:
 #         4.. the model's queues in dequeue order
 #   ARGV: 1 the record, 2 its TTL, 3 the rate limit, 4 the counter's TTL, 5 the depth cap,
 #         6 the job's queue (1-based, among KEYS[4..]), 7 the wake list's bound, 8 its TTL,
-#         9.. each command: argc, args...
+#         9 '1' when a replica wait follows, 10.. each command: argc, args...
 #   Returns {'replay', record}, {'rate', count}, {'depth', depth} or {'ok', jobs ahead}.
 _ADMIT = """
 if KEYS[1] ~= '' then
   local record = redis.call('GET', KEYS[1])
-  -- rewritten as it is (a write after the job's), so a replica wait covers the job too
-  if record then redis.call('SET', KEYS[1], record, 'KEEPTTL') return {'replay', record} end
+  if record then
+    -- with a replica wait: rewritten as it is (a write after the job's), so the wait covers
+    -- the job too; without one a replay stays read-only (it answers while Redis is full)
+    if ARGV[9] == '1' then redis.call('SET', KEYS[1], record, 'KEEPTTL') end
+    return {'replay', record}
+  end
 end
 if KEYS[2] ~= '' then
   local count = redis.call('INCR', KEYS[2])
@@ -87,7 +91,7 @@ for k = 4, #KEYS do
   if k - 3 <= own then ahead = ahead + n end
 end
 if depth >= tonumber(ARGV[5]) then return {'depth', depth} end
-local i = 9
+local i = 10
 while i <= #ARGV do
   local argc = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + argc))
@@ -118,8 +122,9 @@ class _Ticket:
 
 class Admission:
     def __init__(self, redis: Redis, aredis: AsyncRedis, settings: ApiSettings,
-                 jobs: JobStore) -> None:
+                 jobs: JobStore, id_prefix: str = "") -> None:
         self.redis = redis          # for RQ's job objects (no command is sent through it)
+        self.id_prefix = id_prefix  # names this Redis in the ids made here (app/shards.py)
         self.settings = settings
         self.jobs = jobs            # a replay's lookup
         self.aredis = aredis
@@ -196,7 +201,7 @@ class Admission:
         idem = idempotency_record_key(who, idempotency_key) if idempotency_key is not None \
             else ""
         spec = req.spec({f: input_digest(png) for f, png in inputs.items()})
-        job_id = uuid.uuid4().hex
+        job_id = self.id_prefix + uuid.uuid4().hex
         body = body_hash(req) if idem else ""
         record = json.dumps({"job": job_id, "body": body}) if idem else ""
         window = limits.RateWindow.at(s, who, time.time()) if s.rate_limit else None
@@ -213,7 +218,7 @@ class Admission:
                      for f, png in inputs.items()]
         argv: list[Any] = [record, s.idempotency_ttl, s.rate_limit, window.ttl if window else 0,
                            s.max_queue_depth, PRIORITIES.index(spec.priority) + 1,
-                           WAKE_MAXLEN, WAKE_TTL]
+                           WAKE_MAXLEN, WAKE_TTL, 1 if s.redis_wait_replicas else 0]
         for command in commands:
             argv.append(len(command))
             argv.extend(command)

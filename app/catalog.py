@@ -3,6 +3,9 @@ lookup of a model a request names (one refusal, whatever the route).
 
 The served models are read at most every `DDPM_MODELS_CACHE_S` seconds (and at once for a
 model not among them): a POST does not read every worker's advertisement.
+
+Past one Redis (`DDPM_REDIS_MODELS`, app/shards.py) the catalog reads every Redis: the
+workers of a model advertise on its own, and a model's queues and work are read there.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 
-from contract.queueing import model_queue_keys
+from contract.queueing import model_queue_keys, queue_counts
 from contract.spec import ModelInfo
+from contract.work import ModelWork, read_work
 from contract.workers import known_models, live_worker_keys
 
 from .errors import ApiError
@@ -47,22 +52,29 @@ def model_required(served: dict[str, Served]) -> str:
 
 
 class Catalog:
-    def __init__(self, redis: Redis, settings: ApiSettings) -> None:
+    def __init__(self, redis: Redis, settings: ApiSettings, *,
+                 redises: Sequence[Redis] = (),
+                 route: Callable[[str], Redis] | None = None) -> None:
+        """`redis`: the default Redis; `redises`: every Redis (default: that one) and
+        `route`: a model's own (default: that one), past one Redis."""
         self.redis = redis
+        self.redises = list(redises) or [redis]
+        self.route = route or (lambda model: redis)
         self.settings = settings
         self._served: tuple[float, dict[str, Served]] = (-math.inf, {})
 
     def live_workers(self) -> list[dict[str, Any]]:
         """The advertisements of live workers (each expires unless its worker renews it)."""
-        keys = live_worker_keys(self.redis, time.time())
         docs = []
-        for raw in self.redis.mget(keys) if keys else []:
-            if raw is None:
-                continue
-            try:
-                docs.append(json.loads(raw))
-            except ValueError:
-                continue
+        for redis in self.redises:
+            keys = live_worker_keys(redis, time.time())
+            for raw in redis.mget(keys) if keys else []:
+                if raw is None:
+                    continue
+                try:
+                    docs.append(json.loads(raw))
+                except ValueError:
+                    continue
         return docs
 
     def served_models(self) -> dict[str, Served]:
@@ -80,7 +92,10 @@ class Catalog:
                 prev = seen.get(info.name)
                 seen[info.name] = Served(info, (prev.workers if prev else 0) + 1)
         if self.settings.serve_idle_models:       # scale to zero: known, no worker now
-            for name, raw in known_models(self.redis).items():
+            known = {}
+            for redis in reversed(self.redises):      # the default Redis's last: it wins
+                known.update(known_models(redis))
+            for name, raw in known.items():
                 if name in seen:
                     continue
                 try:
@@ -119,7 +134,7 @@ class Catalog:
 
     def queued(self, model: str) -> int:
         """Jobs waiting in the model's queues."""
-        with self.redis.pipeline(transaction=False) as p:
+        with self.route(model).pipeline(transaction=False) as p:
             for key in model_queue_keys(model):
                 p.llen(key)
             return sum(p.execute())
@@ -129,9 +144,33 @@ class Catalog:
         with one of them, or without any when idle models are served (scale to zero: the
         API must stay reachable for KEDA and take the job that wakes a worker). A
         RedisError if Redis does not answer."""
-        self.redis.ping()
+        for redis in self.redises:
+            redis.ping()
         workers = [w for w in self.live_workers() if not w.get("draining")]
         return {"redis": "ok", "workers": len(workers),
                 "ready": bool(workers) or self.settings.serve_idle_models,
                 "models": sorted({m.get("name") for w in workers for m in w.get("models", [])
                                   if isinstance(m, dict) and m.get("name")})}
+
+    def work(self, now: float) -> dict[str, ModelWork]:
+        """The work signal per model (contract/work.py), each model's read from its own
+        Redis (one Redis read per Redis)."""
+        if len(self.redises) == 1:
+            return read_work(self.redis, now)
+        out: dict[str, ModelWork] = {}
+        for redis in self.redises:
+            for model, work in read_work(redis, now).items():
+                if model not in out or self.route(model) is redis:
+                    out[model] = work
+        return dict(sorted(out.items()))
+
+    def queue_counts(self) -> dict[str, dict[str, int]]:
+        """Every queue's jobs by state (contract/queueing.py), over every Redis (a queue is
+        a model's: its counts are summed should it exist on two)."""
+        out: dict[str, dict[str, int]] = {}
+        for redis in self.redises:
+            for name, counts in queue_counts(redis).items():
+                into = out.setdefault(name, dict.fromkeys(counts, 0))
+                for k, v in counts.items():
+                    into[k] = into.get(k, 0) + v
+        return dict(sorted(out.items()))

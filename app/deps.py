@@ -1,5 +1,7 @@
 """FastAPI dependencies: the per-process objects hung on `app.state` at start-up (the
-rooms routes reach Redis through: catalog, admission, jobs, views, listing)."""
+rooms routes reach Redis through: catalog, shards, jobs, views, listing). Past one Redis
+(app/shards.py) `jobs` and `views` are those of the Redis the path's job id names; a POST
+takes its model's admission from `shards`."""
 
 from __future__ import annotations
 
@@ -9,13 +11,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .admission import Admission
 from .auth import KeyAuth, Principal
 from .catalog import Catalog
 from .jobs import JobStore
 from .listing import Listing
 from .metrics import ApiMetrics
 from .settings import ApiSettings
+from .shards import MergedListing, Shards
 from .stream_slots import StreamSlots
 from .views import Views
 
@@ -37,19 +39,19 @@ async def catalog(request: Request) -> Catalog:
     return request.app.state.catalog
 
 
-async def admission(request: Request) -> Admission:
-    return request.app.state.admission
-
-
 async def jobs(request: Request) -> JobStore:
-    return request.app.state.jobs
+    return request.app.state.shards.by_job(request.path_params.get("job_id")).jobs
 
 
 async def views(request: Request) -> Views:
-    return request.app.state.views
+    return request.app.state.shards.by_job(request.path_params.get("job_id")).views
 
 
-async def listing(request: Request) -> Listing:
+async def shards(request: Request) -> Shards:
+    return request.app.state.shards
+
+
+async def listing(request: Request) -> Listing | MergedListing:
     return request.app.state.listing
 
 
@@ -76,10 +78,10 @@ async def stream_slot(request: Request, who: Annotated[Principal, Depends(caller
 
 Caller = Annotated[Principal, Depends(caller)]
 CatalogDep = Annotated[Catalog, Depends(catalog)]
-AdmissionDep = Annotated[Admission, Depends(admission)]
 Jobs = Annotated[JobStore, Depends(jobs)]
 ViewsDep = Annotated[Views, Depends(views)]
-ListingDep = Annotated[Listing, Depends(listing)]
+ListingDep = Annotated[Listing | MergedListing, Depends(listing)]
+ShardsDep = Annotated[Shards, Depends(shards)]
 Settings = Annotated[ApiSettings, Depends(settings)]
 Metrics = Annotated[ApiMetrics, Depends(metrics)]
 Slots = Annotated[StreamSlots, Depends(slots)]

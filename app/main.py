@@ -14,24 +14,18 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Mount
 
 from contract import tracing
-from contract.redis_connect import connect, connect_async
 
 from . import docs, errors, openapi, redact
-from .admission import Admission
 from .auth import KeyAuth
 from .body_limit import BodyLimitMiddleware
-from .catalog import Catalog
 from .disconnects import ClientGoneMiddleware
-from .jobs import JobStore
-from .listing import Listing
 from .metrics import ApiMetrics, MetricsMiddleware
 from .openai import routes as openai_images
 from .openai.errors import openai_error
 from .routes import generations, health, listing, models, page, work
 from .settings import ApiSettings
+from .shards import Shards
 from .stream_slots import StreamSlots
-from .streams import longest_block_ms
-from .views import Views
 
 log = logging.getLogger("ddpm.api")
 
@@ -110,24 +104,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if tracing.setup(tracing.API_SERVICE, settings.otlp_endpoint):  # contract/tracing.py
             log.info("tracing on: spans to %s", settings.otlp_endpoint)
-        target = settings.redis_target()     # a URL, or Sentinel (contract/redis_connect.py)
-        redis = connect(target, health_check_interval=30, socket_connect_timeout=5)
-        # Every open stream blocks in XREAD on a connection of its own: the pool must hold
-        # them all (redis-py's default of 100 failed the 101st stream with a traceback).
-        # Their XREAD BLOCKs last up to longest_block_ms (an idle stream's backoff): the
-        # socket timeout must outlast one (redis-py 8 defaults to 5 s, which cut every
-        # stream polled for longer).
-        block_s = longest_block_ms(settings.stream_poll_ms) / 1000
-        aredis = connect_async(target, health_check_interval=30, socket_connect_timeout=5,
-                               socket_timeout=block_s + 5,
-                               max_connections=settings.max_streams + 64)
-        # The rooms routes reach Redis through (app/deps.py).
-        jobs = JobStore(redis, settings, aredis)
-        views = Views(redis)
-        app.state.jobs, app.state.views = jobs, views
-        app.state.catalog = catalog = Catalog(redis, settings)
-        app.state.admission = Admission(redis, aredis, settings, jobs)
-        app.state.listing = Listing(redis, views)
+        # The rooms routes reach Redis through (app/deps.py): once per Redis, the default
+        # one (a URL, or Sentinel: contract/redis_connect.py) and each of DDPM_REDIS_MODELS
+        # (app/shards.py); the catalog and the listing over all of them.
+        app.state.shards = shards = Shards(settings)
+        for shard in shards.all[1:]:
+            log.info("models on %s (job ids %s-...): %s", shard.target.describe(), shard.tag,
+                     ", ".join(shards.models_on(shard)))
+        default = shards.default
+        app.state.jobs, app.state.views = default.jobs, default.views
+        app.state.catalog = catalog = shards.catalog
+        app.state.listing = shards.listing
         metrics.watch(catalog)
         if auth.open:
             log.warning("no API keys configured (DDPM_API_KEYS): the API is open to anyone "
@@ -137,8 +124,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await aredis.aclose()
-            redis.close()
+            await shards.aclose()
             metrics.close()
             tracing.shutdown()     # what is buffered goes out
 

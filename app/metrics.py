@@ -23,8 +23,8 @@ from redis.exceptions import RedisError
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contract.queueing import COUNTED, queue_counts
-from contract.work import ModelWork, read_work
+from contract.queueing import COUNTED
+from contract.work import ModelWork
 
 from .catalog import Catalog
 
@@ -79,9 +79,9 @@ class RedisCollector(Collector):
                                  labels=["status"])
         workers = GaugeMetricFamily("ddpm_workers_live", "Workers advertising models")
         try:
-            work = work_families(read_work(self.catalog.redis, time.time()))
+            work = work_families(self.catalog.work(time.time()))
             totals = dict.fromkeys(COUNTED, 0)
-            for name, counts in queue_counts(self.catalog.redis).items():
+            for name, counts in self.catalog.queue_counts().items():
                 depth.add_metric([name], counts["queued"])
                 for k, v in counts.items():
                     totals[k] += v

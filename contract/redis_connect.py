@@ -13,13 +13,24 @@ pauses in `Upkeep.wait_for_redis`), and the next ones reach the promoted replica
 restart. While no primary is known the pool raises MasterNotFoundError, a ConnectionError.
 
 RedisSettingsFields are the settings (`DDPM_REDIS_URL`, `DDPM_REDIS_SENTINELS`,
-`DDPM_REDIS_SENTINEL_MASTER`, `DDPM_REDIS_SENTINEL_PASSWORD`), defined once and mixed into
-the API's and the worker's settings objects.
+`DDPM_REDIS_SENTINEL_MASTER`, `DDPM_REDIS_SENTINEL_PASSWORD`, `DDPM_REDIS_MODELS`), defined
+once and mixed into the API's and the worker's settings objects.
+
+Past one Redis (`DDPM_REDIS_MODELS`, model name → Redis URL): a model's queues, streams and
+results live on its own Redis; models not named stay on the default one. The API routes by
+model and, for what a job id addresses, by the id: a job made on a named Redis carries
+`shard_tag(url)` and "-" before its random part (`job_id_shard`); the default Redis's ids
+are unchanged. A worker needs no routing: it is pointed at its models' Redis
+(`DDPM_REDIS_URL`), and refuses to start if the mapping in its environment puts one of its
+models elsewhere (`check_models_here`). The setting lives here, not only in the API's
+settings, for that check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -125,6 +136,30 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+SHARD_SEP = "-"      # between a job id's shard tag and its random part (a uuid4's hex: no "-")
+
+
+def shard_tag(url: str) -> str:
+    """The short name of a Redis in the job ids made there: "r" and 6 hex digits of the
+    SHA-256 of its URL (password masked), so every API process, whatever the order of the
+    mapping, names a Redis alike and ids stay valid across restarts."""
+    return "r" + hashlib.sha256(redacted(url).encode()).hexdigest()[:6]
+
+
+def job_id_shard(job_id: str) -> str:
+    """The shard tag a job id carries ("" for an id made on the default Redis)."""
+    tag, sep, _ = job_id.partition(SHARD_SEP)
+    return tag if sep else ""
+
+
+def _check_url(model: str, url: str) -> str:
+    if not isinstance(url, str) or urlsplit(url).scheme not in REDIS_SCHEMES:
+        raise ValueError(f"redis_models: the Redis of {model!r} must be a redis://, "
+                         f"rediss:// or unix:// URL, not {redacted(str(url))[:80]!r}")
+    return url
+
+
 def _split(value: object) -> object:
     """`a,b` or a JSON list, as people type lists into an environment."""
     if isinstance(value, str):
@@ -146,6 +181,9 @@ class RedisSettingsFields(BaseModel):
     redis_sentinels: Annotated[list[str], NoDecode] = []
     redis_sentinel_master: str = DEFAULT_MASTER   # the primary's name the Sentinels monitor
     redis_sentinel_password: SecretStr | None = None   # the Sentinels' own, if any
+    # Past one Redis: model name → the URL of the Redis holding its queues, streams and
+    # results (a JSON object); models not named use the Redis above.
+    redis_models: Annotated[dict[str, str], NoDecode] = {}
 
     @field_validator("redis_sentinels", mode="before")
     @classmethod
@@ -158,6 +196,38 @@ class RedisSettingsFields(BaseModel):
         for entry in entries:
             sentinel_address(entry)
         return entries
+
+    @field_validator("redis_models", mode="before")
+    @classmethod
+    def _models_json(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as e:
+                raise ValueError(f"redis_models must be a JSON object "
+                                 f"{{\"model\": \"redis://...\"}}: {e}") from None
+        return value
+
+    @field_validator("redis_models")
+    @classmethod
+    def _models_form(cls, mapping: dict[str, str]) -> dict[str, str]:
+        for model, url in mapping.items():
+            if not model:
+                raise ValueError("redis_models: a model name is empty")
+            _check_url(model, url)
+        return mapping
+
+    def check_models_here(self, models: Iterable[str]) -> None:
+        """A worker's safety check: ValueError naming each of `models` that the mapping
+        puts on another Redis than this process's (its jobs would never reach it)."""
+        here = "" if self.redis_sentinels else self.redis_url
+        elsewhere = {m: self.redis_models[m] for m in models
+                     if m in self.redis_models and self.redis_models[m] != here}
+        if elsewhere:
+            where = ", ".join(f"{m} on {redacted(u)}" for m, u in sorted(elsewhere.items()))
+            raise ValueError(f"DDPM_REDIS_MODELS puts models this worker serves on another "
+                             f"Redis than its own ({self.redis_target().describe()}): "
+                             f"{where}; point the worker at that Redis (DDPM_REDIS_URL)")
 
     def redis_target(self) -> RedisTarget:
         password = self.redis_sentinel_password

@@ -50,6 +50,7 @@ def _build(settings: WorkerSettings, metrics: WorkerMetrics) -> BatchWorker:
     catalog = load_models(settings.models_dir, device, settings.models or None)
     if not catalog.names:
         raise ValueError(f"no checkpoints found in {settings.models_dir}")
+    settings.check_models_here(catalog.names)    # DDPM_REDIS_MODELS: none of ours elsewhere
     max_batch = settings.max_batch or (128 if device.type == "cuda" else 16)
 
     def on_oom(model: str, chunk: int) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from ..deps import AdmissionDep, Caller, CatalogDep, Jobs, Metrics, Settings, Slots
+from ..deps import Caller, CatalogDep, Metrics, Settings, ShardsDep, Slots
 from .errors import OPENAI_ERROR_RESPONSES, OpenAIRoute
 from .forms import EDIT_FORM, VARIATION_FORM, read_form
 from .mapping import VARIATION_STRENGTH, check_size, class_label, knobs, native_request
@@ -32,9 +32,9 @@ _ANSWER = {200: {"description": "the images; with `stream: true`, Server-Sent Ev
 _JSON_ANSWER = {200: {"description": "the images"}}
 
 
-async def _front(admission: AdmissionDep, jobs: Jobs, slots: Slots, settings: Settings,
+async def _front(shards: ShardsDep, slots: Slots, settings: Settings,
                  metrics: Metrics) -> Front:
-    return Front(admission, jobs, slots, settings, metrics)
+    return Front(shards, slots, settings, metrics)
 
 
 FrontDep = Annotated[Front, Depends(_front)]

@@ -25,7 +25,6 @@ from starlette.types import Receive, Scope, Send
 from contract.events import Event, EventType
 from contract.queueing import Job
 
-from ..admission import Admission
 from ..auth import Principal
 from ..catalog import Served
 from ..errors import ApiError
@@ -33,6 +32,7 @@ from ..jobs import JobStore
 from ..metrics import ApiMetrics
 from ..schemas import GenerationRequest
 from ..settings import ApiSettings
+from ..shards import Shards
 from ..stream_slots import StreamSlots
 from ..streams import frame_format
 from ..uploads import fit_inputs
@@ -236,8 +236,7 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T | None:
 class Front:
     """What answering a request takes: the rooms it submits and waits through."""
 
-    admission: Admission
-    jobs: JobStore
+    shards: Shards           # the model's Redis takes the job (app/shards.py)
     slots: StreamSlots
     settings: ApiSettings
     metrics: ApiMetrics
@@ -249,15 +248,16 @@ async def answer(request: Request, front: Front, who: Principal, model: Served,
     """Fit the inputs, submit (one admission, as `POST /v1/generations`), then wait for
     the job: the images as JSON, or its events as SSE."""
     inputs = await fit_inputs(req.images(), model.info)
+    shard = front.shards.by_model(model.info.name)
     slots = front.slots
     slots.acquire(who.client)       # 503/429 before a job is queued that nobody could await
     try:
-        sub = await front.admission.submit(req, who, None, inputs)
+        sub = await shard.admission.submit(req, who, None, inputs)
     except BaseException:
         slots.release(who.client)
         raise
     front.metrics.generations.labels(req.model).inc()
-    waiter = Waiter(front.jobs, slots, who, sub.job, timeout=front.settings.images_timeout_s)
+    waiter = Waiter(shard.jobs, slots, who, sub.job, timeout=front.settings.images_timeout_s)
     if stream:
         return JobStream(waiter.stream(out, req.num_images, partial_images,
                                        sub.spec.steps_per_image), waiter)
@@ -267,7 +267,7 @@ async def answer(request: Request, front: Front, who: Principal, model: Served,
         await waiter.close()
     if pngs is None:
         return Response(status_code=CLIENT_GONE)
-    urls = ([await front.jobs.image_url(sub.job.id, i) for i in range(len(pngs))]
+    urls = ([await shard.jobs.image_url(sub.job.id, i) for i in range(len(pngs))]
             if out.response_format == "url" else None)       # presigned, when in a store
     body = await run_in_threadpool(out.body, sub.job.id, pngs, sub.spec.total_steps, urls)
     return JSONResponse(body)

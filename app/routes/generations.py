@@ -23,7 +23,7 @@ from contract.spec import SpecError
 
 from .. import media
 from ..catalog import model_required
-from ..deps import AdmissionDep, Caller, CatalogDep, Jobs, Metrics, Settings, StreamSlot, ViewsDep
+from ..deps import Caller, CatalogDep, Jobs, Metrics, Settings, ShardsDep, StreamSlot, ViewsDep
 from ..errors import ERROR_RESPONSES, JSON_ERROR_RESPONSES, ApiError, not_found
 from ..jobs import JobStore
 from ..schemas import SOLE_MODEL, Generation, GenerationRequest, NewGeneration
@@ -86,8 +86,8 @@ async def _sole_model(catalog: CatalogDep) -> None:
              openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
 async def create_generation(
-    body: NewGeneration, who: Caller, catalog: CatalogDep, admission: AdmissionDep,
-    views: ViewsDep, settings: Settings, metrics: Metrics,
+    body: NewGeneration, who: Caller, catalog: CatalogDep, shards: ShardsDep,
+    settings: Settings, metrics: Metrics,
     idempotency_key: Annotated[str | None, Header(
         min_length=1, max_length=255, json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
         description="same key and body: the same job comes back")] = None,
@@ -110,7 +110,9 @@ async def create_generation(
         raise ApiError(422, "invalid_request", str(e), field=e.field) from None
     _check_webhook(req.webhook, settings)
     inputs = await fit_inputs(req.images(), model.info)
-    sub = await admission.submit(req, who, idempotency_key, inputs)
+    shard = shards.by_model(model.info.name)     # its Redis (app/shards.py)
+    views = shard.views
+    sub = await shard.admission.submit(req, who, idempotency_key, inputs)
     if sub.replayed:                 # an earlier job: its status and position are read
         view = await run_in_threadpool(views.view, sub.job)
     else:
@@ -283,7 +285,7 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
     await websocket.accept()
     try:
         who = state.auth.caller(websocket)
-        jobs: JobStore = state.jobs
+        jobs: JobStore = state.shards.by_job(job_id).jobs      # 404 for an unknown tag
         job = await jobs.aget(job_id, who)
         after = check_event_id(last_event_id, "last_event_id")
         if images not in (None, "url", "inline"):

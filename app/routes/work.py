@@ -10,8 +10,6 @@ import time
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from contract.work import read_work
-
 from ..deps import CatalogDep
 
 router = APIRouter(tags=["operations"])
@@ -46,6 +44,6 @@ class WorkSignal(BaseModel):
             summary="The work waiting per model (autoscaling signal)")
 def work(catalog: CatalogDep) -> WorkSignal:
     now = time.time()
-    models = read_work(catalog.redis, now)
+    models = catalog.work(now)        # every Redis's models, past one Redis
     return WorkSignal(models={m: ModelWorkOut(**w.as_dict()) for m, w in models.items()},
                       time=round(now, 3))
