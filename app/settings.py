@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -11,19 +10,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contract.limits import STREAM_MAX_BYTES, STREAM_MAXLEN
-from contract.redis_connect import RedisSettingsFields
+from contract.redis_connect import RedisSettingsFields, env_list
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
-
-
-def _split(value: object) -> object:
-    """`a,b` or a JSON list: comma lists are what people type into an environment."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            return json.loads(text)
-        return [v.strip() for v in text.split(",") if v.strip()]
-    return value
 
 
 class ApiSettings(RedisSettingsFields, BaseSettings):
@@ -123,7 +112,7 @@ class ApiSettings(RedisSettingsFields, BaseSettings):
                      mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
-        return _split(value)
+        return env_list(value)
 
     @field_validator("api_keys")
     @classmethod

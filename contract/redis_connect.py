@@ -160,8 +160,9 @@ def _check_url(model: str, url: str) -> str:
     return url
 
 
-def _split(value: object) -> object:
-    """`a,b` or a JSON list, as people type lists into an environment."""
+def env_list(value: object) -> object:
+    """`a,b` or a JSON list, as people type lists into an environment (a settings field's
+    `mode="before"` validator, with `NoDecode` on the field)."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
@@ -188,7 +189,7 @@ class RedisSettingsFields(BaseModel):
     @field_validator("redis_sentinels", mode="before")
     @classmethod
     def _sentinel_list(cls, value: object) -> object:
-        return _split(value)
+        return env_list(value)
 
     @field_validator("redis_sentinels")
     @classmethod
