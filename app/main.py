@@ -111,8 +111,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         for shard in shards.all[1:]:
             log.info("models on %s (job ids %s-...): %s", shard.target.describe(), shard.tag,
                      ", ".join(shards.models_on(shard)))
-        default = shards.default
-        app.state.jobs, app.state.views = default.jobs, default.views
         app.state.catalog = catalog = shards.catalog
         app.state.listing = shards.listing
         metrics.watch(catalog)

@@ -37,6 +37,6 @@ def page_headers(store_origin: str | None) -> dict[str, str]:
 
 @router.api_route("/", methods=["GET", "HEAD"])
 def index(request: Request) -> FileResponse:
-    store = request.app.state.jobs.results
+    store = request.app.state.shards.default.jobs.results   # one store for all
     return FileResponse(STATIC / "index.html", media_type="text/html",
                         headers=page_headers(store.origin() if store is not None else None))
