@@ -26,7 +26,7 @@ from .events import Batch, EventWriter
 from .live import JobError, LiveJob, LiveJobs, parse_spec
 from .metrics import WorkerMetrics
 from .resume import JobResume, ResumeStateError, decode
-from .rq_side import RqSide, Unstartable
+from .rqside import RqSide, Unstartable
 from .settings import WorkerSettings
 
 log = logging.getLogger("ddpm.worker")

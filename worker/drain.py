@@ -32,7 +32,7 @@ from .events import Batch, EventWriter
 from .live import LiveJob, LiveJobs
 from .metrics import WorkerMetrics
 from .resume import JobResume, encode
-from .rq_side import RqSide
+from .rqside import RqSide
 from .settings import WorkerSettings
 
 log = logging.getLogger("ddpm.worker")

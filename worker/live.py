@@ -25,7 +25,7 @@ from contract.spec import GenerationSpec
 from .engine import Engine
 from .events import Batch, EventWriter
 from .metrics import WorkerMetrics
-from .rq_side import RqSide
+from .rqside import RqSide
 
 log = logging.getLogger("ddpm.worker")
 

@@ -1,6 +1,6 @@
 """The batching worker: many RQ jobs at once through the continuous-batching engine.
 
-RQ stays the source of truth for job state, behind one door (rq_side.py: every RQ write and
+RQ stays the source of truth for job state, behind one door (rqside/side.py: every RQ write and
 read of this worker, in plain values). Each admitted job gets its own RQ execution (RQ ≥ 3
 tracks several per worker), so queues, the started/finished/failed/canceled registries,
 results, `rq info` and rq-dashboard stay right while dozens of jobs share one batch. One pass
@@ -44,7 +44,7 @@ from .events import Batch, EventWriter
 from .frames import FrameExpiry
 from .live import LiveJob, LiveJobs
 from .metrics import WorkerMetrics
-from .rq_side import RqSide
+from .rqside import RqSide
 from .settings import WorkerSettings
 from .throughput import WorkMeter
 from .upkeep import Upkeep
@@ -212,7 +212,7 @@ class BatchWorker:
         self._expire_frames(time.time())
 
     def clean_registries(self) -> None:
-        """RQ's registry pass now (rq_registries.clean_registries)."""
+        """RQ's registry pass now (registries.clean_registries)."""
         self.rq.clean_registries()
 
     # -- step and emit ----------------------------------------------------------------

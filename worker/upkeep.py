@@ -23,7 +23,7 @@ from contract.redis_errors import redis_full
 from contract.workers import advertise_worker, withdraw_worker
 
 from .metrics import WorkerMetrics
-from .rq_side import RqSide
+from .rqside import RqSide
 from .settings import WorkerSettings
 
 log = logging.getLogger("ddpm.worker")

@@ -41,7 +41,7 @@ DELIBERATE = {
     # (no Python frame of ours is the cause of a bad spec).
     "result.exc_string": "a traceback (RQ) vs the reason (ours): both non-empty",
     # The group-maintenance lock (rq:clean_groups) expires just before our next maintenance
-    # pass (worker/rq_*.py) instead of after RQ's fixed ~10 min.
+    # pass (worker/rqside/) instead of after RQ's fixed ~10 min.
     "rq:clean_groups.ttl": "the lock's TTL",
     # The worker's hash: the same fields, queues and job counts; `total_working_time` sums
     # measured durations, so only its presence and sign compare.

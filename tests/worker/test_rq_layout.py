@@ -1,4 +1,4 @@
-"""The start and success scripts (worker/rq_layout.py) write what RQ's own methods write.
+"""The start and success scripts (worker/rqside/layout.py) write what RQ's own methods write.
 
 The same job is started and succeeded twice on a live worker: once by RQ's methods, as
 RQ's worker calls them (Execution.create, Job.heartbeat, prepare_for_execution, the
@@ -22,7 +22,7 @@ from rq.worker.base import WorkerStatus
 
 from contract.queueing import enqueue
 from contract.spec import GenerationSpec
-from worker.rq_side import RqSide
+from worker.rqside import RqSide
 
 TOL = 5.0           # seconds two runs' TTLs and scores may differ by
 STAMPS = {"created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat",

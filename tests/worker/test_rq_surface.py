@@ -1,5 +1,5 @@
-"""The RQ and redis-py names the RQ side relies on (worker/rq_surface.py) exist on the
-installed, pinned versions, as what we use them as; and only worker/rq_*.py imports rq or
+"""The RQ and redis-py names the RQ side relies on (worker/rqside/surface.py) exist on the
+installed, pinned versions, as what we use them as; and only worker/rqside/ imports rq or
 touches a private name of it.
 
 An RQ upgrade that renames or reshapes any of them fails here, in one place, naming it.
@@ -21,7 +21,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker.base import BaseWorker
 
-from worker.rq_surface import PRIVATE, SURFACE, Name
+from worker.rqside.surface import PRIVATE, SURFACE, Name
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "worker"
@@ -77,22 +77,25 @@ def test_each_name_the_rq_side_uses_exists_as_used(name: Name, r: redis.Redis) -
 
 
 def _worker_modules() -> list[Path]:
-    return sorted(WORKER.glob("*.py"))
+    return sorted(WORKER.rglob("*.py"))
 
 
 def _rq_side(path: Path) -> bool:
-    return path.name.startswith("rq_") or path.name in RQ_SIDE
+    return path.parent == WORKER / "rqside" or path.name in RQ_SIDE
 
 
 def test_only_the_rq_side_imports_rq() -> None:
+    """Only worker/rqside/surface.py, beside the table of the names it imports: a new RQ
+    name cannot be used without passing the table's module."""
     offenders = []
     for path in _worker_modules():
-        if _rq_side(path):
+        if path == WORKER / "rqside" / "surface.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}: {n}" for n in names if n == "rq" or n.startswith("rq.")]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                          if n == "rq" or n.startswith("rq.")]
     assert not offenders, offenders
 
 
@@ -116,7 +119,7 @@ def test_every_private_name_the_rq_side_uses_is_declared() -> None:
     not declared would not be checked by the first test."""
     ours = set()            # our own private members, defined in the RQ side's modules
     used = {}
-    for path in WORKER.glob("*.py"):
+    for path in _worker_modules():
         if not _rq_side(path):
             continue
         tree = ast.parse(path.read_text())
@@ -127,7 +130,7 @@ def test_every_private_name_the_rq_side_uses_is_declared() -> None:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 for t in targets:
                     if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) \
-                            and t.value.id == "self" and path.name != "rq_worker.py":
+                            and t.value.id == "self" and path.name != "worker_object.py":
                         ours.add(t.attr)
                     if isinstance(t, ast.Name):
                         ours.add(t.id)
@@ -139,7 +142,7 @@ def test_every_private_name_the_rq_side_uses_is_declared() -> None:
 
 
 def test_the_fields_rq_layout_writes_are_rqs(r: redis.Redis) -> None:
-    """The hash and stream fields rq_layout.py's scripts write by hand are those RQ's own
+    """The hash and stream fields rqside/layout.py's scripts write by hand are those RQ's own
     methods write (recorded, never executed), and each script names each of them."""
     from rq.job import JobStatus
     from rq.results import Result
@@ -147,26 +150,26 @@ def test_the_fields_rq_layout_writes_are_rqs(r: redis.Redis) -> None:
 
     from contract.keys import JOB_FUNC, SERIALIZER
     from contract.recorder import Recorder
-    from worker import rq_layout
+    from worker.rqside import layout
 
     job = Job.create(JOB_FUNC, kwargs={"model": "tiny"}, connection=r, serializer=SERIALIZER)
     assert tuple(Execution("e", job.id, r, worker_name="w").serialize()) == \
-        rq_layout.EXECUTION_FIELDS
+        layout.EXECUTION_FIELDS
 
     commands: list[tuple[Any, ...]] = []
     job.prepare_for_execution("w", pipeline=Recorder(r, commands))
     assert [c[0] for c in commands] == ["HSET"]
-    assert tuple(commands[0][2::2]) == rq_layout.JOB_START_FIELDS
+    assert tuple(commands[0][2::2]) == layout.JOB_START_FIELDS
 
     before = job.to_dict(include_meta=False, include_result=False)
     job.ended_at, job._status = now(), JobStatus.FINISHED      # what _handle_success changes
     after = job.to_dict(include_meta=False, include_result=False)
-    assert {k for k in after if after[k] != before.get(k)} == set(rq_layout.JOB_SUCCESS_FIELDS)
+    assert {k for k in after if after[k] != before.get(k)} == set(layout.JOB_SUCCESS_FIELDS)
 
     result = Result(job.id, Result.Type.SUCCESSFUL, r, return_value={"a": 1}, worker_name="w",
                     serializer=job.serializer, execution_id="e", execution_started_at=now(),
                     execution_ended_at=now())
-    assert tuple(result.serialize()) == rq_layout.RESULT_FIELDS
+    assert tuple(result.serialize()) == layout.RESULT_FIELDS
 
     worker = BaseWorker(["surface"], connection=r)
     commands = []
@@ -176,21 +179,21 @@ def test_the_fields_rq_layout_writes_are_rqs(r: redis.Redis) -> None:
     worker.increment_successful_job_count(pipeline=p)
     worker.increment_total_working_time(now() - now(), p)
     written = [c[2] for c in commands if c[0] in ("HSET", "HINCRBY", "HINCRBYFLOAT")]
-    assert tuple(written) == rq_layout.WORKER_FIELDS
+    assert tuple(written) == layout.WORKER_FIELDS
 
-    scripts = rq_layout._START + rq_layout._SUCCEED
-    for f in (rq_layout.EXECUTION_FIELDS + rq_layout.JOB_START_FIELDS
-              + rq_layout.JOB_SUCCESS_FIELDS + rq_layout.RESULT_FIELDS + rq_layout.WORKER_FIELDS):
-        assert f"'{f}'" in scripts, f"rq_layout's scripts do not write {f}"
+    scripts = layout._START + layout._SUCCEED
+    for f in (layout.EXECUTION_FIELDS + layout.JOB_START_FIELDS
+              + layout.JOB_SUCCESS_FIELDS + layout.RESULT_FIELDS + layout.WORKER_FIELDS):
+        assert f"'{f}'" in scripts, f"layout.py's scripts do not write {f}"
 
 
 @pytest.mark.parametrize("serializer", [None, "json", "rq.serializers.JSONSerializer",
                                         JSONSerializer])
 def test_batch_jobs_are_rqs_jobs(r: redis.Redis, serializer: Any) -> None:
-    """BatchJob resolves each serializer once (rq_jobs._resolve_serializer), relying on
+    """BatchJob resolves each serializer once (jobs._resolve_serializer), relying on
     RQ's Job.__init__ using its serializer argument only to set `serializer`: a new job is
     RQ's own, attribute by attribute, and so is one restored from a hash."""
-    from worker.rq_jobs import bound_job_class
+    from worker.rqside.jobs import bound_job_class
 
     cls = bound_job_class(None)
     for _ in range(2):                      # resolved, then remembered

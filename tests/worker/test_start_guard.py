@@ -1,7 +1,7 @@
 """The window between taking a job and marking it started, made deterministic, and the
 guard of `worker.tasks` against plain RQ workers.
 
-Starting is one guarded Lua script (rq_jobs.RqJobs.start, behind RqSide.start; rq_layout.py):
+Starting is one guarded Lua script (jobs.RqJobs.start, behind RqSide.start; rqside/layout.py):
 each job's writes run only if, when the script runs, the job is neither canceled nor gone. A
 check made in Python before the writes are sent (as RQ's WATCH-less path would) loses a
 cancel that lands in between; so does writing unguarded. In-process worker, real Redis.

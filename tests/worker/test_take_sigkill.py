@@ -41,7 +41,7 @@ import os, signal, sys, types
 import redis
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
-from worker.rq_jobs import BatchJob, RqJobs
+from worker.rqside.jobs import BatchJob, RqJobs
 r = redis.Redis.from_url(sys.argv[1])
 worker = types.SimpleNamespace(connection=r, job_class=BatchJob, serializer=JSONSerializer)
 queues = [Queue(name, connection=r, serializer=JSONSerializer) for name in sys.argv[2:]]

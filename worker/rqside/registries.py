@@ -13,11 +13,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from redis import Redis
-from rq import worker_registration
-from rq.group import Group
-from rq.job import Job
-from rq.queue import Queue
-from rq.registry import clean_registries as rq_clean_registries
+
+from .surface import Group, Job, Queue, rq_clean_registries, worker_registration
 
 log = logging.getLogger("ddpm.worker")
 

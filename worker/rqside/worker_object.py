@@ -1,7 +1,7 @@
 """RQ's worker object, kept for what RQ's tools see of a worker: registration, state,
 heartbeat, maintenance and the `rq` command channel. It never runs a job.
 
-`RqSide` (rq_side.py) holds one. RQ's `BaseWorker.work()` is never called: the batching
+`RqSide` (side.py) holds one. RQ's `BaseWorker.work()` is never called: the batching
 loop (loop.py) owns the process, its signals and its pace, and talks to RQ only through
 `RqSide`. What this subclass changes of RQ's worker, each for a reason stated where it is:
 the execution TTL, the command listener's poll and stop, `stop-job` for any running job,
@@ -15,12 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
-from rq.command import handle_command, parse_payload
-from rq.job import Job
-from rq.utils import now
-from rq.worker.base import BaseWorker
 
-from . import rq_registries
+from . import registries
+from .surface import BaseWorker, Job, handle_command, now, parse_payload
 
 log = logging.getLogger("ddpm.worker")
 
@@ -119,16 +116,16 @@ class RqWorker(BaseWorker):
         self.last_cleaned_at = now()
 
     def clean_registries(self) -> None:
-        """RQ's pass, with a short-lived lock (rq_registries.clean_registries)."""
-        rq_registries.clean_registries(self.connection, self.queues, self._exc_handlers, self,
+        """RQ's pass, with a short-lived lock (registries.clean_registries)."""
+        registries.clean_registries(self.connection, self.queues, self._exc_handlers, self,
                                        max(10, self.maintenance_interval))
         self.last_cleaned_at = now()
 
     def clean_group_registries(self) -> None:
-        """RQ's group pass, quietly (rq_registries.clean_group_registries)."""
-        rq_registries.clean_group_registries(self.connection,
+        """RQ's group pass, quietly (registries.clean_group_registries)."""
+        registries.clean_group_registries(self.connection,
                                              max(self.maintenance_interval - 1, 1))
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
-        rq_registries.clean_canceled(self.connection, self.queues, self.result_ttl)
+        registries.clean_canceled(self.connection, self.queues, self.result_ttl)

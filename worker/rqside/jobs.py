@@ -4,14 +4,14 @@ RQ stays the source of truth: every job gets RQ's own execution, registries, sta
 result and heartbeats, in RQ's own layout; only how they reach Redis changes. RQ does a
 job's bookkeeping one job at a time, several round-trips each; here a step's takes are
 fetched by one script and marked started by another, a step's successes recorded by one
-(rq_layout.py: RQ's writes, a few arguments per job), every live execution renewed in one
+(layout.py: RQ's writes, a few arguments per job), every live execution renewed in one
 pipeline. The rare paths (failure, retry, dependents, callbacks, repeats) are RQ's own.
 
 The workarounds (each found by a test in tests/reliability, and explained where it lives):
 the atomic take into RQ's intermediate list, marking started only where no cancel came first,
 putting back jobs taken as Redis went away, pruning dead executions, failing unreadable job
-hashes (the maintenance ones are in rq_registries.py). Internal to the RQ side:
-`RqSide` (rq_side.py) is what the rest of the worker calls.
+hashes (the maintenance ones are in registries.py). Internal to the RQ side:
+`RqSide` (side.py) is what the rest of the worker calls.
 """
 
 from __future__ import annotations
@@ -26,55 +26,28 @@ from typing import Any, ClassVar, TypeVar
 from uuid import uuid4
 
 from redis import Redis
-from rq.executions import Execution, ExecutionRegistry
-from rq.job import Job, JobStatus, parse_job_id, validate_job_id
-from rq.queue import Queue
-from rq.registry import BaseRegistry, FinishedJobRegistry, StartedJobRegistry
-from rq.serializers import resolve_serializer
-from rq.utils import now, utcformat
 
-from .redis_batch import PackedScript
-from .rq_layout import Layout, SuccessArgs, return_value
+from ..redis_batch import PackedScript
+from .layout import HGET_EACH, TAKE, Layout, SuccessArgs, return_value
+from .surface import (
+    BaseRegistry,
+    Execution,
+    ExecutionRegistry,
+    FinishedJobRegistry,
+    Job,
+    JobStatus,
+    Queue,
+    StartedJobRegistry,
+    now,
+    parse_job_id,
+    resolve_serializer,
+    utcformat,
+    validate_job_id,
+)
 
 log = logging.getLogger("ddpm.worker")
 
 _TICK = timedelta(microseconds=1)      # RQ's timestamps' resolution
-
-# Move up to ARGV[1] jobs from the first non-empty queues (KEYS: queue, its intermediate
-# list, ... in priority order) to the end of their intermediate lists, in one atomic step,
-# and return, per job: its queue key, its id, its hash (flat) and its execution ids
-# (ARGV[2], ARGV[3]: the job and execution registry key prefixes). The last ARGV[4] KEYS
-# are wake lists: unless ARGV[5] is '1' (look anyway), it looks only when one holds a
-# token, and takes them all (every job enqueued before this instant is then seen).
-_TAKE = """
-local want, out = tonumber(ARGV[1]), {}
-local nwake = tonumber(ARGV[4] or '0')
-local nq = #KEYS - nwake
-if nwake > 0 then
-  local wake = {unpack(KEYS, nq + 1, #KEYS)}
-  if ARGV[5] ~= '1' and redis.call('EXISTS', unpack(wake)) == 0 then return out end
-  redis.call('DEL', unpack(wake))
-end
-for i = 1, nq, 2 do
-  while #out < 4 * want do
-    local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
-    if not id then break end
-    out[#out + 1] = KEYS[i]
-    out[#out + 1] = id
-    out[#out + 1] = redis.call('HGETALL', ARGV[2] .. id)
-    out[#out + 1] = redis.call('ZRANGE', ARGV[3] .. id, 0, -1)
-  end
-  if #out >= 4 * want then break end
-end
-return out
-"""
-
-# One hash field of each key (nil where the key or the field is missing).
-_HGET_EACH = """
-local out = {}
-for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[1]) end
-return out
-"""
 
 _resolve_serializer = functools.cache(resolve_serializer)
 # Where RQ's own code sends a job's webhooks (its failure path; jobs abandoned past their
@@ -169,12 +142,12 @@ class RqJobs:
     """RQ's job bookkeeping for `worker`, batched per step."""
 
     def __init__(self, worker: Any) -> None:
-        """`worker`: RQ's worker object (rq_worker.RqWorker)."""
+        """`worker`: RQ's worker object (worker_object.RqWorker)."""
         self.worker = worker
         self.redis: Redis = worker.connection
-        self._take = PackedScript(self.redis, _TAKE)
+        self._take = PackedScript(self.redis, TAKE)
         self._layout = Layout(self.redis)
-        self._hget_each = PackedScript(self.redis, _HGET_EACH)
+        self._hget_each = PackedScript(self.redis, HGET_EACH)
 
     # -- taking and starting -----------------------------------------------------------
 
@@ -246,7 +219,7 @@ class RqJobs:
 
     def start(self, taken: list[tuple[Job, Queue]]) -> tuple[list[Started], list[Job]]:
         """RQ's bookkeeping before jobs run (an execution each, `prepare_job_execution`),
-        for all of `taken` in one atomic round-trip (rq_layout: RQ's writes, by one
+        for all of `taken` in one atomic round-trip (layout: RQ's writes, by one
         script), but never over a cancellation: RQ writes `started` unconditionally, so a
         cancel between the take and here was lost (the job ran to success after its
         DELETE said canceled). Each job's writes are guarded by its status when they run;
@@ -289,7 +262,7 @@ class RqJobs:
     def succeed(self, jobs: list[Success]) -> list[Job]:
         """RQ's success bookkeeping (`handle_job_success`: result, finished registry, TTLs,
         worker counters, execution cleanup) for all of `jobs` in one atomic round-trip
-        (rq_layout: RQ's writes, by one script). Jobs with dependents, repeats, success
+        (layout: RQ's writes, by one script). Jobs with dependents, repeats, success
         callbacks, a rate limit or a result TTL RQ deletes or keeps oddly (never ours, but
         RQ lets anyone add them) take RQ's own path; whether a job has dependents is decided
         inside the script, so one added meanwhile is never missed. Returns the jobs that

@@ -1,16 +1,60 @@
-"""Every name of RQ and redis-py the RQ side (worker/rq_*.py, redis_batch.py) relies on.
+"""Every name of RQ and redis-py the RQ side (worker/rqside/, redis_batch.py) relies on, and
+the one place in worker/ that imports rq: the other modules of this package take RQ's names
+from here, so an RQ upgrade is read starting from one import block and one table.
 
-tests/worker/test_rq_surface.py checks each against the installed, pinned RQ (pyproject:
-`rq>=3.0,<3.1`): it exists, is of the kind stated, and takes the parameters named where a
-call passes them by name; the hash and stream fields rq_layout.py writes by hand are checked
-there against what RQ's own methods write. Upgrading RQ: run that test first; every name it
-reports is a place in worker/rq_*.py to read again. Private (`_`) names carry why we use
-them; the test also checks that no other worker module imports rq or uses them.
+tests/worker/test_surface.py checks each name of `SURFACE` against the installed, pinned RQ
+(pyproject: `rq>=3.0,<3.1`): it exists, is of the kind stated, and takes the parameters named
+where a call passes them by name; the hash and stream fields layout.py writes by hand are
+checked there against what RQ's own methods write. Upgrading RQ: run that test first; every
+name it reports is a place in worker/rqside/ to read again. Private (`_`) names carry why we
+use them; the test also checks that no other worker module imports rq or uses them.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+from rq import worker_registration
+from rq.command import handle_command, parse_payload
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution, ExecutionRegistry
+from rq.group import Group
+from rq.job import Job, JobStatus, parse_job_id, validate_job_id
+from rq.queue import Queue
+from rq.registry import BaseRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import clean_registries as rq_clean_registries
+from rq.results import Result
+from rq.serializers import resolve_serializer
+from rq.utils import current_timestamp, now, utcformat
+from rq.worker.base import BaseWorker, WorkerStatus
+
+__all__ = [
+    "PRIVATE",
+    "SURFACE",
+    "WORKER_EXECUTIONS_KEY_TEMPLATE",
+    "BaseRegistry",
+    "BaseWorker",
+    "Execution",
+    "ExecutionRegistry",
+    "FinishedJobRegistry",
+    "Group",
+    "Job",
+    "JobStatus",
+    "Name",
+    "Queue",
+    "Result",
+    "StartedJobRegistry",
+    "WorkerStatus",
+    "current_timestamp",
+    "handle_command",
+    "now",
+    "parse_job_id",
+    "parse_payload",
+    "resolve_serializer",
+    "rq_clean_registries",
+    "utcformat",
+    "validate_job_id",
+    "worker_registration",
+]
 
 
 class Name(NamedTuple):
@@ -27,7 +71,7 @@ class Name(NamedTuple):
 C, A = "callable", "attribute"
 
 SURFACE: tuple[Name, ...] = (
-    # -- the worker object (rq_worker.py): registration, state, commands, maintenance ----
+    # -- the worker object (worker_object.py): registration, state, commands, maintenance ----
     Name("rq.worker.base", "BaseWorker.__init__", C,
          ("queues", "name", "connection", "serializer", "job_class", "worker_ttl",
           "maintenance_interval", "job_monitoring_interval", "default_result_ttl")),
@@ -100,14 +144,14 @@ SURFACE: tuple[Name, ...] = (
     Name("rq.job", "Job.heartbeat", C, ("timestamp", "ttl", "pipeline", "xx")),
     Name("rq.job", "Job.get_result_ttl", C, ("default_ttl",)),
     Name("rq.job", "Job.send_webhooks", C, ("status", "exc_string"),
-         "overridden (rq_jobs.BatchJob): RQ's own calls go to our sender"),
+         "overridden (jobs.BatchJob): RQ's own calls go to our sender"),
     Name("rq.job", "Job._serialize_meta", C, (),
          "RQ's encoding of `meta`, written by our writer in order with the progress event"),
     Name("rq.job", "Job._result", A,
          why="the return value _finalize_success stores (RQ's own success path)"),
     Name("rq.job", "Job._status", A,
          why="RQ's cached status, set as prepare_for_execution and RQ's success path set "
-         "it (rq_layout writes theirs in Redis)"),
+         "it (layout.py writes theirs in Redis)"),
     Name("rq.job", "Job._success_callback_name", A,
          why="a job with a success callback takes RQ's own success path"),
     Name("rq.job", "JobStatus.CANCELED", A),
@@ -143,28 +187,28 @@ SURFACE: tuple[Name, ...] = (
     Name("rq.utils", "now", C),
     Name("rq.utils", "utcformat", C),
     Name("rq.utils", "current_timestamp", C),
-    # -- RQ's layout written by rq_layout.py's scripts (the key names come from these;
-    # -- the field names are rq_layout's *_FIELDS, each checked against what these write:
-    # -- tests/worker/test_rq_surface.py::test_the_fields_rq_layout_writes_are_rqs) ------
+    # -- RQ's layout written by layout.py's scripts (the key names come from these;
+    # -- the field names are layout.py's *_FIELDS, each checked against what these write:
+    # -- tests/worker/test_surface.py::test_the_fields_rq_layout_writes_are_rqs) ------
     Name("rq.executions", "Execution.serialize", C,
-         why="its keys: rq_layout.EXECUTION_FIELDS (Execution.create saves them)"),
+         why="its keys: layout.EXECUTION_FIELDS (Execution.create saves them)"),
     Name("rq.executions", "Execution.composite_key", A),
     Name("rq.executions", "ExecutionRegistry.add", C, ("execution", "ttl", "pipeline")),
     Name("rq.registry", "StartedJobRegistry.add_execution", C,
          ("execution", "pipeline", "ttl", "xx")),
     Name("rq.job", "Job.prepare_for_execution", C, ("worker_name", "pipeline"),
-         "its HSET: rq_layout.JOB_START_FIELDS"),
+         "its HSET: layout.JOB_START_FIELDS"),
     Name("rq.job", "Job.to_dict", C, ("include_meta", "include_result"),
-         "what Job._handle_success saves: rq_layout.JOB_SUCCESS_FIELDS change"),
+         "what Job._handle_success saves: layout.JOB_SUCCESS_FIELDS change"),
     Name("rq.job", "Job.__init__", C, ("id", "connection", "serializer"),
-         "rq_jobs.BatchJob resolves the serializer once (test_batch_jobs_are_rqs_jobs)"),
+         "jobs.BatchJob resolves the serializer once (test_batch_jobs_are_rqs_jobs)"),
     Name("rq.serializers", "resolve_serializer", C, ("serializer",)),
     Name("rq.job", "Job.dependencies_key", A),
     Name("rq.job", "Job.rate_limit_key", A),
     Name("rq.job", "Job.serializer", A),
     Name("rq.job", "JobStatus.STARTED", A),
     Name("rq.results", "Result.get_key", C, ("job_id",)),
-    Name("rq.results", "Result.serialize", C, why="its keys: rq_layout.RESULT_FIELDS"),
+    Name("rq.results", "Result.serialize", C, why="its keys: layout.RESULT_FIELDS"),
     Name("rq.results", "Result.Type.SUCCESSFUL", A),
     # -- redis-py: the recording pipeline (contract/recorder.py) ------------------------
     Name("redis.client", "Pipeline.__init__", C,

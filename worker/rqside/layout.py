@@ -1,4 +1,5 @@
-"""RQ's Redis layout for starting and succeeding jobs, written directly by two Lua scripts.
+"""RQ's Redis layout for starting and succeeding jobs, written directly by two Lua scripts
+(and read by the take script, below: jobs moved to RQ's intermediate lists, with their hashes).
 
 RQ's own methods (`Execution.create`, `Job.heartbeat`, `Job.prepare_for_execution`,
 `Job._handle_success` with its `Job.save` of the whole hash and `Result.create`,
@@ -18,7 +19,7 @@ field names written here are RQ's, listed in `JOB_START_FIELDS`, `EXECUTION_FIEL
 `JOB_SUCCESS_FIELDS`, `RESULT_FIELDS` and `WORKER_FIELDS`, and tests/worker/test_rq_surface.py
 records RQ's own methods writing them to check each list against the pinned RQ. The rare
 endings (failure, retry, dependents, callbacks, repeats, a result TTL of 0) keep RQ's own
-methods (rq_jobs.py).
+methods (jobs.py).
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ from datetime import datetime
 from typing import Any
 
 from redis import Redis
-from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution, ExecutionRegistry
-from rq.job import Job, JobStatus
-from rq.results import Result
-from rq.utils import current_timestamp, now, utcformat
-from rq.worker.base import WorkerStatus
 
-from .redis_batch import PackedScript
+from ..redis_batch import PackedScript
+from .surface import (
+    WORKER_EXECUTIONS_KEY_TEMPLATE,
+    Execution,
+    ExecutionRegistry,
+    Job,
+    JobStatus,
+    Result,
+    WorkerStatus,
+    current_timestamp,
+    now,
+    utcformat,
+)
 
 # The fields each script writes, by hand, where RQ writes them (checked by the surface test).
 EXECUTION_FIELDS = ("id", "job_id", "created_at", "last_heartbeat", "worker_name")
@@ -143,6 +151,43 @@ if count > 0 then
   redis.call('HINCRBY', wkey, 'successful_job_count', count)
   redis.call('HINCRBYFLOAT', wkey, 'total_working_time', string.format('%.6f', worked))
 end
+return out
+"""
+
+
+# Move up to ARGV[1] jobs from the first non-empty queues (KEYS: queue, its intermediate
+# list, ... in priority order) to the end of their intermediate lists, in one atomic step,
+# and return, per job: its queue key, its id, its hash (flat) and its execution ids
+# (ARGV[2], ARGV[3]: the job and execution registry key prefixes). The last ARGV[4] KEYS
+# are wake lists: unless ARGV[5] is '1' (look anyway), it looks only when one holds a
+# token, and takes them all (every job enqueued before this instant is then seen).
+TAKE = """
+local want, out = tonumber(ARGV[1]), {}
+local nwake = tonumber(ARGV[4] or '0')
+local nq = #KEYS - nwake
+if nwake > 0 then
+  local wake = {unpack(KEYS, nq + 1, #KEYS)}
+  if ARGV[5] ~= '1' and redis.call('EXISTS', unpack(wake)) == 0 then return out end
+  redis.call('DEL', unpack(wake))
+end
+for i = 1, nq, 2 do
+  while #out < 4 * want do
+    local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+    if not id then break end
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGETALL', ARGV[2] .. id)
+    out[#out + 1] = redis.call('ZRANGE', ARGV[3] .. id, 0, -1)
+  end
+  if #out >= 4 * want then break end
+end
+return out
+"""
+
+# One hash field of each key (nil where the key or the field is missing).
+HGET_EACH = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[1]) end
 return out
 """
 

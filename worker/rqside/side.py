@@ -1,13 +1,13 @@
 """The one door between the batching loop and RQ.
 
 RQ stays the source of truth for job state (queues, executions, registries, results,
-`rq info`, rq-dashboard, `rq` commands), and this module and the other `worker/rq_*.py`
+`rq info`, rq-dashboard, `rq` commands), and this module and the other `worker/rqside/`
 are the only ones that import it. The loop speaks to `RqSide` in plain values: job ids,
 queue names, the request spec as a dict, result dicts, and callables for `rq`'s commands;
 no RQ object leaves the RQ side, and the RQ side holds no reference to the loop.
 
-Inside: RQ's worker object (rq_worker.py: registration, state, heartbeat, maintenance,
-the command channel), the batched bookkeeping (rq_jobs.py), and the RQ objects of the jobs
+Inside: RQ's worker object (worker_object.py: registration, state, heartbeat, maintenance,
+the command channel), the batched bookkeeping (jobs.py), and the RQ objects of the jobs
 this worker has taken, keyed by job id. Webhooks of every ending go out through `notify`
 (webhooks.WebhookSender.send), RQ's own failure path included.
 """
@@ -22,17 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from rq.executions import Execution
-from rq.job import Job, JobStatus
-from rq.queue import Queue
-from rq.utils import now
-from rq.worker.base import WorkerStatus
 
 from contract.keys import JOB_FUNC, SERIALIZER
 from contract.tracing import META_FIELD
 
-from .rq_jobs import RqJobs, Success, Unreadable, bound_job_class, enqueued_wait
-from .rq_worker import RqWorker
+from .jobs import RqJobs, Success, Unreadable, bound_job_class, enqueued_wait
+from .surface import Execution, Job, JobStatus, Queue, WorkerStatus, now
+from .worker_object import RqWorker
 
 log = logging.getLogger("ddpm.worker")
 
