@@ -189,7 +189,7 @@ SURFACE: tuple[Name, ...] = (
     Name("rq.utils", "current_timestamp", C),
     # -- RQ's layout written by layout.py's scripts (the key names come from these;
     # -- the field names are layout.py's *_FIELDS, each checked against what these write:
-    # -- tests/worker/test_surface.py::test_the_fields_rq_layout_writes_are_rqs) ------
+    # -- tests/worker/test_rq_surface.py::test_the_fields_rq_layout_writes_are_rqs) ------
     Name("rq.executions", "Execution.serialize", C,
          why="its keys: layout.EXECUTION_FIELDS (Execution.create saves them)"),
     Name("rq.executions", "Execution.composite_key", A),
