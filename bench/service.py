@@ -90,6 +90,7 @@ from bench.worker_throughput import sample_in_process
 from contract.keys import worker_key
 from contract.spec import GenerationSpec
 from ddpm.redis_server import RedisServer, free_port
+from ddpm.serve import worker_torch_threads
 from models import PRESETS, ModelConfig, init_checkpoint, preset, resolve_device
 from worker.catalog import load_models
 from worker.engine import Engine, LoadedModel
@@ -422,7 +423,7 @@ def start_worker(redis_url: str, models_dir: Path, device: str, max_batch: int,
     name = f"bench-{max_batch}-{time.monotonic_ns() % 10**9}"
     env = {"DDPM_LOG_LEVEL": log_level, "DDPM_GRACE_PERIOD": "2"}
     if threads:
-        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env |= {"DDPM_TORCH_THREADS": str(threads)}
     worker = Child(f"worker-mb{max_batch}", [
         sys.executable, "-m", "ddpm", "worker", "--redis-url", redis_url,
         "--models-dir", str(models_dir), "--device", device, "--max-batch", str(max_batch),
@@ -541,8 +542,10 @@ def main() -> None:
     p.add_argument("--big-clients", type=int, default=2, help="concurrent K-image requests")
     p.add_argument("--skip-batch1", action="store_true", help="do not repeat at --max-batch 1")
     p.add_argument("--repeats", type=int, default=1, help="best (images/s) of this many runs")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads of the engine and the worker (0: torch's default)")
+    p.add_argument("--threads", type=int, default=int(worker_torch_threads()),
+                   help="torch CPU threads of the engine and the worker (default: what "
+                   "`ddpm serve` gives its worker, DDPM_TORCH_THREADS or half the CPUs; "
+                   "0: torch's own default, one per core)")
     p.add_argument("--prefill-keys", type=int, default=0,
                    help="first fill Redis with this many unrelated keys (a finished job leaves "
                         "about 4 for DDPM_RESULT_TTL, a day by default)")

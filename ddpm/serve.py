@@ -110,10 +110,19 @@ def _metrics_port(opts: ServeOptions) -> int:
     return DEFAULT_METRICS_PORT
 
 
+def worker_torch_threads() -> str:
+    """The worker's DDPM_TORCH_THREADS here: as set, else half the CPUs this process may use
+    (at least 1), the rest left to the API and Redis on the same machine (torch's own
+    default, one per physical core, is the same count where a core runs two threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return os.environ.get("DDPM_TORCH_THREADS") or str(max(1, (cores or 1) // 2))
+
+
 def _start_worker(opts: ServeOptions, redis_url: str,
                   metrics_port: int = 0) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DDPM_GRACE_PERIOD": os.environ.get(
-        "DDPM_GRACE_PERIOD", str(opts.grace_period)), "DDPM_METRICS_HOST": opts.host}
+        "DDPM_GRACE_PERIOD", str(opts.grace_period)), "DDPM_METRICS_HOST": opts.host,
+        "DDPM_TORCH_THREADS": worker_torch_threads()}
     return subprocess.Popen(
         [sys.executable, "-m", "ddpm", "worker", "--redis-url", redis_url,
          "--models-dir", str(opts.models_dir), "--device", opts.device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from redis.exceptions import RedisError
 
 from contract import tracing
@@ -40,6 +41,7 @@ def build_worker(settings: WorkerSettings) -> BatchWorker:
 
 
 def _build(settings: WorkerSettings, metrics: WorkerMetrics) -> BatchWorker:
+    use_torch_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     target = settings.redis_target()          # a URL, or Sentinel (contract/redis_connect.py)
     redis = connect(target)
@@ -68,14 +70,21 @@ def _build(settings: WorkerSettings, metrics: WorkerMetrics) -> BatchWorker:
     return worker
 
 
+def use_torch_threads(n: int | None) -> None:
+    """torch's intra-op CPU threads for this process (None: leave torch's default)."""
+    if n is not None:
+        torch.set_num_threads(n)
+
+
 def run_worker(settings: WorkerSettings, *, burst: bool = False) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if tracing.setup(tracing.WORKER_SERVICE, settings.otlp_endpoint):  # before the worker
         log.info("tracing on: spans to %s", redacted(settings.otlp_endpoint or ""))
     worker = build_worker(settings)
-    log.info("worker %s serving %s on %s (max batch %d)", worker.name,
-             ", ".join(worker.catalog.names), worker.engine.device, worker.engine.max_batch)
+    log.info("worker %s serving %s on %s (max batch %d, %d CPU threads)", worker.name,
+             ", ".join(worker.catalog.names), worker.engine.device, worker.engine.max_batch,
+             torch.get_num_threads())
     try:
         worker.work(burst=burst)
     finally:

@@ -100,6 +100,12 @@ class WorkerSettings(RedisSettingsFields, BaseSettings):
     # encoding frames (None: one per core, at most 4).
     writer_max_pending_bytes: Annotated[int, Field(ge=2**20)] = 64 * 2**20
     encode_threads: Annotated[int, Field(ge=1, le=64)] | None = None
+    # The CPU threads of the worker's torch ops (None: torch's default, one per core). On a
+    # CPU that the API and Redis share (`ddpm serve` sets half the CPUs), fewer is cheaper: the
+    # OpenMP threads a forward wakes spin between forwards while the loop does its host work,
+    # burning the cores the API needs (BENCHMARKS §15: 1-image jobs 9.3 → 4.4 ms of worker CPU
+    # per image on 2 cores, 1.5x the images/s).
+    torch_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     progress_interval: Annotated[float, Field(ge=0)] = 0.2   # seconds between progress events
     # Shutdown: on SIGTERM running jobs get this long to finish, then go back to the queue.
     grace_period: Annotated[float, Field(ge=0)] = 30.0

@@ -175,6 +175,9 @@ def test_serve_generates_and_stops_cleanly_on_ctrl_c(
         return status if status in ("succeeded", "failed", "canceled") else None
 
     assert _wait(finished, 60, f"job {job} to end", serve) == "succeeded", serve.output()
+    # The worker leaves half the CPUs to the API and Redis beside it (DDPM_TORCH_THREADS).
+    cores = len(os.sched_getaffinity(0))
+    assert f"{max(1, cores // 2)} CPU threads" in serve.stdout() + serve.stderr(), serve.output()
     img = httpx.get(f"{serve.url}/v1/generations/{job}/images/0", timeout=10)
     assert img.status_code == 200, img.text
     assert img.headers["content-type"] == "image/png"
