@@ -86,6 +86,7 @@ from bench.api_overhead import (
     stop_on_sigterm,
     versions,
 )
+from bench.redis_profile import RedisProfile, table
 from bench.worker_throughput import sample_in_process
 from contract.keys import worker_key
 from contract.spec import GenerationSpec
@@ -552,6 +553,9 @@ def main() -> None:
     p.add_argument("--conditioned", type=float, default=0.0,
                    help="fraction of the stack's 1-image requests that carry an input image "
                    "(img2img and inpainting, alternately); the raw peers stay plain")
+    p.add_argument("--redis-profile", action="store_true",
+                   help="after each concurrency's runs, one more with every Redis command "
+                   "timed (bench/redis_profile.py): Redis's time by command and by script")
     p.add_argument("--log-level", default="WARNING", help="of the worker and the API")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
@@ -644,6 +648,15 @@ def main() -> None:
                                               metrics_url, conditioned),
                                     run_raw(loaded, device, mb, n, batch, first_event)):
                             keep_best((run.side, mb, n), run)
+                    if args.redis_profile:      # a run of its own: SLOWLOG slows Redis
+                        probe = RedisProfile(r)
+                        probe.start()
+                        run = run_stack(url, n, specs(args.images, 10**7), mb, first_event,
+                                        procs, r, metrics_url, conditioned)
+                        found = probe.stop()
+                        print(f"Redis's time by command and script (SLOWLOG), {n} clients, "
+                              f"max batch {mb}:\n{table(found, run.images, probe.truncated)}",
+                              flush=True)
                     s, w = runs[("stack", mb, n)], runs[("raw", mb, n)]
                     print(f"  max batch {mb}, {n} clients: stack {s.images_per_s:.2f} img/s, "
                           f"raw {w.images_per_s:.2f} img/s", file=sys.stderr, flush=True)
