@@ -103,8 +103,8 @@ class WorkerSettings(RedisSettingsFields, BaseSettings):
     # The CPU threads of the worker's torch ops (None: torch's default, one per core). On a
     # CPU that the API and Redis share (`ddpm serve` sets half the CPUs), fewer is cheaper: the
     # OpenMP threads a forward wakes spin between forwards while the loop does its host work,
-    # burning the cores the API needs (BENCHMARKS §15: 1-image jobs 9.3 → 4.4 ms of worker CPU
-    # per image on 2 cores, 1.5x the images/s).
+    # burning the cores the API needs (BENCHMARKS §15: 1-image jobs 8.5 → 4.6 ms of worker CPU
+    # per image on 2 cores, 1.3x the images/s).
     torch_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     progress_interval: Annotated[float, Field(ge=0)] = 0.2   # seconds between progress events
     # Shutdown: on SIGTERM running jobs get this long to finish, then go back to the queue.

@@ -126,8 +126,9 @@ def test_rq_sees_every_execution_while_jobs_run(r, redis_url, spawn_worker, wait
 
 
 def test_the_worker_runs_torch_on_the_cpu_threads_it_is_given(spawn_worker, wait_for) -> None:
-    """DDPM_TORCH_THREADS reaches torch in the worker (`ddpm serve` sets it to leave a core
-    to the API): a count torch would never choose by itself (one more than the cores)."""
+    """DDPM_TORCH_THREADS reaches torch in the worker (`ddpm serve` sets it to leave half
+    the CPUs to the API): a count torch would never choose by itself (one more than the
+    cores)."""
     import os
 
     n = (os.cpu_count() or 1) + 1
