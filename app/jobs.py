@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -33,7 +34,7 @@ from contract.spec import GenerationSpec
 from .auth import Principal
 from .errors import ApiError, not_found
 from .settings import ApiSettings
-from .streams import StreamEvent, entries, follow
+from .streams import BATCH, Prefetched, StreamEvent, entries, follow
 
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -74,16 +75,42 @@ class JobStore:
     async def aget(self, job_id: str, who: Principal) -> Job:
         """`get` on the event loop: the hash read through the async client (RQ's own
         `restore` builds the job, bound to the sync client for what follows)."""
+        return (await self._aget_with(job_id, who, None))[0]
+
+    async def aget_image(self, job_id: str, who: Principal, index: int
+                         ) -> tuple[Job, bytes | None]:
+        """`aget` and what image `index`'s key holds (the PNG or its URL), in one round
+        trip: a small job's lookup and its image were two of Redis's ~8 per image."""
+        return await self._aget_with(job_id, who, lambda p: p.get(image_key(job_id, index)))
+
+    async def aget_events(self, job_id: str, who: Principal, after: str
+                          ) -> tuple[Job, Prefetched]:
+        """`aget` and the stream's entries after `after` as they are now (no wait), in one
+        round trip: the first read of the follower (`follow(first=…)`)."""
+        return await self._aget_with(job_id, who, lambda p: p.xread(
+            {events_key(job_id): after}, count=BATCH))
+
+    async def _aget_with(self, job_id: str, who: Principal, read: Callable[[Any], object] | None
+                         ) -> tuple[Job, Any]:
+        """The job (404 unless it is the caller's generation) and the reply of `read`, a
+        command on one of the job's keys queued after the lookup in the same pipeline;
+        the reply is only handed out once the lookup says the job is the caller's."""
         if not JOB_ID.match(job_id):
             raise not_found("generation")
-        raw = await self._async.hgetall(job_key(job_id))     # RedisError: a 503
+        if read is None:
+            raw, reply = await self._async.hgetall(job_key(job_id)), None  # RedisError: 503
+        else:
+            async with self._async.pipeline(transaction=False) as p:
+                p.hgetall(job_key(job_id))
+                read(p)
+                raw, reply = await p.execute()
         if not raw:
             raise not_found("generation")
         try:
             job = restore_job(self.redis, job_id, raw)
         except Exception:      # a hash RQ cannot read is not a generation of ours
             raise not_found("generation") from None
-        return self.owned(job, who)
+        return self.owned(job, who), reply
 
     @staticmethod
     def owned(job: Job, who: Principal) -> Job:
@@ -139,10 +166,11 @@ class JobStore:
     async def input(self, job_id: str, name: str) -> bytes | None:
         return await self._apng(await self._async.get(input_key(job_id, name)))
 
-    async def image_ref(self, job_id: str, index: int) -> bytes | str | None:
-        """What `GET …/images/{i}` answers with: the PNG, or (stored in object storage,
+    async def image_ref(self, stored: bytes | None) -> bytes | str | None:
+        """What `GET …/images/{i}` answers with for what the image's key holds
+        (`aget_image`): the PNG, or (stored in object storage,
         DDPM_RESULTS_DELIVERY=redirect) a presigned URL of it; None: not stored."""
-        return await self._ref(await self._async.get(image_key(job_id, index)))
+        return await self._ref(stored)
 
     async def input_ref(self, job_id: str, name: str) -> bytes | str | None:
         """`image_ref` of an input image."""
@@ -204,12 +232,12 @@ class JobStore:
                 continue
         return out
 
-    def follow(self, job_id: str, after: str, *, inline_images: bool = False
-               ) -> AsyncIterator[StreamEvent]:
+    def follow(self, job_id: str, after: str, *, inline_images: bool = False,
+               first: Prefetched = None) -> AsyncIterator[StreamEvent]:
         """The job's events live after id `after`, as SSE and WebSocket clients read them
-        (`app/streams.py`)."""
+        (`app/streams.py`); `first`: the entries `aget_events` read already."""
         return follow(self._async, job_id, after, poll_ms=self.settings.stream_poll_ms,
-                      inline_images=inline_images, image=self.image)
+                      inline_images=inline_images, image=self.image, first=first)
 
     def entries(self, job_id: str, after: str = "0-0"
                 ) -> AsyncIterator[tuple[str | None, Event]]:

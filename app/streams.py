@@ -35,6 +35,9 @@ from .schemas import TERMINAL_STATUSES
 # A job's final PNG by (job, index), wherever it is stored (app/jobs.py: Redis or the
 # result store); None: not there.
 ImageReader = Callable[[str, int], Awaitable[bytes | None]]
+# An XREAD's reply, read already (the job's lookup and the stream's first read go in one
+# round trip: app/jobs.py `aget_events`); None: nothing read yet.
+Prefetched = Any
 
 EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
@@ -126,17 +129,22 @@ async def client_data(redis: AsyncRedis | None, job_id: str, ev: Event,
     return data
 
 
-async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int
-                  ) -> AsyncIterator[tuple[str | None, Event]]:
+async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
+                  first: Prefetched = None) -> AsyncIterator[tuple[str | None, Event]]:
     """The job's events after id `after`, live, as (entry id, event), until its terminal
-    event; an ending read from the job's status comes with the id None."""
+    event; an ending read from the job's status comes with the id None. `first`: a
+    non-blocking XREAD after `after` made already; if it found nothing, reading starts
+    as if it had not been made (a blocking read, not a look at the status)."""
     key = events_key(job_id)
     cursor = after
     ending = False            # the job's status is terminal; waiting for its last events
     block = poll_ms
     while True:
-        resp = await redis.xread({key: cursor}, count=BATCH,
-                                 block=END_GRACE_MS if ending else block)
+        if first:
+            resp, first = first, None
+        else:
+            resp = await redis.xread({key: cursor}, count=BATCH,
+                                     block=END_GRACE_MS if ending else block)
         found = resp[0][1] if resp else []
         for entry_id, fields in found:
             cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -165,12 +173,12 @@ async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int
 
 
 async def follow(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
-                 inline_images: bool = False, image: ImageReader | None = None
-                 ) -> AsyncIterator[StreamEvent]:
+                 inline_images: bool = False, image: ImageReader | None = None,
+                 first: Prefetched = None) -> AsyncIterator[StreamEvent]:
     """`entries` as SSE and WebSocket clients read them; with `inline_images`, `image`
     events carry the final PNG (base64, read by `image`: else from Redis) as well as its
     URL."""
-    async for entry_id, ev in entries(redis, job_id, after, poll_ms=poll_ms):
+    async for entry_id, ev in entries(redis, job_id, after, poll_ms=poll_ms, first=first):
         try:
             data = await client_data(redis, job_id, ev, inline_images, image)
         except (KeyError, ValueError, TypeError, AttributeError):

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -29,7 +29,7 @@ from ..jobs import JobStore
 from ..schemas import SOLE_MODEL, Generation, GenerationRequest, NewGeneration
 from ..settings import ApiSettings
 from ..stream_slots import StreamSlots
-from ..streams import MAX_ID_PART, StreamEvent, check_event_id
+from ..streams import MAX_ID_PART, Prefetched, StreamEvent, check_event_id
 from ..uploads import MULTIPART_SCHEMA, UploadRoute, fit_inputs
 
 # UploadRoute: the POST's body may also be multipart/form-data with image files.
@@ -157,11 +157,12 @@ def cancel_generation(job: JobDep, jobs: Jobs, views: ViewsDep) -> Generation:
 
 @router.get("/{job_id}/images/{index}", response_class=Response,
             responses=PNG | STORED | ERROR_RESPONSES, summary="One final image (PNG)")
-async def get_image(job: JobDep, index: int, jobs: Jobs) -> Response:
+async def get_image(job_id: str, index: int, who: Caller, jobs: Jobs) -> Response:
+    job, stored = await jobs.aget_image(job_id, who, index)   # one round trip for both
     spec = jobs.spec_of(job)
     if not 0 <= index < spec.num_images:
         raise not_found(f"image {index}")
-    return _stored_png(await jobs.image_ref(job.id, index), f"image {index} (not produced yet)")
+    return _stored_png(await jobs.image_ref(stored), f"image {index} (not produced yet)")
 
 
 def _stored_png(png: bytes | str | None, missing: str) -> Response:
@@ -244,6 +245,18 @@ async def _last_event_id(last_event_id: Annotated[str, Header(   # a string or a
     return check_event_id(last_event_id, "Last-Event-ID")
 
 
+async def _job_and_events(job_id: str, who: Caller, jobs: Jobs, request: Request
+                          ) -> tuple[Job, Prefetched]:
+    """The job (404 first, as for every route of a job) and, in the same round trip, its
+    stream's entries after Last-Event-ID as they are now: the follower's first read. A
+    malformed Last-Event-ID reads nothing here; `_last_event_id` answers it with 422."""
+    try:
+        after = check_event_id(request.headers.get("last-event-id", ""), "Last-Event-ID")
+    except ApiError:
+        return await jobs.aget(job_id, who), None
+    return await jobs.aget_events(job_id, who, after)
+
+
 ImageMode = Literal["url", "inline"]
 _IMAGES_QUERY = Query(description="`image` events carry the final image's `url`; `inline` "
                       "adds the PNG itself as base64 (`png`), which the image URL also serves")
@@ -251,7 +264,8 @@ _IMAGES_QUERY = Query(description="`image` events carry the final image's `url`;
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses=JSON_ERROR_RESPONSES, summary="Server-Sent Events of the generation")
-async def stream_events(job: JobDep, jobs: Jobs,
+async def stream_events(job_events: Annotated[tuple[Job, Prefetched], Depends(_job_and_events)],
+                        jobs: Jobs,
                         after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot,
                         images: Annotated[ImageMode, _IMAGES_QUERY] = "url",
                         ) -> AsyncIterator[ServerSentEvent]:
@@ -261,8 +275,10 @@ async def stream_events(job: JobDep, jobs: Jobs,
     closes the stream. Ids are the job's Redis Stream ids: a reconnect with `Last-Event-ID`
     resumes exactly after the last one seen. Past the open stream limits: `503` (this
     server) or `429` (this caller), with `Retry-After`."""
+    job, first = job_events
     try:
-        async for ev in jobs.follow(job.id, after, inline_images=images == "inline"):
+        async for ev in jobs.follow(job.id, after, inline_images=images == "inline",
+                                    first=first):
             yield ServerSentEvent(event=ev.event, raw_data=ev.data, id=ev.id)
     except RedisError as e:
         # The headers are sent: no 503 now. End the stream without a terminal event, as a
@@ -286,8 +302,12 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
     try:
         who = state.auth.caller(websocket)
         jobs: JobStore = state.shards.by_job(job_id).jobs      # 404 for an unknown tag
-        job = await jobs.aget(job_id, who)
-        after = check_event_id(last_event_id, "last_event_id")
+        try:
+            after = check_event_id(last_event_id, "last_event_id")
+        except ApiError:
+            await jobs.aget(job_id, who)      # an unknown job: 404 before the id's 422
+            raise
+        job, first = await jobs.aget_events(job_id, who, after)   # one round trip
         if images not in (None, "url", "inline"):
             raise ApiError(422, "invalid_request", "images must be url or inline",
                            field="images")
@@ -300,7 +320,7 @@ async def stream_ws(websocket: WebSocket, job_id: str, last_event_id: str | None
         await websocket.close(code=4503, reason="the job store is unreachable; retry shortly")
         return
     try:
-        await _pump_ws(websocket, jobs.follow(job.id, after,
+        await _pump_ws(websocket, jobs.follow(job.id, after, first=first,
                                               inline_images=images == "inline"))
     finally:
         slots.release(who.client)
