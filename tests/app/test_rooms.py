@@ -1,8 +1,9 @@
 """The API's rooms and its Redis cost, against a real Redis and a real API process: one model
 lookup (one refusal on both fronts), the OpenAI routes bounded by `GenerationSpec`'s own
 fields, a submission that writes RQ's layout exactly in fewer commands (one HSET of the
-job hash, one expiry per fixed-window key), and an idle event stream that backs off
-instead of polling the job's status every interval.
+job hash, one expiry per fixed-window key), an idle event stream that backs off
+instead of polling the job's status every interval, and a job's lookup sent with its
+first read (one round trip for an image, one for a finished job's stream).
 
 No worker runs: a worker advertisement lets the API accept the model; jobs stay queued.
 """
@@ -24,7 +25,8 @@ from app.openai.models import (
     ImageGenerationRequest,
     ImageVariationRequest,
 )
-from contract.keys import wake_key
+from contract.events import Event, EventType
+from contract.keys import events_key, image_key, wake_key
 from contract.queueing import enqueue, job_key
 from contract.rules import bounds
 from contract.spec import GenerationSpec
@@ -208,3 +210,45 @@ def test_an_idle_event_stream_backs_off(start_api: Callable[..., Any], r: redis.
     idle = reads[xreads[0]:xreads[4]]                  # four idle polls: one status read each
     assert idle == ["XREAD", "HGET"] * 4, idle
     assert events == ["event: canceled"], events
+
+
+# -- a lookup and its read in one round trip -------------------------------------------------
+
+
+def _reads(r: redis.Redis) -> int:
+    """Reads Redis has served so far (a read is one round trip's batch of commands)."""
+    return int(r.info("stats")["total_reads_processed"])
+
+
+def _round_trips(r: redis.Redis, request: Callable[[], object]) -> int:
+    """Round trips `request` made to Redis: the reads between two INFOs, less what two
+    INFOs with nothing between them count (no worker runs and the API polls nothing)."""
+    a, b = _reads(r), _reads(r)
+    before = _reads(r)
+    request()
+    return _reads(r) - before - (b - a)
+
+
+def test_an_image_and_a_finished_stream_cost_one_round_trip_each(
+        start_api: Callable[..., Any], r: redis.Redis) -> None:
+    """The image GET sends the job's lookup and the image's read together; an event stream
+    sends the lookup with a look at the stream (no BLOCK), which, for a job that has ended,
+    holds every event: one round trip each (two before), with the same answers."""
+    api = start_api({"DDPM_RATE_LIMIT": "0"})
+    advertise(r, "tiny")
+    png = b"\x89PNG\r\n\x1a\n" + b"stored"
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        job = _post(c)
+        r.set(image_key(job, 0), png)
+        r.xadd(events_key(job), Event(EventType.DONE, {"num_images": 1}).to_fields())
+        got: list[httpx.Response] = []
+        assert _round_trips(r, lambda: got.append(c.get(f"/v1/generations/{job}/images/0"))) == 1
+        assert got[-1].status_code == 200 and got[-1].content == png
+        assert _round_trips(r, lambda: got.append(c.get(f"/v1/generations/{job}/events"))) == 1
+        assert got[-1].status_code == 200
+        assert [ln for ln in got[-1].text.splitlines() if ln.startswith("event:")] == [
+            "event: done"], got[-1].text
+        # the answers a lookup gives stay: another's job, an unknown one, an index past the end
+        assert c.get(f"/v1/generations/{job}/images/1").status_code == 404
+        assert c.get("/v1/generations/nosuchjob/images/0").status_code == 404
+        assert c.get("/v1/generations/nosuchjob/events").status_code == 404
