@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import UNet, count_parameters, inference_memory_format, load_checkpoint, preset
+from models import (
+    UNet,
+    count_parameters,
+    inference_memory_format,
+    load_checkpoint,
+    preset,
+    read_config,
+)
 
 # Dense data-sheet peaks in TFLOP/s by dtype, for `torch.cuda.get_device_name()` substrings
 # (first match wins). fp32 is the CUDA-core rate (TF32 off); tf32 and bf16 the tensor cores.
@@ -141,7 +148,8 @@ def main() -> None:
     p.add_argument("--min-seconds", type=float, default=1.0, help="and at least this long")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto",
-                   help="weight layout (auto: inference_memory_format, channels-last on CPU)")
+                   help="weight layout (auto: inference_memory_format, channels-last on CPU "
+                   "from 32 channels)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
@@ -158,7 +166,9 @@ def main() -> None:
                .split(",")]
     dtype = DTYPES[args.dtype]
 
-    layout = inference_memory_format(device) if args.layout == "auto" else LAYOUTS[args.layout]
+    unet = (read_config(args.checkpoint) if args.checkpoint else preset(args.preset)).unet
+    layout = (inference_memory_format(device, unet) if args.layout == "auto"
+              else LAYOUTS[args.layout])
     layout_name = next(k for k, v in LAYOUTS.items() if v == layout)
     if args.checkpoint:
         net = load_checkpoint(args.checkpoint, device=device, memory_format=layout).net

@@ -64,6 +64,7 @@ from models import (
     inference_memory_format,
     load_checkpoint,
     preset,
+    read_config,
     sample_progressive,
     sampler_kind,
 )
@@ -315,7 +316,7 @@ def main() -> None:
     p.add_argument("--check-batch", type=int, default=4, help="batch of the equivalence check")
     p.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto",
                    help="ours: weight layout (auto: inference_memory_format, channels-last "
-                   "on CPU)")
+                   "on CPU from 32 channels)")
     p.add_argument("--diffusers-channels-last", action="store_true",
                    help="diffusers: weights channels-last too")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, both sides (CUDA)")
@@ -338,7 +339,9 @@ def main() -> None:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False   # fp32 means fp32 on both sides
         torch.backends.cudnn.allow_tf32 = False
-    layout = inference_memory_format(device) if args.layout == "auto" else LAYOUTS[args.layout]
+    unet = (read_config(args.checkpoint) if args.checkpoint else preset(args.preset)).unet
+    layout = (inference_memory_format(device, unet) if args.layout == "auto"
+              else LAYOUTS[args.layout])
 
     with tempfile.TemporaryDirectory() as tmp:
         ck, unet = build_pair(args.preset, args.checkpoint, args.seed, device, layout, Path(tmp))

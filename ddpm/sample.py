@@ -30,7 +30,6 @@ from contract.limits import INPUT_FIELDS, MAX_IMAGES, MODEL_NAME_PATTERN
 from contract.spec import GenerationSpec, ModelInfo, SpecError
 from models import (
     Checkpoint,
-    inference_memory_format,
     load_checkpoint,
     make_grid,
     resolve_device,
@@ -177,7 +176,7 @@ def run_sample(opts: SampleOptions) -> list[Path]:
         raise UsageError("--batch-size must be >= 1")
     device = resolve_device(opts.device)
     ck = load_checkpoint(opts.checkpoint, device=device,
-                         memory_format=inference_memory_format(device))
+                         for_inference=True)
     info = model_info(ck, opts.checkpoint)
     spec, pngs = fit_request(opts, info)
     inputs = {f: input_tensor(f, png, info.image_size, info.in_channels).to(device)

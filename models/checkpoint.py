@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .batch import SlotBatch
 from .config import ConfigError, ModelConfig
 from .schedule import Schedule
-from .unet import build_network
+from .unet import build_network, inference_memory_format
 
 FORMAT = "ddpm-serve/1"
 CONFIG_FILE = "config.json"
@@ -142,12 +142,14 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.contiguous_format,
+    for_inference: bool = False,
 ) -> Checkpoint:
     """Load the checkpoint directory `path` onto `device`, ready for inference.
 
-    `memory_format` is the layout of the convolution weights: `inference_memory_format(
-    device)` is the fastest there (ε is the same up to float rounding, not bit for bit, so
-    the default keeps the layout the weights were saved in)."""
+    `memory_format` is the layout of the convolution weights; `for_inference` takes the
+    fastest for this network there instead (`inference_memory_format`). ε is the same up to
+    float rounding, not bit for bit, so the default keeps the layout the weights were saved
+    in."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -155,6 +157,8 @@ def load_checkpoint(
     state = load_state_dict(path / WEIGHTS_FILE)
     net = build_network(config.unet)
     _load_into(net, state, path / WEIGHTS_FILE)
+    if for_inference:
+        memory_format = inference_memory_format(device, config.unet)
     # Module.to takes memory_format at run time; torch's stubs leave it out.
     net.to(device=device, dtype=dtype, memory_format=memory_format).eval()  # type: ignore[call-overload]
     return Checkpoint(net=net, config=config, schedule=Schedule.from_config(config.diffusion),

@@ -200,16 +200,29 @@ def build_network(cfg: UNetConfig) -> nn.Module:
     return NullNet(cfg) if cfg.arch == "null" else UNet(cfg)
 
 
-def inference_memory_format(device: torch.device | str) -> torch.memory_format:
-    """The layout of the weights in which the UNet infers fastest on `device`.
+# Base widths (`UNetConfig.ch`) from which channels-last pays on the CPU. Measured with one
+# torch thread, ms per forward channels-last / contiguous (BENCHMARKS.md §16): ch 8 (the
+# 10k-parameter 8x8 UNet) 1.30-1.67x slower channels-last, ch 16 (mnist's shape) 1.20-1.24x;
+# ch 32 (tiny) 0.83x, mnist 0.98x, cifar10 0.97-1.00x.
+CHANNELS_LAST_MIN_CH = 32
 
-    CPU: channels-last. oneDNN convolutions work in NHWC, so NCHW weights cost a reorder of
-    every convolution's input and output (~10% of a cifar10 forward at batch 16 and more),
-    and channels-last activations make the attention's [N x HW x C] views copy-free.
+
+def inference_memory_format(device: torch.device | str, unet: UNetConfig
+                            ) -> torch.memory_format:
+    """The layout of the weights in which the UNet `unet` infers fastest on `device`.
+
+    CPU: channels-last from CHANNELS_LAST_MIN_CH channels. oneDNN convolutions work in
+    NHWC, so NCHW weights cost a reorder of every convolution's input and output (~10% of
+    a cifar10 forward at batch 16 and more), and channels-last activations make the
+    attention's [N x HW x C] views copy-free; a narrow network gains nothing there and
+    loses in GroupNorm's channels-last kernel (20% of a worker's CPU on the 8-channel UNet).
     Elsewhere the default: the worker chooses channels-last for CUDA itself (with bf16).
-    For `load_checkpoint(..., memory_format=...)` or `net.to(memory_format=...)`.
+    A rule, not a timing, so `ddpm sample` and the worker compute the same bits.
+    For `load_checkpoint(..., for_inference=True)` or `net.to(memory_format=...)`.
     """
-    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+    if torch.device(device).type == "cpu" and unet.ch >= CHANNELS_LAST_MIN_CH:
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -23,7 +23,6 @@ from models import (
     SlotSpec,
     check_steps,
     from_uint8,
-    inference_memory_format,
     load_checkpoint,
     read_config,
     resolve_device,
@@ -105,7 +104,7 @@ def generate(opts: EvalOptions, device: torch.device) -> tuple[Tensor, Tensor | 
     """`num_samples` uint8 images (balanced over classes if conditional), labels, seconds."""
     assert opts.checkpoint is not None
     ck = load_checkpoint(opts.checkpoint, device=device,
-                         memory_format=inference_memory_format(device))
+                         for_inference=True)
     u = ck.config.unet
     T = ck.config.diffusion.num_timesteps
     check_steps(opts.steps, T, "--steps")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from contract.limits import MODEL_NAME_PATTERN
-from models import inference_memory_format, load_checkpoint
+from models import load_checkpoint
 from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 from .engine import LoadedModel
@@ -79,7 +79,7 @@ def load_models(models_dir: Path, device: torch.device, only: list[str] | None =
         t0 = time.perf_counter()
         try:
             ckpt = load_checkpoint(path, device=device,
-                                   memory_format=inference_memory_format(device))
+                                   for_inference=True)
         except Exception as e:  # a bad checkpoint fails its own jobs, never the worker
             log.error("model %s failed to load: %s", name, e)
             catalog.broken[name] = f"model {name!r} failed to load: {e}"

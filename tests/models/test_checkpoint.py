@@ -322,3 +322,30 @@ def test_no_temp_files_after_failed_write(tmp_path: Path, net: UNet) -> None:
     leftovers = [n for n in os.listdir(path) if n.startswith(".")]
     assert leftovers == []
     assert not (path / CONFIG_FILE).exists()
+
+
+@pytest.mark.parametrize(("ch", "layout"), [(8, torch.contiguous_format),
+                                            (16, torch.contiguous_format),
+                                            (32, torch.channels_last)])
+def test_a_checkpoint_loaded_for_inference_takes_the_layout_its_width_runs_fastest_in(
+        tmp_path: Path, ch: int, layout: torch.memory_format) -> None:
+    """`for_inference` on the CPU: channels-last from 32 channels (tiny, mnist, cifar10),
+    NCHW below (8 channels: 1.3-1.7x slower channels-last, BENCHMARKS.md §16), the same ε
+    up to rounding; on CUDA the weights keep their layout (the worker's Forward decides)."""
+    from dataclasses import replace
+
+    from models import inference_memory_format, init_checkpoint
+
+    base = preset("tiny")
+    cfg = replace(base, unet=replace(base.unet, ch=ch))
+    path = init_checkpoint(tmp_path / "m", cfg)
+    ck = load_checkpoint(path, for_inference=True)
+    other = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
+    convs = [p for p in ck.net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[3] > 1]
+    assert convs and all(p.is_contiguous(memory_format=layout)
+                         and not p.is_contiguous(memory_format=other) for p in convs)
+    assert inference_memory_format("cuda", cfg.unet) == torch.contiguous_format
+    plain = load_checkpoint(path)
+    x, t = _inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(ck.net(x, t), plain.net(x, t), rtol=1e-4, atol=1e-5)
