@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,65 +91,76 @@ def step_coefficients(
     All arguments are `[N]` host tensors: `kind` (SamplerKind values), `t` ≥ −1,
     `t_next` (−1 = the clean image; t_next > t is an undo, only there may t be −1),
     `t_prev` the previous plan entry (−1 on a sample's first step), `eta` (DDIM only).
+
+    Computed in NumPy: ~50 elementwise operations on a few dozen float64 values, once per
+    step of every batch, cost ~240 µs as torch ops (dispatch, not arithmetic) and a tenth
+    of that here (BENCHMARKS.md §16); float64 either way.
     """
-    f64 = torch.float64
-    ab_t = schedule.alpha_bar(t).to(f64)
-    ab_n = schedule.alpha_bar(t_next).to(f64)
-    last = t_next < 0
-    eta = eta.to(f64)
+    ab = np.concatenate([[1.0], schedule.alphas_cumprod.detach().cpu().numpy()])
+    t_, n_, p_ = (v.numpy().astype(np.int64) + 1 for v in (t, t_next, t_prev))
+    kind_ = kind.numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):   # rows a sampler does not use
+        a, b, c, var = _coefficients(ab, kind_, t_, n_, p_, eta.numpy().astype(np.float64))
+    return StepCoefficients(*(torch.from_numpy(v) for v in (a, b, c, np.sqrt(var.clip(0)))))
+
+
+def _coefficients(ab: np.ndarray, kind: np.ndarray, t: np.ndarray, t_next: np.ndarray,
+                  t_prev: np.ndarray, eta: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, c, σ²) of `step_coefficients`, `ab` being ᾱ with ᾱ = 1 prepended for t = −1
+    and the timesteps shifted by one to index it."""
+    ab_t, ab_n = ab[t], ab[t_next]
+    last = t_next == 0
 
     # DDPM: posterior q(x_next | x_t, x0) of the (respaced) chain between t and t_next.
     alpha_step = ab_t / ab_n
     beta_step = 1.0 - alpha_step
-    post_x0 = beta_step * ab_n.sqrt() / (1.0 - ab_t)
-    post_xt = (1.0 - ab_n) * alpha_step.sqrt() / (1.0 - ab_t)
+    post_x0 = beta_step * np.sqrt(ab_n) / (1.0 - ab_t)
+    post_xt = (1.0 - ab_n) * np.sqrt(alpha_step) / (1.0 - ab_t)
     var_small = beta_step * (1.0 - ab_n) / (1.0 - ab_t)
-    var_large = torch.where(last, torch.zeros_like(beta_step), beta_step)
+    var_large = np.where(last, 0.0, beta_step)
 
     # DDIM: x_next = √ᾱ_n x̂0 + √(1 − ᾱ_n − σ²) ε̂ + σ z, ε̂ = (x_t − √ᾱ_t x̂0)/√(1 − ᾱ_t).
-    sigma_ddim = eta * ((1.0 - ab_n) / (1.0 - ab_t) * beta_step).clamp(min=0).sqrt()
-    eps_coef = (1.0 - ab_n - sigma_ddim**2).clamp(min=0).sqrt()
-    ddim_a = eps_coef / (1.0 - ab_t).sqrt()
-    ddim_b = ab_n.sqrt() - ddim_a * ab_t.sqrt()
+    sigma_ddim = eta * np.sqrt(((1.0 - ab_n) / (1.0 - ab_t) * beta_step).clip(0))
+    eps_coef = np.sqrt((1.0 - ab_n - sigma_ddim**2).clip(0))
+    ddim_a = eps_coef / np.sqrt(1.0 - ab_t)
+    ddim_b = np.sqrt(ab_n) - ddim_a * np.sqrt(ab_t)
 
     # DPM-Solver++(2M) in α_s = √ᾱ, σ_s = √(1 − ᾱ), λ = log(α_s/σ_s); e^{−h} = (σ_n/α_n)/(σ_t/α_t).
-    al_t, si_t, al_n, si_n = ab_t.sqrt(), (1.0 - ab_t).sqrt(), ab_n.sqrt(), (1.0 - ab_n).sqrt()
+    al_t, si_t, al_n, si_n = np.sqrt(ab_t), np.sqrt(1.0 - ab_t), np.sqrt(ab_n), np.sqrt(1.0 - ab_n)
     exp_neg_h = (si_n / al_n) / (si_t / al_t)
     dpm_a = si_n / si_t
     dpm_b = al_n * (1.0 - exp_neg_h)
     # Second order needs a previous denoising step (it came down to t) and a finite λ_next.
     second = (t_prev > t) & ~last
-    ab_p = schedule.alpha_bar(torch.where(second, t_prev, t)).to(f64)
+    ab_p = ab[np.where(second, t_prev, t)]
     lam_t, lam_p = _log_snr_half(ab_t), _log_snr_half(ab_p)
-    lam_n = _log_snr_half(torch.where(second, ab_n, ab_p))   # finite stand-in where unused
-    r = torch.where(second, (lam_t - lam_p) / (lam_n - lam_t), torch.ones_like(ab_t))
-    half_inv_r = torch.where(second, 0.5 / r, torch.zeros_like(r))
+    lam_n = _log_snr_half(np.where(second, ab_n, ab_p))   # finite stand-in where unused
+    r = np.where(second, (lam_t - lam_p) / (lam_n - lam_t), 1.0)
+    half_inv_r = np.where(second, 0.5 / r, 0.0)
 
-    zeros = torch.zeros_like(ab_t)
-    is_ = {k: kind == k for k in SamplerKind}
-    a = torch.where(is_[SamplerKind.DDIM], ddim_a,
-                    torch.where(is_[SamplerKind.DPMPP_2M], dpm_a, post_xt))
-    b = torch.where(is_[SamplerKind.DDIM], ddim_b,
-                    torch.where(is_[SamplerKind.DPMPP_2M], dpm_b * (1.0 + half_inv_r), post_x0))
-    c = torch.where(is_[SamplerKind.DPMPP_2M], -dpm_b * half_inv_r, zeros)
-    var = torch.where(is_[SamplerKind.DDPM_SMALL], var_small,
-                      torch.where(is_[SamplerKind.DDPM_LARGE], var_large, sigma_ddim**2))
-    var = torch.where(is_[SamplerKind.DPMPP_2M] | last, zeros, var)
+    ddim, dpm = kind == SamplerKind.DDIM, kind == SamplerKind.DPMPP_2M
+    a = np.where(ddim, ddim_a, np.where(dpm, dpm_a, post_xt))
+    b = np.where(ddim, ddim_b, np.where(dpm, dpm_b * (1.0 + half_inv_r), post_x0))
+    c = np.where(dpm, -dpm_b * half_inv_r, 0.0)
+    var = np.where(kind == SamplerKind.DDPM_SMALL, var_small,
+                   np.where(kind == SamplerKind.DDPM_LARGE, var_large, sigma_ddim**2))
+    var = np.where(dpm | last, 0.0, var)
 
     # Undo (RePaint): x_next ~ q(x_next | x_t); the terms above are unused (maybe NaN) there.
     undo = t_next > t
-    if bool(undo.any()):
+    if undo.any():
         ratio = ab_n / ab_t
-        a = torch.where(undo, ratio.sqrt(), a)
-        b = torch.where(undo, zeros, b)
-        c = torch.where(undo, zeros, c)
-        var = torch.where(undo, 1.0 - ratio, var)
-    return StepCoefficients(a=a, b=b, c=c, sigma=var.clamp(min=0).sqrt())
+        a = np.where(undo, np.sqrt(ratio), a)
+        b = np.where(undo, 0.0, b)
+        c = np.where(undo, 0.0, c)
+        var = np.where(undo, 1.0 - ratio, var)
+    return a, b, c, var
 
 
-def _log_snr_half(alpha_bar: Tensor) -> Tensor:
+def _log_snr_half(alpha_bar: np.ndarray) -> np.ndarray:
     """λ = log(α_s/σ_s) = ½ log(ᾱ / (1 − ᾱ))."""
-    return 0.5 * torch.log(alpha_bar / (1.0 - alpha_bar))
+    return 0.5 * np.log(alpha_bar / (1.0 - alpha_bar))
 
 
 def apply_step(
