@@ -147,6 +147,7 @@ class Run:
     redis_keys: int = 0                  # keys in Redis when the run started
     redis_commands: float = 0.0          # Redis commands per image (all clients of Redis)
     redis_by_command: dict[str, float] = field(default_factory=dict)   # the same, by command
+    redis_round_trips: float = 0.0       # reads Redis served per image (a pipeline is one)
     engine: EngineStats | None = None
     request_images: int = 1              # images per request (stack) or per batch (sampler)
 
@@ -328,10 +329,18 @@ def redis_calls(r: redis.Redis) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
 
 
+def redis_reads(r: redis.Redis) -> int:
+    """Reads Redis has served so far (INFO stats): one per round trip of a client, however
+    many commands it carried (a round trip costs Redis ~20 µs of CPU, mostly the kernel's;
+    BENCHMARKS.md §16)."""
+    return int(r.info("stats")["total_reads_processed"])  # type: ignore[index]
+
+
 def run_stack(url: str, clients: int, specs: list[GenerationSpec], max_batch: int,
               first_event: str, procs: Mapping[str, int], r: redis.Redis,
               metrics_url: str, conditioned: Conditioned | None = None) -> Run:
     keys = int(r.dbsize())  # type: ignore[arg-type]
+    reads0 = redis_reads(r)
     calls0 = redis_calls(r)
     m0 = scrape(metrics_url)
     before = {k: cpu_seconds(pid) for k, pid in procs.items()}
@@ -350,11 +359,12 @@ def run_stack(url: str, clients: int, specs: list[GenerationSpec], max_batch: in
                         occupancy=d.get("ddpm_worker_batch_occupancy_sum", 0) / max(steps, 1),
                         forward_s=d.get("ddpm_worker_unet_forward_seconds_sum", 0))
     calls1 = redis_calls(r)
+    reads = (redis_reads(r) - reads0) / n
     by_command = {k: (v - calls0.get(k, 0)) / n for k, v in calls1.items()
                   if k != "info" and v > calls0.get(k, 0)}
     by_command = dict(sorted(by_command.items(), key=lambda kv: -kv[1]))
     return Run("stack", max_batch, clients, n, seconds, samples, cpu, keys,
-               sum(by_command.values()), by_command, stats, specs[0].num_images)
+               sum(by_command.values()), by_command, reads, stats, specs[0].num_images)
 
 
 # -- the raw engine ------------------------------------------------------------------------
@@ -480,7 +490,8 @@ def print_tables(runs: dict[tuple[str, int, int], Run], clients: list[int],
     print("\noccup. = mean active slots / max batch per step; fwd % = share of the wall time "
           "in the batched forward (host time);\nother = loop time per step outside the "
           "forward (admission, events, Redis round-trips, waiting for work);\n"
-          "redis cmd/im = commands Redis ran per image (API, worker and RQ together)")
+          "redis cmd/im = commands Redis ran per image (API, worker and RQ together); "
+          "rt/im (below) = its round trips (reads) per image")
 
 
 def print_ceiling(runs: dict[tuple[str, int, int], Run], ceiling: list[Run], m: int,
@@ -494,15 +505,16 @@ def print_ceiling(runs: dict[tuple[str, int, int], Run], ceiling: list[Run], m: 
              for run in ceiling[1:]]
     cols = ("worker", "api", "redis", "client")
     print(f"\nagainst the raw sampler (max batch {m}): server CPU = API + worker + Redis")
-    print(f"{'':32} {'img/s':>8} {'vs raw':>6} {'server':>7} {'raw/':>6} {'redis':>6}   "
-          "CPU ms/image")
-    print(f"{'':32} {'':8} {'':6} {'ms/im':>7} {'server':>6} {'cmd/im':>6}   "
+    print(f"{'':32} {'img/s':>8} {'vs raw':>6} {'server':>7} {'raw/':>6} {'redis':>6} "
+          f"{'redis':>6}   CPU ms/image")
+    print(f"{'':32} {'':8} {'':6} {'ms/im':>7} {'server':>6} {'cmd/im':>6} {'rt/im':>6}   "
           + " ".join(f"{c:>6}" for c in cols))
     for name, run in rows:
         stack = run.side != "sampler"
         ratio = run.images_per_s / raw.images_per_s
         cpu_ratio = raw.server_cpu_ms / run.server_cpu_ms if run.server_cpu_ms else 0.0
-        redis_cmds = f"{run.redis_commands:6.0f}" if stack else f"{'-':>6}"
+        redis_cmds = (f"{run.redis_commands:6.0f} {run.redis_round_trips:6.1f}" if stack
+                      else f"{'-':>6} {'-':>6}")
         cpu = " ".join(f"{run.cpu_ms[c]:6.1f}" if c in run.cpu_ms else f"{'-':>6}"
                        for c in cols)
         print(f"{name:32} {run.images_per_s:8.2f} {ratio:5.2f}x {run.server_cpu_ms:7.2f} "
