@@ -10,6 +10,7 @@ No worker runs: a worker advertisement lets the API accept the model; jobs stay 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import redis
 from test_lean_api import advertise
+from websockets.sync.client import connect
 
 from app.openai.models import (
     ImageEditRequest,
@@ -232,8 +234,9 @@ def _round_trips(r: redis.Redis, request: Callable[[], object]) -> int:
 def test_an_image_and_a_finished_stream_cost_one_round_trip_each(
         start_api: Callable[..., Any], r: redis.Redis) -> None:
     """The image GET sends the job's lookup and the image's read together; an event stream
-    sends the lookup with a look at the stream (no BLOCK), which, for a job that has ended,
-    holds every event: one round trip each (two before), with the same answers."""
+    (SSE or WebSocket) sends the lookup with a look at the stream (no BLOCK), which, for a
+    job that has ended, holds every event: one round trip each (two before), with the same
+    answers."""
     api = start_api({"DDPM_RATE_LIMIT": "0"})
     advertise(r, "tiny")
     png = b"\x89PNG\r\n\x1a\n" + b"stored"
@@ -248,6 +251,15 @@ def test_an_image_and_a_finished_stream_cost_one_round_trip_each(
         assert got[-1].status_code == 200
         assert [ln for ln in got[-1].text.splitlines() if ln.startswith("event:")] == [
             "event: done"], got[-1].text
+        ws_url = api.url.replace("http://", "ws://") + f"/v1/generations/{job}/ws"
+        messages: list[dict[str, Any]] = []
+
+        def over_ws() -> None:
+            with connect(ws_url, open_timeout=10) as ws:
+                messages.append(json.loads(ws.recv(timeout=30)))
+
+        assert _round_trips(r, over_ws) == 1
+        assert [m["event"] for m in messages] == ["done"]
         # the answers a lookup gives stay: another's job, an unknown one, an index past the end
         assert c.get(f"/v1/generations/{job}/images/1").status_code == 404
         assert c.get("/v1/generations/nosuchjob/images/0").status_code == 404
