@@ -128,7 +128,10 @@ def test_ddim_eta_one_has_the_coefficients_of_ddpm_fixed_small() -> None:
 def test_ddim_eta_one_over_all_steps_equals_ddpm_fixed_small(make_net) -> None:
     """Same seed ⇒ same x_T and the same noise draws; the two chains must coincide. The
     network is the tiny one cut to one 8x8 level without attention (still a UNet that reads
-    t): 2 x 1000 forwards in ~1/10 of the tiny one's time."""
+    t): 2 x 1000 forwards in ~1/10 of the tiny one's time, on one torch thread (ops this
+    small gain nothing from a second, and under `make test`'s OMP_WAIT_POLICY=PASSIVE
+    waking it costs 13 s against 4 s)."""
+    torch.set_num_threads(1)        # the autouse `_threads` fixture sets 2 for the next test
     net = make_net(ch=8, ch_mult=(1,), attn_resolutions=(), image_size=8)
     shape = (3, 8, 8)
     specs = lambda kind: [SlotSpec(seed=11, index=i, steps=1000, kind=kind, eta=1.0)  # noqa: E731
