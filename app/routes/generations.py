@@ -246,17 +246,16 @@ async def _last_event_id(last_event_id: Annotated[str, Header(   # a string or a
 
 
 async def _job_and_events(job_id: str, who: Caller, jobs: Jobs, request: Request
-                          ) -> tuple[Job, str | None, Prefetched]:
+                          ) -> tuple[Job, Prefetched]:
     """The job (404 first, as for every route of a job) and, in the same round trip, its
-    stream's entries after Last-Event-ID as they are now (the follower's first read), with
-    the id they were read after. A malformed Last-Event-ID reads nothing here;
-    `_last_event_id` answers it with 422."""
+    stream's entries after Last-Event-ID as they are now (the follower's first read). The
+    header is read as FastAPI reads it for `_last_event_id` (`Headers.get`), which answers
+    a malformed one with 422 before the stream starts; here such a one reads nothing."""
     try:
         after = check_event_id(request.headers.get("last-event-id", ""), "Last-Event-ID")
     except ApiError:
-        return await jobs.aget(job_id, who), None, None
-    job, first = await jobs.aget_events(job_id, who, after)
-    return job, after, first
+        return await jobs.aget(job_id, who), None
+    return await jobs.aget_events(job_id, who, after)
 
 
 ImageMode = Literal["url", "inline"]
@@ -266,8 +265,7 @@ _IMAGES_QUERY = Query(description="`image` events carry the final image's `url`;
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses=JSON_ERROR_RESPONSES, summary="Server-Sent Events of the generation")
-async def stream_events(job_events: Annotated[tuple[Job, str | None, Prefetched],
-                                               Depends(_job_and_events)],
+async def stream_events(job_events: Annotated[tuple[Job, Prefetched], Depends(_job_and_events)],
                         jobs: Jobs,
                         after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot,
                         images: Annotated[ImageMode, _IMAGES_QUERY] = "url",
@@ -278,10 +276,10 @@ async def stream_events(job_events: Annotated[tuple[Job, str | None, Prefetched]
     closes the stream. Ids are the job's Redis Stream ids: a reconnect with `Last-Event-ID`
     resumes exactly after the last one seen. Past the open stream limits: `503` (this
     server) or `429` (this caller), with `Retry-After`."""
-    job, read_after, first = job_events
+    job, first = job_events
     try:
         async for ev in jobs.follow(job.id, after, inline_images=images == "inline",
-                                    first=first if read_after == after else None):
+                                    first=first):
             yield ServerSentEvent(event=ev.event, raw_data=ev.data, id=ev.id)
     except RedisError as e:
         # The headers are sent: no 503 now. End the stream without a terminal event, as a
