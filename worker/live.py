@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from contract import tracing
-from contract.events import Canceled, Done, Error, JobResult, Requeued
+from contract.events import Canceled, Done, Error, JobResult, Requeued, TypedEvent
 from contract.keys import cost_key, image_key, input_key, resume_key
 from contract.results_store import input_object
 from contract.spec import GenerationSpec
@@ -66,6 +66,11 @@ class LiveJob:
     # written here): deleted when the job succeeds.
     saved: bool = False
     span: tracing.Span | None = None    # its `job` span, when tracing is on (tracing.py)
+    # The events of its last step (its last images' `image`, its last `progress`), written
+    # with its `done`: a reader following the stream then wakes once for the three, not
+    # twice, and none can tell (the images are stored before any of them is written, and
+    # the job is `started` until `done`). Dropped if it ends otherwise.
+    held: list[TypedEvent] = field(default_factory=list)
 
     @property
     def traced(self) -> str:
@@ -122,6 +127,8 @@ class LiveJobs:
                 self._jobs.pop(r.id, None)
         batch = Batch()
         for r in runs:
+            for event in r.held:
+                batch.event(r.id, event)
             batch.event(r.id, Done.of(results[r.id]))
             batch.value(r.id, cost_key(r.id), None, 0)       # no longer work (contract/work.py)
             if r.saved:

@@ -278,12 +278,17 @@ class BatchWorker:
             m.forward.labels(model).observe(report.forward_seconds[model])
         get = self.live.get
         finals: dict[str, int] = {}
+        ending = {p.job_id for p in report.progress if p.done}
         for frame in report.frames:
             run = get(frame.job_id)
             if run is None or run.spec is None:
                 continue
-            # labelled by its job's frame plan (frame.plan); a final one traced under its job
-            batch.frame(frame, span=run.span if frame.final else None)
+            # labelled by its job's frame plan (frame.plan); a final one traced under its
+            # job; the last step's images announced with the job's `done` (LiveJob.held)
+            last = frame.final and frame.job_id in ending
+            op = batch.frame(frame, span=run.span if frame.final else None, announce=not last)
+            if last:
+                run.held.append(op.event())
             if frame.final:
                 finals[run.spec.model] = finals.get(run.spec.model, 0) + 1
         for model, n in finals.items():
@@ -302,8 +307,8 @@ class BatchWorker:
     def _progress(self, run: LiveJob, steps_done: int, images_done: int,
                   image_steps: list[int], batch: Batch) -> None:
         """A progress event, and the same progress in RQ's job meta: written with the
-        event, or, for the job's last (every image computed), by its success (no reader
-        tells the two apart: the job is `started` until then either way)."""
+        event, or, for the job's last (every image computed), both with its success (no
+        reader tells the two apart: the job is `started` until then either way)."""
         assert run.spec is not None
         total = run.spec.total_steps
         fields = {"progress": round(steps_done / total, 4), "steps_done": steps_done,
@@ -318,12 +323,14 @@ class BatchWorker:
             self.live.fail(run, f"storing results failed: {type(e).__name__}: {e}",
                            retry=True, batch=batch)
             return
-        batch.event(run.id, Progress(steps_done=steps_done, total_steps=total,
-                                     images_done=images_done, num_images=run.spec.num_images,
-                                     image_steps=image_steps,
-                                     steps_per_image=run.spec.steps_per_image))
-        if meta is not None:
-            batch.hset(run.id, key, "meta", meta)
+        event = Progress(steps_done=steps_done, total_steps=total, images_done=images_done,
+                         num_images=run.spec.num_images, image_steps=image_steps,
+                         steps_per_image=run.spec.steps_per_image)
+        if meta is None:
+            run.held.append(event)
+            return
+        batch.event(run.id, event)
+        batch.hset(run.id, key, "meta", meta)
 
     def _wait_for_writes(self) -> None:
         """Nothing to compute, only writes outstanding: wait for the writer, briefly."""

@@ -212,7 +212,8 @@ class ValueWrite:
 class FrameWrite:
     """A frame of one image: a snapshot goes into the stream (encoded as `preview` says,
     within the stream's byte budget); a final image is stored (always PNG), then
-    announced."""
+    announced, unless `announce` is off (its job's last step: the `image` event goes with
+    the job's `done`, live.py)."""
 
     frame: Frame
     steps_per_image: int
@@ -224,6 +225,7 @@ class FrameWrite:
     encoded: bytes | None = None
     span: Any = None          # a final image's job span (tracing.py): encode, write under it
     pointer: bytes | None = None   # uploaded (results_store.py): Redis keeps its URL only
+    announce: bool = True     # a final image's `image` event goes with this write
 
     @property
     def job_id(self) -> str:
@@ -255,7 +257,8 @@ class FrameWrite:
         if f.final:
             value = self.encoded if self.pointer is None else self.pointer
             flush.pipe.set(image_key(f.job_id, f.index), value, ex=lim.ttl)
-            flush.xadd(f.job_id, self.event().event)
+            if self.announce:
+                flush.xadd(f.job_id, self.event().event)
             return
         frame_command(flush.pipe, f.job_id, self.event().to_fields(),
                       budget=lim.stream_max_bytes, maxlen=lim.maxlen,
@@ -302,10 +305,12 @@ class Batch:
         self.add(EventWrite(job_id, event.event))
 
     def frame(self, frame: Frame, steps_per_image: int | None = None, kind: str | None = None,
-              preview: Preview | None = None, *, span: Any = None) -> None:
+              preview: Preview | None = None, *, span: Any = None,
+              announce: bool = True) -> FrameWrite:
         """A frame the engine made: labelled by its job's frame plan (`frame.plan`), or by
         the arguments given (a frame made outside an engine has no plan). `span`: the job's
-        span, when traced (its final images' encode and write spans go under it)."""
+        span, when traced (its final images' encode and write spans go under it);
+        `announce`: off, a final image is stored without its event (FrameWrite)."""
         plan = frame.plan
         if plan is not None:
             steps_per_image = plan.steps_per_image if steps_per_image is None \
@@ -314,8 +319,10 @@ class Batch:
             preview = preview or plan.preview
         if steps_per_image is None or kind is None or preview is None:
             raise ValueError("a frame without a plan needs steps_per_image, kind and preview")
-        self.add(FrameWrite(frame, steps_per_image, kind, preview, frame.pixels.numel(),
-                            span=span))
+        op = FrameWrite(frame, steps_per_image, kind, preview, frame.pixels.numel(),
+                        span=span, announce=announce)
+        self.add(op)
+        return op
 
     def hset(self, job_id: str, key: str, field_name: str, value: bytes | str) -> None:
         """A hash field of the job's (RQ's `meta`, say), written in order with its events."""

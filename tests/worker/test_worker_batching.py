@@ -3,6 +3,7 @@ loses none of RQ's guarantees (a cancel is never overwritten, dependents are enq
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 
 from contract.events import Event, EventType
-from contract.keys import JOB_FUNC, SERIALIZER, events_key, queue_name
+from contract.keys import JOB_FUNC, SERIALIZER, events_key, image_key, queue_name
 from contract.queueing import cancel, enqueue, fetch_job
 from contract.spec import GenerationSpec
 from worker.main import build_worker
@@ -39,6 +40,7 @@ class Monitor:
 
     def __init__(self, redis_url: str) -> None:
         self.commands: list[str] = []
+        self.runs: list[list[str]] = []     # each top-level command with those its script ran
         self._client = redis.Redis.from_url(redis_url)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -54,6 +56,9 @@ class Monitor:
                     return
                 if cmd.get("client_type") != "lua":
                     self.commands.append(text)
+                    self.runs.append([text])
+                elif self.runs:
+                    self.runs[-1].append(text)
 
     def stop(self) -> list[str]:
         self._client.echo(self.STOP)
@@ -91,6 +96,43 @@ def test_a_step_of_many_jobs_costs_round_trips_per_step_not_per_job(
         f"{len(few)} commands for 8 jobs, {len(many)} for 32: {many}"
     # The bookkeeping went through scripts: no per-job transaction is left.
     assert not any(c.startswith("WATCH") for c in many), many
+
+
+def test_a_jobs_last_images_are_announced_in_the_write_of_its_done(
+        r: redis.Redis, redis_url: str, models_dir: Path, burst: Callable) -> None:
+    """The `image` events of a job's last step and its last `progress` go to Redis in the
+    script run that writes its `done` (a reader blocked on the stream wakes once for the
+    three, not twice), after its images are stored; an image finished at an earlier step
+    is announced at once. 3 images at max batch 2: images 0 and 1 end at step 2 (announced
+    then), image 2 at step 4 (announced with `done`). The client reads every event, in the
+    order it always had."""
+    job = enqueue(r, GenerationSpec(model="tiny", num_images=3, steps=2, seed=5,
+                                    sampler="ddim"))
+    w = _worker(redis_url, models_dir, max_batch=2, heartbeat_interval=60,
+                progress_interval=60)
+    mon = Monitor(redis_url)
+    burst(w)
+    mon.stop()
+    assert fetch_job(r, job.id).get_status() == JobStatus.FINISHED
+    key = events_key(job.id)
+
+    def writes(run: list[str]) -> list[str]:
+        """The job's events (an image's with its index) and images a script run wrote."""
+        out = []
+        for c in run:
+            if c.startswith(f"XADD {key} "):
+                kind, data = c.split(" type ", 1)[1].split(" data ", 1)
+                out.append(f"image {json.loads(data)['index']}" if kind == "image" else kind)
+            elif c.startswith(f"SET {image_key(job.id, 0)[:-1]}"):
+                out.append(f"stored {c.split()[1].rsplit(':', 1)[1]}")
+        return out
+
+    runs = [w for w in map(writes, mon.runs) if w]
+    assert runs == [["started"], ["stored 0", "image 0", "stored 1", "image 1"],
+                    ["stored 2"], ["image 2", "progress", "done"]]
+    assert [e.type for e in events(r, job.id)] == [
+        EventType.STARTED, EventType.IMAGE, EventType.IMAGE, EventType.IMAGE,
+        EventType.PROGRESS, EventType.DONE]
 
 
 def test_a_cancel_between_take_and_start_is_kept(r: redis.Redis, redis_url: str,
