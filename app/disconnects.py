@@ -1,8 +1,9 @@
 """Clients that leave mid-stream are normal, not errors.
 
-When an SSE client disconnects, FastAPI's stream keep-alive task can fail on its closed
-memory stream (`anyio.BrokenResourceError`, fastapi discussion #15725); uvicorn would log
-that as an unhandled exception for every closed browser tab. Only exception groups made of
+When a streaming client disconnects, a response's task group can fail on its closed
+memory streams (`anyio.BrokenResourceError`: FastAPI's SSE keep-alive task did, fastapi
+discussion #15725, when the event routes used it; app/sse.py no longer does); uvicorn
+would log that as an unhandled exception for every closed browser tab. Only exception groups made of
 nothing but such errors are swallowed; everything else propagates as before.
 """
 

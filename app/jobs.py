@@ -34,7 +34,7 @@ from contract.spec import GenerationSpec
 from .auth import Principal
 from .errors import ApiError, not_found
 from .settings import ApiSettings
-from .streams import BATCH, Prefetched, StreamEvent, entries, follow
+from .streams import BATCH, Prefetched, StreamEvent, entries, follow, follow_reads
 
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -238,6 +238,13 @@ class JobStore:
         (`app/streams.py`); `first`: the entries `aget_events` read already."""
         return follow(self._async, job_id, after, poll_ms=self.settings.stream_poll_ms,
                       inline_images=inline_images, image=self.image, first=first)
+
+    def follow_reads(self, job_id: str, after: str, *, inline_images: bool = False,
+                     first: Prefetched = None) -> AsyncIterator[list[StreamEvent]]:
+        """`follow`, a list per read of the stream (empty: an idle read)."""
+        return follow_reads(self._async, job_id, after,
+                            poll_ms=self.settings.stream_poll_ms,
+                            inline_images=inline_images, image=self.image, first=first)
 
     def entries(self, job_id: str, after: str = "0-0"
                 ) -> AsyncIterator[tuple[str | None, Event]]:

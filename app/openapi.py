@@ -32,6 +32,7 @@ def install(app: FastAPI) -> None:
             for media in _media_types(doc):
                 if "itemSchema" in media:
                     media["x-itemSchema"] = media.pop("itemSchema")
+                    media.pop("schema", None)     # a response class's default: a string
                     media.setdefault("x-description", STREAM_DESCRIPTION)
             for part in _file_parts(doc):
                 part.setdefault("minLength", 1)

@@ -69,6 +69,10 @@ class ApiSettings(RedisSettingsFields, BaseSettings):
     images_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
     # Streams: an XREAD blocks this long before the job's status is looked at again.
     stream_poll_ms: Annotated[int, Field(ge=50, le=30000)] = 2000
+    # An idle event stream carries a comment after this long without a byte, at its next
+    # idle read (so within IDLE_BACKOFF × stream_poll_ms more): for proxies that close
+    # quiet connections.
+    sse_keepalive_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
     # Entries a job's event stream keeps: the workers' setting of the same name.
     stream_maxlen: Annotated[int, Field(ge=10)] = STREAM_MAXLEN
     # Bytes of snapshot frames a job's event stream holds: the workers' setting of the same

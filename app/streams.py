@@ -6,8 +6,9 @@ gets exactly what it missed. A stream ends after its terminal event; if the job 
 without one reaching the stream (a worker died, the job expired), the job's RQ status
 decides and a terminal event without an id closes the stream.
 
-Entries are decoded by the one codec, `contract.events.Event.from_fields`. `entries` yields
-them as decoded (a snapshot's frame as the bytes the worker encoded: the OpenAI routes take
+Entries are decoded by the one codec, `contract.events.Event.from_fields`. `reads` yields
+them a read at a time (SSE sends each read as one chunk, app/sse.py), `entries` one at a
+time, as decoded (a snapshot's frame as the bytes the worker encoded: the OpenAI routes take
 it from there, with no base64 round-trip); `follow` turns them into what SSE and WebSocket
 clients read. While a stream is idle the follower waits longer each time (up to
 IDLE_BACKOFF × `DDPM_STREAM_POLL_MS`) before it looks at the job's status again: a job
@@ -129,9 +130,10 @@ async def client_data(redis: AsyncRedis | None, job_id: str, ev: Event,
     return data
 
 
-async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
-                  first: Prefetched = None) -> AsyncIterator[tuple[str | None, Event]]:
-    """The job's events after id `after`, live, as (entry id, event), until its terminal
+async def reads(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
+                first: Prefetched = None) -> AsyncIterator[list[tuple[str | None, Event]]]:
+    """The job's events after id `after`, live, as (entry id, event), a list per read of
+    the stream (an idle read's is empty: a caller may send a keepalive), until its terminal
     event; an ending read from the job's status comes with the id None. `first`: a
     non-blocking XREAD after `after` made already; if it found nothing, reading starts
     as if it had not been made (a blocking read, not a look at the status)."""
@@ -146,6 +148,7 @@ async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
             resp = await redis.xread({key: cursor}, count=BATCH,
                                      block=END_GRACE_MS if ending else block)
         found = resp[0][1] if resp else []
+        batch: list[tuple[str | None, Event]] = []
         for entry_id, fields in found:
             cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             try:
@@ -154,33 +157,57 @@ async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
                 continue                       # not ours: skip rather than end the stream
             if not isinstance(ev.data, dict):
                 continue
-            yield cursor, ev
+            batch.append((cursor, ev))
             if ev.type in TERMINAL_EVENTS:
+                yield batch
                 return
         if found:
+            yield batch
             block = poll_ms
             continue
         status = await read_state(redis, job_id)
         if status is None:
-            yield None, Event(EventType.CANCELED, {"message": "the job no longer exists"})
+            yield [(None, Event(EventType.CANCELED, {"message": "the job no longer exists"}))]
             return
         if status in TERMINAL_STATUSES:
             if ending:
-                yield None, Event(_ENDING[status], {"status": status})
+                yield [(None, Event(_ENDING[status], {"status": status}))]
                 return
             ending = True
+        yield []
         block = min(block * 2, poll_ms * IDLE_BACKOFF)
+
+
+async def entries(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
+                  first: Prefetched = None) -> AsyncIterator[tuple[str | None, Event]]:
+    """`reads`, one event at a time."""
+    async for batch in reads(redis, job_id, after, poll_ms=poll_ms, first=first):
+        for item in batch:
+            yield item
+
+
+async def follow_reads(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
+                       inline_images: bool = False, image: ImageReader | None = None,
+                       first: Prefetched = None) -> AsyncIterator[list[StreamEvent]]:
+    """`reads` as SSE and WebSocket clients read them, a list per read (empty: an idle
+    read); with `inline_images`, `image` events carry the final PNG (base64, read by
+    `image`: else from Redis) as well as its URL."""
+    async for batch in reads(redis, job_id, after, poll_ms=poll_ms, first=first):
+        out = []
+        for entry_id, ev in batch:
+            try:
+                data = await client_data(redis, job_id, ev, inline_images, image)
+            except (KeyError, ValueError, TypeError, AttributeError):
+                continue
+            out.append(StreamEvent(str(ev.type), data, entry_id))
+        yield out
 
 
 async def follow(redis: AsyncRedis, job_id: str, after: str, *, poll_ms: int,
                  inline_images: bool = False, image: ImageReader | None = None,
                  first: Prefetched = None) -> AsyncIterator[StreamEvent]:
-    """`entries` as SSE and WebSocket clients read them; with `inline_images`, `image`
-    events carry the final PNG (base64, read by `image`: else from Redis) as well as its
-    URL."""
-    async for entry_id, ev in entries(redis, job_id, after, poll_ms=poll_ms, first=first):
-        try:
-            data = await client_data(redis, job_id, ev, inline_images, image)
-        except (KeyError, ValueError, TypeError, AttributeError):
-            continue
-        yield StreamEvent(str(ev.type), data, entry_id)
+    """`follow_reads`, one event at a time."""
+    async for batch in follow_reads(redis, job_id, after, poll_ms=poll_ms,
+                                    inline_images=inline_images, image=image, first=first):
+        for ev in batch:
+            yield ev

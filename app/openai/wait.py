@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
@@ -33,6 +33,7 @@ from ..metrics import ApiMetrics
 from ..schemas import GenerationRequest
 from ..settings import ApiSettings
 from ..shards import Shards
+from ..sse import EventStream
 from ..stream_slots import StreamSlots
 from ..streams import frame_format
 from ..uploads import fit_inputs
@@ -195,13 +196,12 @@ def error_event(e: ApiError) -> bytes:
     return sse("error", {"type": "error", **body})
 
 
-class JobStream(StreamingResponse):
+class JobStream(EventStream):
     """The SSE response of a waiting request: whatever ends it (the job's end, the client
     leaving, the server stopping, even before its first byte) closes the Waiter."""
 
     def __init__(self, content: AsyncIterator[bytes], waiter: Waiter) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(content)
         self.waiter = waiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

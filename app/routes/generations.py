@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
-from fastapi.sse import EventSourceResponse, ServerSentEvent
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -28,6 +27,7 @@ from ..errors import ERROR_RESPONSES, JSON_ERROR_RESPONSES, ApiError, not_found
 from ..jobs import JobStore
 from ..schemas import SOLE_MODEL, Generation, GenerationRequest, NewGeneration
 from ..settings import ApiSettings
+from ..sse import EVENT_STREAM_CONTENT, EventStream, sse
 from ..stream_slots import StreamSlots
 from ..streams import MAX_ID_PART, Prefetched, StreamEvent, check_event_id
 from ..uploads import MULTIPART_SCHEMA, UploadRoute, fit_inputs
@@ -263,29 +263,36 @@ _IMAGES_QUERY = Query(description="`image` events carry the final image's `url`;
                       "adds the PNG itself as base64 (`png`), which the image URL also serves")
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse,
-            responses=JSON_ERROR_RESPONSES, summary="Server-Sent Events of the generation")
+@router.get("/{job_id}/events", response_class=EventStream, status_code=200,
+            summary="Server-Sent Events of the generation",
+            responses={200: {"content": EVENT_STREAM_CONTENT}, **JSON_ERROR_RESPONSES})
 async def stream_events(job_events: Annotated[tuple[Job, Prefetched], Depends(_job_and_events)],
-                        jobs: Jobs,
+                        jobs: Jobs, settings: Settings,
                         after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot,
                         images: Annotated[ImageMode, _IMAGES_QUERY] = "url",
-                        ) -> AsyncIterator[ServerSentEvent]:
+                        ) -> EventStream:
     """`started`, `progress`, `snapshot` (the frame as base64 `image` in its `format`,
     png/webp/jpeg, `size` pixels a side), `image` (its URL; the PNG as base64 too with
     `?images=inline`), then one of `done`, `error` or `canceled`, which
     closes the stream. Ids are the job's Redis Stream ids: a reconnect with `Last-Event-ID`
     resumes exactly after the last one seen. Past the open stream limits: `503` (this
-    server) or `429` (this caller), with `Retry-After`."""
+    server) or `429` (this caller), with `Retry-After`. An idle stream carries a comment
+    (`: ping`) every `DDPM_SSE_KEEPALIVE_S` or so."""
     job, first = job_events
+    reads = jobs.follow_reads(job.id, after, inline_images=images == "inline", first=first)
+    return EventStream(_until_redis_fails(sse(reads, settings.sse_keepalive_s), job.id))
+
+
+async def _until_redis_fails(body: AsyncIterator[bytes], job_id: str) -> AsyncIterator[bytes]:
+    """`body`, ended quietly if Redis fails: the headers are sent, so no 503 now. The
+    stream ends without a terminal event, as a dropped connection does; the client resumes
+    with Last-Event-ID (503 until Redis is back), rather than the server failing the
+    response mid-stream."""
     try:
-        async for ev in jobs.follow(job.id, after, inline_images=images == "inline",
-                                    first=first):
-            yield ServerSentEvent(event=ev.event, raw_data=ev.data, id=ev.id)
+        async for chunk in body:
+            yield chunk
     except RedisError as e:
-        # The headers are sent: no 503 now. End the stream without a terminal event, as a
-        # dropped connection does; the client resumes with Last-Event-ID (503 until Redis
-        # is back), rather than the server failing the response mid-stream.
-        log.warning("event stream of %s ended: Redis unavailable (%s)", job.id, e)
+        log.warning("event stream of %s ended: Redis unavailable (%s)", job_id, e)
 
 
 @router.websocket("/{job_id}/ws")
