@@ -110,6 +110,7 @@ class Admission:
             self.live.canceled_before_start(job_id)
         own = batch if batch is not None else Batch()
         runs: list[LiveJob] = []
+        ran_before = {s.job_id for s in started if s.ran_before}
         for s in started:
             run = LiveJob(id=s.job_id, queue_wait=s.queue_wait)
             if self._traced:        # its `queue` span (ended: enqueued → now) and `job` span
@@ -128,7 +129,7 @@ class Admission:
                 continue
             runs.append(run)
         try:
-            pngs, states = self._stored(runs)
+            pngs, states = self._stored(runs, ran_before)
         except RedisError as e:             # RQ's Retry brings them back
             for run in [r for r in runs if r.spec and r.spec.inputs]:
                 runs.remove(run)
@@ -172,13 +173,14 @@ class Admission:
         if batch is None:
             self.live.send(own)
 
-    def _stored(self, runs: list[LiveJob]) -> tuple[dict[str, dict[str, bytes | None]],
-                                                     dict[str, bytes]]:
-        """The stored input images of these jobs (job → field → PNG) and their resume
-        states (job → bytes, worker/drain.py): one MGET for all."""
+    def _stored(self, runs: list[LiveJob], ran_before: set[str]
+                ) -> tuple[dict[str, dict[str, bytes | None]], dict[str, bytes]]:
+        """The stored input images of these jobs (job → field → PNG) and the resume states
+        (job → bytes, worker/drain.py) of those that ran before (no other has one): one
+        MGET for all, none when no job has either (a fresh job without input images)."""
         wanted = [(run.id, f) for run in runs if run.spec for f in run.spec.inputs]
-        ids = [run.id for run in runs]
-        if not ids:
+        ids = [run.id for run in runs if run.id in ran_before]
+        if not ids and not wanted:
             return {}, {}
         found = self.redis.mget([input_key(job_id, f) for job_id, f in wanted]
                                 + [resume_key(job_id) for job_id in ids])

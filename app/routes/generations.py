@@ -267,8 +267,8 @@ _IMAGES_QUERY = Query(description="`image` events carry the final image's `url`;
             summary="Server-Sent Events of the generation",
             responses={200: {"content": EVENT_STREAM_CONTENT}, **JSON_ERROR_RESPONSES})
 async def stream_events(job_events: Annotated[tuple[Job, Prefetched], Depends(_job_and_events)],
-                        jobs: Jobs, settings: Settings,
-                        after: Annotated[str, Depends(_last_event_id)], _slot: StreamSlot,
+                        jobs: Jobs, after: Annotated[str, Depends(_last_event_id)],
+                        _slot: StreamSlot,
                         images: Annotated[ImageMode, _IMAGES_QUERY] = "url",
                         ) -> EventStream:
     """`started`, `progress`, `snapshot` (the frame as base64 `image` in its `format`,
@@ -280,7 +280,7 @@ async def stream_events(job_events: Annotated[tuple[Job, Prefetched], Depends(_j
     (`: ping`) every `DDPM_SSE_KEEPALIVE_S` or so."""
     job, first = job_events
     reads = jobs.follow_reads(job.id, after, inline_images=images == "inline", first=first)
-    return EventStream(_until_redis_fails(sse(reads, settings.sse_keepalive_s), job.id))
+    return EventStream(_until_redis_fails(sse(reads, jobs.settings.sse_keepalive_s), job.id))
 
 
 async def _until_redis_fails(body: AsyncIterator[bytes], job_id: str) -> AsyncIterator[bytes]:

@@ -183,6 +183,8 @@ def test_a_damaged_or_foreign_resume_state_restarts_the_job_from_step_0(
         engine.step()
     r.set(resume_key(ja), encode(engine.export("other"), c, catalog.loaded["tiny"].info))
     r.set(resume_key(jb), b"DDPMRS\x01\x00garbage")     # damaged
+    for j in (ja, jb):      # as put back by a worker: only a job that ran reads its state
+        r.hset(f"rq:job:{j}", "worker_name", "gone-worker")
     w = spawn_worker("--max-batch", "8")
     wait_for(lambda: all(r.hget(f"rq:job:{j}", "status") == b"finished" for j in jobs), 120,
              "every job finished", w)

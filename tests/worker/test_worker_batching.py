@@ -16,8 +16,15 @@ from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 
 from contract.events import Event, EventType
-from contract.keys import JOB_FUNC, SERIALIZER, events_key, image_key, queue_name
-from contract.queueing import cancel, enqueue, fetch_job
+from contract.keys import (
+    JOB_FUNC,
+    SERIALIZER,
+    events_key,
+    image_key,
+    queue_name,
+    resume_key,
+)
+from contract.queueing import cancel, enqueue, fetch_job, job_key
 from contract.spec import GenerationSpec
 from worker.main import build_worker
 from worker.redis_batch import SCRIPT, PackedScript, WriteBatch
@@ -133,6 +140,26 @@ def test_a_jobs_last_images_are_announced_in_the_write_of_its_done(
     assert [e.type for e in events(r, job.id)] == [
         EventType.STARTED, EventType.IMAGE, EventType.IMAGE, EventType.IMAGE,
         EventType.PROGRESS, EventType.DONE]
+
+
+def test_only_a_job_that_ran_before_reads_a_resume_state(
+        r: redis.Redis, redis_url: str, models_dir: Path, burst: Callable) -> None:
+    """A fresh job without input images has nothing stored to read: its admission sends no
+    MGET. A job whose RQ hash names a worker (it was started before, here or elsewhere, and
+    put back: worker/drain.py stores its state then) reads its resume key at its start."""
+    fresh = enqueue(r, GenerationSpec(model="tiny", steps=2, seed=1))
+    mon = Monitor(redis_url)
+    burst(_worker(redis_url, models_dir))
+    commands = mon.stop()
+    assert fetch_job(r, fresh.id).get_status() == JobStatus.FINISHED
+    assert not [c for c in commands if c.startswith("MGET")], commands
+    again = enqueue(r, GenerationSpec(model="tiny", steps=2, seed=2))
+    r.hset(job_key(again.id), "worker_name", "gone-worker")
+    mon = Monitor(redis_url)
+    burst(_worker(redis_url, models_dir))
+    commands = mon.stop()
+    assert fetch_job(r, again.id).get_status() == JobStatus.FINISHED
+    assert [c for c in commands if c.startswith("MGET")] == [f"MGET {resume_key(again.id)}"]
 
 
 def test_a_cancel_between_take_and_start_is_kept(r: redis.Redis, redis_url: str,

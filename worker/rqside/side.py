@@ -54,6 +54,10 @@ class Admitted:
     spec: dict[str, Any] | None
     error: str | None = None
     trace: dict[str, str] | None = None     # the W3C context the API stored (tracing.py)
+    # Started before, somewhere (its hash named a worker when taken: RQ's `worker_name`,
+    # which only a start writes and nothing clears): only such a job can have a resume
+    # state or a checkpoint to read.
+    ran_before: bool = False
 
 
 @dataclass
@@ -185,6 +189,7 @@ class RqSide:
         deleted since their take come back apart (call `canceled` for each). RedisError:
         nothing started; `put_back` them."""
         runs = [self._runs[j] for j in job_ids]
+        before = {r.job.id for r in runs if r.job.worker_name}     # as taken: start sets it
         started, canceled = self.jobs.start([(r.job, r.queue) for r in runs])
         out = []
         with self._lock:
@@ -193,7 +198,8 @@ class RqSide:
         self._idle = False
         for s in started:
             out.append(Admitted(s.job.id, enqueued_wait(s.job, s.job.started_at),
-                                *_payload(s.job), trace=_carrier(s.job)))
+                                *_payload(s.job), trace=_carrier(s.job),
+                                ran_before=s.job.id in before))
         return out, [j.id for j in canceled]
 
     def put_back(self, job_id: str) -> None:
