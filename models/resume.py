@@ -74,6 +74,8 @@ def check_states(schedule: Schedule, shape: tuple[int, int, int],
             if v is not None and tuple(v.shape) != shape:
                 raise ValueError(f"a state's {name} must have shape {list(shape)}, "
                                  f"got {list(v.shape)}")
+    if all(st is None for st in states):       # fresh slots (nearly every add): nothing to read
+        return pos
     for i in torch.nonzero(reads_prev(schedule, plans, pos, kind, eta)).flatten().tolist():
         st = states[i]
         if st is not None and st.x0_prev is None:

@@ -145,10 +145,17 @@ def repaint_plan(num_steps: int, num_timesteps: int, jump_length: int = 10,
     our `spaced_timesteps(num_steps, num_timesteps)` (step k ↦ its k-th smallest timestep).
     The jump at j = 0 goes up from the clean image, so −1 also occurs inside the plan.
     L = S + 2 · jump_length · (jump_n_sample − 1) · #jumps; jump_n_sample = 1 gives
-    `spaced_timesteps` itself.
+    `spaced_timesteps` itself. A copy of one made once per arguments (every slot a worker
+    admits asks; ~40 µs of torch ops each time).
     """
     if jump_length < 1 or jump_n_sample < 1:
         raise ValueError("jump_length and jump_n_sample must be >= 1")
+    return _repaint_plan(num_steps, num_timesteps, jump_length, jump_n_sample).clone()
+
+
+@functools.lru_cache(maxsize=256)
+def _repaint_plan(num_steps: int, num_timesteps: int, jump_length: int,
+                  jump_n_sample: int) -> Tensor:
     ascending = spaced_timesteps(num_steps, num_timesteps).flip(0)
     levels = torch.tensor(_repaint_levels(num_steps, jump_length, jump_n_sample),
                           dtype=torch.long)
