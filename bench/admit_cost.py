@@ -2,9 +2,11 @@
 joins, both measured here in the same run: `Engine.admit` and the `SlotBatch.add` that
 gives it its slot (plans, start noise, bookkeeping), then its removal (`cancel`, the same
 `keep` a finished job costs), beside N running 1-image jobs of the micro UNet (the
-issue-25 model: 10,593 parameters, 8×8), on one torch thread. Per-job host work like this
-is what sets the worker's CPU per image of 1-image jobs apart from that of one big job
-(BENCHMARKS.md §17). Not a test: nothing here asserts a speed.
+issue-25 model: 10,593 parameters, 8×8), on one torch thread. Then the forward alone per
+image over a job's steps at the rows per step a service of 1-image jobs reaches, against
+full batches of 64. Per-job host work and occupancy are what set the worker's CPU per
+image of 1-image jobs apart from that of one big job (BENCHMARKS.md §17).
+Not a test: nothing here asserts a speed.
 
     python -m bench.admit_cost                   # beside 34 running jobs
     python -m bench.admit_cost --running 8 --repeats 500
@@ -76,6 +78,20 @@ def main() -> None:
     print(f"one step of the batch (peer):                          {step:8.1f} µs CPU")
     print(f"admission / step: {admit / step:.2f}; per image of the job, the admission is "
           f"{admit / (step * args.steps / (args.running + 1)):.2f}× its share of the steps")
+    # The forward alone per image over a job's steps at the rows a step carries: what the
+    # occupancy of 1-image jobs costs against full batches, whatever the host work.
+    u = catalog.loaded["micro"].checkpoint
+    net, cfg = u.net, u.config.unet
+    full = 0.0
+    print(f"forward CPU per image over {args.steps} steps, by rows per step "
+          "(vs 64 rows):")
+    for rows in (64, 48, 40, 32, 24, 16):
+        x = torch.randn(rows, cfg.in_channels, cfg.image_size, cfg.image_size)
+        t = torch.randint(0, 1000, (rows,))
+        with torch.inference_mode():
+            per = cpu_us(lambda x=x, t=t: net(x, t), 50) * args.steps / rows
+        full = full or per
+        print(f"  {rows:3d} rows: {per / 1e3:6.3f} ms  ({per / full:.2f}×)")
 
 
 if __name__ == "__main__":
