@@ -316,7 +316,6 @@ class BatchWorker:
         try:    # RQ's job meta
             if run.complete:
                 self.rq.meta_at_success(run.id, **fields)
-                meta = None
             else:
                 key, meta = self.rq.meta_update(run.id, **fields)
         except Exception as e:   # meta RQ could not read, so it cannot be written back
@@ -326,7 +325,7 @@ class BatchWorker:
         event = Progress(steps_done=steps_done, total_steps=total, images_done=images_done,
                          num_images=run.spec.num_images, image_steps=image_steps,
                          steps_per_image=run.spec.steps_per_image)
-        if meta is None:
+        if run.complete:
             run.held.append(event)
             return
         batch.event(run.id, event)
